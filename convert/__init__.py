@@ -1,0 +1,1 @@
+"""HF <-> glm-jax checkpoint conversion."""

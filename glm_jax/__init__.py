@@ -1,0 +1,1 @@
+"""glm-jax: GLM-4-9B in JAX/Flax."""

@@ -1,0 +1,20 @@
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> pathlib.Path:
+    """The shared GLM-4 reference folder: $GLM_JAX_REFERENCE, else ../shared/glm4."""
+    env = os.environ.get("GLM_JAX_REFERENCE")
+    return pathlib.Path(env) if env else ROOT.parent / "shared" / "glm4"
+
+
+@pytest.fixture(scope="session")
+def reference() -> pathlib.Path:
+    path = reference_dir()
+    if not path.is_dir():
+        pytest.fail(f"reference folder not found at {path}; set GLM_JAX_REFERENCE")
+    return path
