@@ -1,0 +1,165 @@
+"""HF folder -> glm-jax model folder (Orbax), and back.
+
+A glm-jax model folder holds:
+  config.json            the GLMConfig (model_type "glm_jax"), dtype = the stored weights' dtype
+  params/                the Orbax checkpoint, one array per parameter (flat names nested on ".")
+  hf_source.json         what `export` needs to rebuild the HF folder exactly: layout, original
+                         config.json, tensor -> file map and each file's safetensors metadata
+  hf_extra.safetensors   tensors the HF folder carries that the model never uses (inv_freq)
+  tokenizer.model, tokenizer_config.json, generation_config.json   copied when the source has them
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+from typing import Iterator
+
+import numpy as np
+
+from glm_jax.config import GLMConfig
+from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params
+from glm_jax.progress import Progress
+
+from .hf import ConversionError, HFCheckpoint, default_shards, hf_tensor_from, iter_params, layout_of, write_hf
+from .layout import CHATGLM, hf_tensors
+
+SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
+SOURCE, EXTRA = "hf_source.json", "hf_extra.safetensors"
+DTYPE_NAMES = {"bfloat16", "float32"}
+
+
+def np_dtype(name: str):
+    import ml_dtypes
+
+    if name not in DTYPE_NAMES:
+        raise ConversionError(f"unsupported dtype {name!r}; choose bfloat16 or float32")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
+
+
+def open_hf(src: str | pathlib.Path) -> tuple[GLMConfig, str, HFCheckpoint, list]:
+    """Reads and validates an HF folder completely (config and every tensor's name and shape)."""
+    src = pathlib.Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a folder")
+    layout = layout_of(src)
+    config = GLMConfig.from_hf(src)
+    ckpt = HFCheckpoint(src)
+    plan = ckpt.check(config, layout)
+    return config, layout, ckpt, plan
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: pathlib.Path, force: bool) -> Iterator[pathlib.Path]:
+    """Yields a temporary sibling of dst; renames it to dst only if the block succeeds."""
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists (use --force to replace it)")
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _groups(params: Iterator[tuple[str, np.ndarray]], progress: Progress) -> Iterator[dict]:
+    """Batches parameters into embed / one layer each / head groups, for incremental saving."""
+    group, key = {}, None
+    for name, array in params:
+        parts = name.split(".")
+        k = ".".join(parts[:2]) if parts[0] == "layers" else ("embed" if parts[0] == "embed" else "head")
+        if group and k != key:
+            yield group
+            group = {}
+        group[name], key = array, k
+        progress.update(array.nbytes)
+    if group:
+        yield group
+
+
+def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str | None = None,
+            force: bool = False, progress: bool = True) -> GLMConfig:
+    """Converts an untouched HF folder (either layout) into a glm-jax model folder."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    config, layout, ckpt, plan = open_hf(src)
+    dtype = dtype or config.dtype
+    target = np_dtype(dtype)
+    total = sum(int(np.prod(t.shape)) for t in plan) * target.itemsize
+    with atomic_folder(dst, force) as tmp:
+        config.replace(dtype=dtype).save(tmp / "config.json")
+        with Progress(f"convert {src.name}", total, enabled=progress) as bar:
+            save_params(tmp / PARAMS_DIR, _groups(iter_params(ckpt, plan, target), bar))
+        ignored = ckpt.ignored(layout)
+        if ignored:
+            from safetensors.flax import save_file
+            import jax.numpy as jnp
+
+            save_file({n: jnp.asarray(ckpt.read(n)) for n in ignored}, os.fspath(tmp / EXTRA))
+        source = {"layout": layout, "dtype": config.dtype, "config": json.loads((src / "config.json").read_text()),
+                  "weight_map": ckpt.weight_map, "metadata": ckpt.metadata}
+        (tmp / SOURCE).write_text(json.dumps(source, indent=1) + "\n")
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    return config
+
+
+def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: bool = False,
+           layout: str | None = None, progress: bool = True) -> None:
+    """Writes a glm-jax model folder back as an HF folder.
+
+    With the hf_source.json the converter left, the result is the source folder again (same layout,
+    names, shards, metadata and bytes when the dtype was kept); without it, the original `chatglm`
+    layout (or `layout`) with a generated config and shards of about 2 GB.
+    """
+    import jax
+
+    model_dir, out = pathlib.Path(model_dir), pathlib.Path(out)
+    config = GLMConfig.load(model_dir / "config.json")
+    source = json.loads((model_dir / SOURCE).read_text()) if (model_dir / SOURCE).is_file() else None
+    layout = layout or (source["layout"] if source else CHATGLM)
+    keep_source = source is not None and source["layout"] == layout and source["dtype"] == config.dtype
+    plan = hf_tensors(config, layout)
+    itemsize = np_dtype(config.dtype).itemsize
+    if keep_source:
+        weight_map, metadata, hf_cfg = source["weight_map"], source["metadata"], source["config"]
+    else:
+        total = sum(int(np.prod(t.shape)) for t in plan) * itemsize
+        weight_map = default_shards(plan, itemsize, max(1, round(total / 2e9)))
+        metadata, hf_cfg = None, None
+    extra = {}
+    if keep_source and (model_dir / EXTRA).is_file():
+        from safetensors import safe_open
+
+        with safe_open(model_dir / EXTRA, framework="flax") as f:
+            extra = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    weight_map = {k: v for k, v in weight_map.items() if k in extra or k in {t.name for t in plan}}
+
+    specs = param_specs(config, np_dtype(config.dtype))
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    path = model_dir / PARAMS_DIR
+
+    def tensor(t):  # restores just the parameters of one HF tensor
+        names = [p.param for p in t.parts]
+        arrays = load_params(path, {n: specs[n] for n in names}, {n: cpu for n in names})
+        return hf_tensor_from(t, lambda n: np.asarray(arrays[n]))
+
+    total = sum(int(np.prod(t.shape)) for t in plan) * itemsize
+    with atomic_folder(out, force) as tmp:
+        with Progress(f"export {model_dir.name}", total, enabled=progress) as bar:
+            write_hf(tmp, config, layout, tensor, weight_map, extra=extra, metadata=metadata,
+                     hf_config_dict=hf_cfg, progress=bar.update)
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)

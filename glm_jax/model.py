@@ -1,0 +1,186 @@
+"""The GLM-4 decoder in Flax NNX, with the original's numerics (see ../shared/glm4/NOTES.md).
+
+Weights are stored [in, out] (JAX convention); every Param carries `axes`, its logical axis names,
+which the sharding rules map to mesh axes. The forward is pure: `forward(graphdef, state, ...)`
+merges the split state inside `jax.jit`, so the hot path is a function of arrays only.
+
+Numerics, as the original PyTorch code does them:
+- matmuls accumulate in float32 and round once to the activation dtype (bias added before rounding);
+- RMSNorm: variance and `x * rsqrt(var + eps)` in float32, weight multiplied in float32, then cast;
+- RoPE: interleaved pairs (2i, 2i+1) on the first `rotary_dim` dims of each head; frequencies
+  computed once on the host in numpy, angles `position * freq` in float32, cos/sin rounded to the
+  activation dtype, rotation done in the activation dtype;
+- attention scores and softmax in float32; logits rounded to the activation dtype (not upcast).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .attention import HIGHEST, AttentionFn, get_attention
+from .config import GLMConfig
+
+# attend(layer_index, q [B,T,Hq,D], k [B,T,G,D], v [B,T,G,D]) -> [B,T,Hq,D]
+LayerAttend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def dense(eq: str, x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """einsum with float32 accumulation, optional bias, rounded once to x's dtype."""
+    y = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_frequencies(theta: float, rotary_dim: int) -> np.ndarray:
+    """[rotary_dim // 2] float32: 1 / theta ** (2i / rotary_dim), as torch computes it in float32.
+
+    pow is evaluated in float64 and rounded (torch's float32 pow agrees to the last bit for the
+    GLM-4 bases and fixture sizes; XLA's in-jit pow does not, so this stays on the host)."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    return np.float32(1.0) / (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, config: GLMConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] int -> cos, sin [B, T, rotary_dim // 2] in dtype."""
+    freqs = rope_frequencies(config.rope_theta, config.rotary_dim)
+    angles = positions.astype(jnp.float32)[..., None] * freqs          # float32, like torch.outer
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; rotates interleaved pairs of the first 2 * cos.shape[-1] dims."""
+    rot = 2 * cos.shape[-1]
+    pairs = x[..., :rot].reshape(*x.shape[:-1], rot // 2, 2)          # [B, T, H, rot/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1).reshape(*x.shape[:-1], rot)
+    return jnp.concatenate([rotated, x[..., rot:]], axis=-1)
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * y).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: GLMConfig, dtype, rngs: nnx.Rngs):
+        h, d, hq, g = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
+        self.q_proj = nnx.Param(_normal(rngs, (h, hq, d), dtype), axes=("embed", "q_heads", "head_dim"))
+        self.k_proj = nnx.Param(_normal(rngs, (h, g, d), dtype), axes=("embed", "kv_heads", "head_dim"))
+        self.v_proj = nnx.Param(_normal(rngs, (h, g, d), dtype), axes=("embed", "kv_heads", "head_dim"))
+        if c.qkv_bias:
+            self.q_bias = nnx.Param(_normal(rngs, (hq, d), dtype), axes=("q_heads", "head_dim"))
+            self.k_bias = nnx.Param(_normal(rngs, (g, d), dtype), axes=("kv_heads", "head_dim"))
+            self.v_bias = nnx.Param(_normal(rngs, (g, d), dtype), axes=("kv_heads", "head_dim"))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.o_proj = nnx.Param(_normal(rngs, (hq, d, h), dtype), axes=("q_heads", "head_dim", "embed"))
+
+    def __call__(self, x, cos, sin, attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
+        bias = lambda p: None if p is None else p[...]
+        q = dense("bte,ehd->bthd", x, self.q_proj[...], bias(self.q_bias))   # [B, T, Hq, D]
+        k = dense("bte,egd->btgd", x, self.k_proj[...], bias(self.k_bias))   # [B, T, G, D]
+        v = dense("bte,egd->btgd", x, self.v_proj[...], bias(self.v_bias))   # [B, T, G, D]
+        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)    # [B, T, Hq, D]
+        return dense("bthd,hde->bte", out, self.o_proj[...])
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: GLMConfig, dtype, rngs: nnx.Rngs):
+        h, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = nnx.Param(_normal(rngs, (h, f), dtype), axes=("embed", "mlp"))
+        self.up_proj = nnx.Param(_normal(rngs, (h, f), dtype), axes=("embed", "mlp"))
+        self.down_proj = nnx.Param(_normal(rngs, (f, h), dtype), axes=("mlp", "embed"))
+
+    def __call__(self, x):
+        gate = dense("bte,ef->btf", x, self.gate_proj[...])
+        up = dense("bte,ef->btf", x, self.up_proj[...])
+        hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
+        return dense("btf,fe->bte", hidden, self.down_proj[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, c: GLMConfig, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.attn = Attention(c, dtype, rngs)
+        self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.mlp = MLP(c, dtype, rngs)
+
+    def __call__(self, x, cos, sin, attend):
+        x = x + self.attn(self.input_norm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class GLM(nnx.Module):
+    """GLM-4 decoder: embedding, `num_layers` pre-norm blocks, final RMSNorm, untied output layer."""
+
+    def __init__(self, config: GLMConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        c = self.config = config
+        self.embed = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), dtype), axes=("vocab", "embed"))
+        self.layers = nnx.List([Block(c, dtype, rngs) for _ in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.lm_head = nnx.Param(_normal(rngs, (c.hidden_size, c.vocab_size), dtype), axes=("embed", "vocab"))
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, attend: LayerAttend,
+                 *, hidden_states: bool = False):
+        """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype
+        (and, with hidden_states, the embedding and every layer's output [L + 1, B, T, H])."""
+        x = self.embed[...][tokens]                                         # [B, T, H]
+        cos, sin = rope_tables(positions, self.config, x.dtype)
+        hidden = [x]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, functools.partial(attend, i))
+            if hidden_states:
+                hidden.append(x)
+        logits = dense("bte,ev->btv", self.final_norm(x), self.lm_head[...])
+        return (logits, jnp.stack(hidden)) if hidden_states else logits
+
+
+def self_attend(attention: str | AttentionFn) -> LayerAttend:
+    """Plain (cache-free) causal self-attention over the whole input, in token order."""
+    fn = get_attention(attention)
+
+    def attend(layer: int, q, k, v):
+        b, t = q.shape[:2]
+        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        return fn(q, k, v, index, index)
+
+    return attend
+
+
+def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
+            *, attention: str | AttentionFn = "auto", hidden_states: bool = False):
+    """Pure forward of a split GLM: logits [B, T, V] as float32 (and hidden states if asked)."""
+    model = nnx.merge(graphdef, state)
+    out = model(tokens, positions, self_attend(attention), hidden_states=hidden_states)
+    if hidden_states:
+        return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
+    return out.astype(jnp.float32)
+
+
+def abstract_model(config: GLMConfig, dtype) -> GLM:
+    """The model's structure with ShapeDtypeStructs for weights: nothing allocated."""
+    return nnx.eval_shape(lambda: GLM(config, dtype=dtype, rngs=nnx.Rngs(0)))

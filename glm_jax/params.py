@@ -1,0 +1,111 @@
+"""Flat parameter names ("layers.3.attn.q_proj") <-> the NNX state of a GLM, and the Orbax folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import GLMConfig
+from .model import GLM, abstract_model
+
+PARAMS_DIR = "params"  # the Orbax checkpoint inside a model folder
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    dtype: Any
+    axes: tuple[str, ...]  # logical axis names, one per dim
+
+
+def _name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def param_specs(config: GLMConfig, dtype) -> dict[str, ParamSpec]:
+    """Every weight of the model, by flat name, in forward order of definition."""
+    _, state = nnx.split(abstract_model(config, dtype))
+    return {_name(path): ParamSpec(tuple(v.shape), v.dtype, tuple(v.get_metadata()["axes"]))
+            for path, v in nnx.to_flat_state(state)}
+
+
+def split_model(config: GLMConfig, dtype, arrays: Mapping[str, jax.Array]) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) of a GLM whose weights are `arrays` (flat names; every one required)."""
+    graphdef, abstract = nnx.split(abstract_model(config, dtype))
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        name = _name(path)
+        if name not in arrays:
+            raise ValueError(f"missing parameter {name}")
+        flat.append((path, var.replace(arrays[name])))
+    extra = sorted(set(arrays) - {_name(p) for p, _ in flat})
+    if extra:
+        raise ValueError(f"unexpected parameter(s): {', '.join(extra[:5])}")
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:
+    return {_name(path): var[...] for path, var in nnx.to_flat_state(state)}
+
+
+def random_model(config: GLMConfig, dtype=jnp.float32, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """A randomly initialised GLM, split."""
+    return nnx.split(GLM(config, dtype=dtype, rngs=nnx.Rngs(seed)))
+
+
+# -- Orbax: the nested tree is {"embed": x, "layers": {"0": {"attn": {"q_proj": x, ...}}}, ...} --------
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def unnest(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(unnest(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def save_params(path: pathlib.Path, groups: Iterable[Mapping[str, Any]]) -> None:
+    """Writes an Orbax checkpoint from groups of flat arrays, one group in memory at a time."""
+    from orbax.checkpoint import v1 as ocp
+
+    for group in groups:
+        ocp.partial.save(path, nest(group))
+    ocp.partial.finalize(path)
+
+
+def load_params(path: pathlib.Path, specs: Mapping[str, ParamSpec],
+                shardings: Mapping[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
+    """Restores the arrays named in `specs` straight onto their target shardings (each device reads
+    only its own part; arrays not named are not read)."""
+    from orbax.checkpoint import v1 as ocp
+
+    stored = unnest(ocp.metadata(path).metadata)
+    missing = sorted(set(specs) - set(stored))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {', '.join(missing[:5])}")
+    for name, spec in specs.items():
+        if tuple(stored[name].shape) != spec.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(stored[name].shape)}, config implies {spec.shape}")
+    abstract = {name: ocp.PLACEHOLDER for name in stored}  # leaves not asked for are not read
+    abstract.update({name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings[name])
+                     for name, spec in specs.items()})
+    restored = unnest(ocp.load(path, nest(abstract)))
+    return {name: restored[name] for name in specs}
