@@ -62,6 +62,11 @@ class Model:
         logits, hidden = self._forward(self.state, *self._inputs(input_ids, positions), hidden_states=True)
         return np.asarray(logits), np.asarray(hidden)
 
+    def final_norm(self, hidden) -> np.ndarray:
+        """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""
+        norm = nnx.merge(self.graphdef, self.state).final_norm
+        return np.asarray(norm(jnp.asarray(hidden, self.dtype)).astype(jnp.float32))
+
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
          attention: str | AttentionFn = "auto") -> Model:

@@ -133,6 +133,11 @@ def _eos(hf: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def _pad(hf: dict[str, Any]) -> int:
+    pad = hf.get("pad_token_id")
+    return DEFAULT_STOP_IDS[0] if pad is None else int(pad)
+
+
 def _torch_dtype(hf: dict[str, Any]) -> str:
     return str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16").replace("torch.", "")
 
@@ -161,7 +166,7 @@ def _from_chatglm(hf: dict[str, Any], path: pathlib.Path) -> GLMConfig:
             max_seq_len=hf.get("seq_length", 8192),
             qkv_bias=bool(hf.get("add_qkv_bias", True)),
             eos_token_ids=_eos(hf),
-            pad_token_id=hf.get("pad_token_id") or DEFAULT_STOP_IDS[0],
+            pad_token_id=_pad(hf),
             dtype=_torch_dtype(hf),
         )
     except KeyError as e:
@@ -196,7 +201,7 @@ def _from_glm(hf: dict[str, Any], path: pathlib.Path) -> GLMConfig:
             max_seq_len=max_pos,
             qkv_bias=bool(hf.get("attention_bias", True)),
             eos_token_ids=_eos(hf),
-            pad_token_id=hf.get("pad_token_id") or DEFAULT_STOP_IDS[0],
+            pad_token_id=_pad(hf),
             dtype=_torch_dtype(hf),
         )
     except KeyError as e:
