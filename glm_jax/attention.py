@@ -51,10 +51,10 @@ def init_state(batch: int, time: int, kv_heads: int, q_per_kv: int, dim: int) ->
 
 def visible(q_index: jax.Array, k_index: jax.Array, causal: bool) -> jax.Array:
     """[B, T] x [B, S] -> bool [B, T, S]: which keys each query may attend to."""
-    k = k_index[:, None, :]
+    k = jnp.asarray(k_index)[:, None, :]
     mask = k != PAD
     if causal:
-        mask &= k <= q_index[:, :, None]
+        mask = mask & (k <= jnp.asarray(q_index)[:, :, None])
     return mask
 
 

@@ -32,7 +32,7 @@ class GLMConfig:
     max_seq_len: int = 131072
     qkv_bias: bool = True
     eos_token_ids: tuple[int, ...] = DEFAULT_STOP_IDS
-    pad_token_id: int = 151329
+    pad_token_id: int | None = 151329
     dtype: str = "bfloat16"  # the dtype the weights were published in
 
     def __post_init__(self):
@@ -133,9 +133,9 @@ def _eos(hf: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _pad(hf: dict[str, Any]) -> int:
+def _pad(hf: dict[str, Any]) -> int | None:
     pad = hf.get("pad_token_id")
-    return DEFAULT_STOP_IDS[0] if pad is None else int(pad)
+    return None if pad is None else int(pad)
 
 
 def _torch_dtype(hf: dict[str, Any]) -> str:

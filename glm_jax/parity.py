@@ -95,8 +95,6 @@ def _mapped_glm(hf_dir: pathlib.Path, torch_dtype):
     params = dict(iter_params(ckpt, plan, np.float32))
     state = {t.name: torch.from_numpy(hf_tensor_from(t, params.__getitem__)) for t in hf_tensors(config, GLM)}
     cfg = hf_config(config, GLM)
-    if not 0 <= cfg["pad_token_id"] < config.vocab_size:
-        cfg["pad_token_id"] = None
     hf_cfg = transformers.GlmConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "torch_dtype")})
     model = transformers.GlmForCausalLM(hf_cfg)
     model.load_state_dict(state, strict=True)
