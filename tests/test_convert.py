@@ -1,0 +1,155 @@
+"""HF -> glm-jax -> HF round trips, and every bad input the converter must refuse cleanly."""
+
+import filecmp
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from glm_jax.cli import main
+
+FIXTURES = ("chatglm-f32", "glm-hf-f32", "chatglm-bf16")
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_round_trip_is_bit_exact(reference, tmp_path, name):
+    src = reference / "fixtures" / name
+    assert main(["convert", str(src), str(tmp_path / "model"), "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "hf"), "--quiet"]) == 0
+    weights = sorted(p.name for p in src.iterdir() if p.suffix == ".safetensors")
+    assert weights == sorted(p.name for p in (tmp_path / "hf").iterdir() if p.suffix == ".safetensors")
+    for file in weights:
+        assert filecmp.cmp(src / file, tmp_path / "hf" / file, shallow=False), file
+    if (src / "model.safetensors.index.json").is_file():
+        assert json.loads((src / "model.safetensors.index.json").read_text()) == \
+            json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert json.loads((src / "config.json").read_text()) == json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+def test_converted_folder_contents(reference, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(reference / "fixtures" / "chatglm-bf16", src)
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        shutil.copy(reference / "models" / "glm-4-9b-chat-1m" / name, src / name)
+    shutil.copy(reference / "tokenizer.model", src / "tokenizer.model")
+    assert main(["convert", str(src), str(tmp_path / "m"), "--dtype", "float32", "--quiet"]) == 0
+    out = tmp_path / "m"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        assert filecmp.cmp(src / name, out / name, shallow=False)
+    assert (out / "params").is_dir() and not list(tmp_path.glob(".m.*"))
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def _rewrite(path, change):
+    with safe_open(path, framework="flax") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _drop(name):
+    return lambda t: t.pop(name)
+
+
+def _add(t):
+    t["transformer.encoder.layers.9.mlp.extra.weight"] = t["transformer.encoder.final_layernorm.weight"]
+
+
+def _reshape(t):
+    name = "transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"
+    t[name] = t[name][:, :-1]
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def _garble(path):
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + path.read_bytes()[24:])
+
+
+def _config(**changes):
+    def apply(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(changes)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return apply
+
+
+BF16 = "chatglm-bf16"
+SINGLE = "model.safetensors"
+CASES = {
+    "missing tensor": (BF16, lambda d: _rewrite(d / SINGLE, _drop("transformer.output_layer.weight")),
+                       "missing tensor transformer.output_layer.weight"),
+    "unexpected tensor": (BF16, lambda d: _rewrite(d / SINGLE, _add),
+                          "unexpected tensor transformer.encoder.layers.9.mlp.extra.weight"),
+    "wrong shape": (BF16, lambda d: _rewrite(d / SINGLE, _reshape),
+                    r"dense_4h_to_h.weight: shape \[128, 255\] in the weights contradicts config.json"),
+    "truncated file": (BF16, lambda d: _truncate(d / SINGLE), "truncated safetensors file"),
+    "corrupt file": (BF16, lambda d: _garble(d / SINGLE), "corrupt safetensors file"),
+    "index names missing file": ("chatglm-f32", lambda d: (d / "model-00002-of-00002.safetensors").unlink(),
+                                 "names missing file model-00002-of-00002.safetensors"),
+    "config contradicts weights": (BF16, _config(num_attention_heads=8), "contradicts config.json"),
+    "unknown model_type": (BF16, _config(model_type="llama"), "unknown model_type 'llama'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(reference, tmp_path, capsys, case):
+    fixture, damage, message = CASES[case]
+    src = tmp_path / "src"
+    shutil.copytree(reference / "fixtures" / fixture, src)
+    damage(src)
+    dst = tmp_path / "dst"
+    assert main(["convert", str(src), str(dst), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("glm-jax convert: error: ")
+    assert __import__("re").search(message, err), err
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_existing_destination_needs_force(reference, tmp_path, capsys):
+    src, dst = reference / "fixtures" / "glm-hf-f32", tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep").write_text("x")
+    assert main(["convert", str(src), str(dst), "--quiet"]) == 2
+    assert "already exists (use --force" in capsys.readouterr().err
+    assert (dst / "keep").is_file()
+    assert main(["convert", str(src), str(dst), "--quiet", "--force"]) == 0
+    assert not (dst / "keep").exists() and (dst / "params").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_failure_mid_conversion_leaves_nothing(reference, tmp_path, monkeypatch):
+    """A read that fails after writing has begun (the last tensor) keeps the old DST and leaves no temp."""
+    from glm_jax.convert.hf import ConversionError, HFCheckpoint
+
+    read = HFCheckpoint.read
+
+    def failing_read(self, name, *rows):
+        if name == "transformer.output_layer.weight":
+            raise ConversionError(f"cannot read {name} (simulated I/O error)")
+        return read(self, name, *rows)
+
+    monkeypatch.setattr(HFCheckpoint, "read", failing_read)
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "old").write_text("previous model")
+    assert main(["convert", str(reference / "fixtures" / "chatglm-bf16"), str(tmp_path / "dst"), "--quiet",
+                 "--force"]) == 2
+    assert (tmp_path / "dst" / "old").read_text() == "previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_help_documents_every_command(capsys):
+    for command in ("convert", "export", "parity"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: glm-jax " + command in capsys.readouterr().out

@@ -1,0 +1,29 @@
+import json
+
+import pytest
+
+from glm_jax.cli import main
+
+pytest.importorskip("transformers")
+
+
+def test_parity_report_on_the_chatglm_fixture(reference, capsys):
+    assert main(["parity", str(reference / "fixtures" / "chatglm-f32"), "--seq-len", "19"]) == 0
+    out = capsys.readouterr().out
+    assert "GlmForCausalLM on the weights mapped from the chatglm layout" in out
+    assert "layer 1 (+norm)" in out and "top-1 agreement: 100.00%" in out and "PASS" in out
+
+
+def test_parity_json_and_failing_tolerance(reference, capsys):
+    assert main(["parity", str(reference / "fixtures" / "glm-hf-f32"), "--json", "--batch", "1",
+                 "--seq-len", "11", "--tolerance", "1e-9"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and 0 < report["logits_rel"] < 1e-5 and report["top1"] == 1.0
+    assert [row["name"] for row in report["layers"]] == ["embedding", "layer 0", "layer 1 (+norm)"]
+
+
+def test_parity_bfloat16_reports_rounding_noise(reference, capsys):
+    assert main(["parity", str(reference / "fixtures" / "chatglm-bf16"), "--dtype", "bfloat16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    noise = report["fp32_reference"]
+    assert report["logits_rel"] < 5e-2 and noise["jax_rel"] < 1.2 * noise["torch_rel"]
