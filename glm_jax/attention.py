@@ -5,11 +5,14 @@ Every attention here takes
   q_index [batch, time] and k_index [batch, kv_time]: int32 token-order indices.
 A key is visible to a query when `k_index <= q_index` (causal) and `k_index != PAD`; PAD marks empty
 cache slots, left padding and the padding blockwise/ring attention add. Indices are token order, not
-RoPE positions: RoPE positions are the model's business (they may start at 1,000,000).
+RoPE positions: RoPE positions are the model's business (they may start at 1,000,000). Because
+masking goes by index, any permutation of the tokens (the ring's zigzag layout) is handled alike.
 KV heads are never repeated: query head h reads KV group h // (q_heads // kv_heads).
 
-The core (`init_state` / `update` / `finish`) keeps a float32 running max, sum and accumulator, so
-exact attention, blockwise attention, ring hops and sharded decode all share the same arithmetic.
+The core keeps a float32 running max, sum and accumulator (`State`); `tiles_forward` folds a whole
+KV sequence into it tile by tile, skipping tiles the mask hides, and `tiles_backward` is its
+FlashAttention-style gradient (recomputes scores from the saved log-sum-exp). Exact attention,
+blockwise attention, every ring hop and sharded decode use these same pieces.
 """
 
 from __future__ import annotations
@@ -33,11 +36,19 @@ class AttentionFn(Protocol):
 
 @dataclasses.dataclass
 class State:
-    """Online-softmax state for a block of queries, grouped as [batch, kv_heads, q_per_kv, time]."""
+    """Online-softmax state for queries grouped as [batch, kv_heads, q_per_kv, time]."""
 
     m: jax.Array    # running max of the scores        [B, G, R, T] f32
     l: jax.Array    # running sum of exp(score - m)    [B, G, R, T] f32
     acc: jax.Array  # running sum of exp(score - m) v  [B, G, R, T, D] f32
+
+    def map(self, fn) -> "State":
+        return State(fn(self.m), fn(self.l), fn(self.acc))
+
+    @property
+    def lse(self) -> jax.Array:
+        """log-sum-exp of the scores [B, G, R, T]; -inf where nothing was visible."""
+        return self.m + jnp.log(self.l)
 
 
 jax.tree_util.register_dataclass(State, data_fields=["m", "l", "acc"], meta_fields=[])
@@ -64,11 +75,15 @@ def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
     return q.reshape(b, t, kv_heads, hq // kv_heads, d)
 
 
+def _scores(q, k):
+    """q [B,T,G,R,D], k [B,S,G,D] -> scaled float32 scores [B,G,R,T,S]."""
+    s = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32, precision=HIGHEST)
+    return s * (1.0 / np.sqrt(q.shape[-1]))
+
+
 def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> State:
     """Folds one KV block into the state. q [B,T,G,R,D], k/v [B,S,G,D], mask [B,T,S]."""
-    s = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32, precision=HIGHEST)
-    s = s * (1.0 / np.sqrt(q.shape[-1]))                 # scaled in float32
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    s = jnp.where(mask[:, None, None], _scores(q, k), -jnp.inf)
     m = jnp.maximum(state.m, s.max(axis=-1))
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)       # rows with nothing visible yet stay at zero
     p = jnp.exp(s - m_safe[..., None])               # [B, G, R, T, S]
@@ -87,19 +102,110 @@ def merge(a: State, b: State) -> State:
     return State(m=m, l=a.l * ca + b.l * cb, acc=a.acc * ca[..., None] + b.acc * cb[..., None])
 
 
-def finish(state: State, dtype) -> jax.Array:
-    """State -> attention output [B, T, Hq, D]; queries that saw no key get zeros."""
-    out = state.acc / jnp.where(state.l == 0, 1.0, state.l)[..., None]   # [B, G, R, T, D]
+def normalized(state: State) -> jax.Array:
+    """Attention output, still grouped: [B, G, R, T, D] float32; zeros where nothing was visible."""
+    return state.acc / jnp.where(state.l == 0, 1.0, state.l)[..., None]
+
+
+def ungroup(out: jax.Array, dtype) -> jax.Array:
+    """[B, G, R, T, D] -> [B, T, G*R, D]."""
     b, g, r, t, d = out.shape
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, g * r, d).astype(dtype)
 
+
+def finish(state: State, dtype) -> jax.Array:
+    """State -> attention output [B, T, Hq, D]."""
+    return ungroup(normalized(state), dtype)
+
+
+# -- tiles: the per-device kernels ---------------------------------------------------------------
+
+def _tiles(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
+    """Splits `axis` into n tiles and moves the tile index to the front."""
+    shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _untile(x: jax.Array, axis: int = 1) -> jax.Array:
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def tiles_forward(state: State, q, k, v, q_index, k_index, *, causal: bool, block_q: int,
+                  block_k: int) -> State:
+    """Folds all of k/v into the state, [block_q, block_k] score tiles at a time.
+
+    q [B,T,G,R,D] with T % block_q == 0; k/v [B,S,G,D] with S % block_k == 0. Query tiles are
+    mapped sequentially; each scans the KV tiles and skips those its mask hides entirely.
+    """
+    nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
+    kv = (_tiles(k, nk), _tiles(v, nk), _tiles(k_index, nk))
+
+    def one_query_tile(args):
+        st, q_t, qi_t = args
+
+        def step(st, kv_t):
+            k_t, v_t, ki_t = kv_t
+            mask = visible(qi_t, ki_t, causal)
+            return jax.lax.cond(mask.any(), lambda s: update(s, q_t, k_t, v_t, mask), lambda s: s, st), None
+
+        return jax.lax.scan(step, st, kv)[0]
+
+    tiled = state.map(lambda x: _tiles(x, nq, axis=3))
+    out = jax.lax.map(one_query_tile, (tiled, _tiles(q, nq), _tiles(q_index, nq)))
+    return out.map(lambda x: _untile(x, axis=3))
+
+
+def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool, block_q: int,
+                   block_k: int):
+    """Gradients of attention w.r.t. q, k, v for one KV sequence, tile by tile (float32).
+
+    q/dout [B,T,G,R,D]; k/v [B,S,G,D]; lse/delta [B,G,R,T] with delta = sum(dout * out, -1) over
+    the whole attention (all KV). Returns dq [B,T,G,R,D], dk and dv [B,S,G,D].
+    """
+    nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
+    qs = (_tiles(q, nq), _tiles(q_index, nq), _tiles(dout, nq), _tiles(lse, nq, axis=3),
+          _tiles(delta, nq, axis=3))
+    scale = 1.0 / np.sqrt(q.shape[-1])
+
+    def one_kv_tile(dq, kv_t):
+        k_t, v_t, ki_t = kv_t
+
+        def step(dkv, q_tile):
+            q_t, qi_t, do_t, lse_t, de_t = q_tile
+            mask = visible(qi_t, ki_t, causal)
+
+            def grads(dkv):
+                dk, dv = dkv
+                p = jnp.where(mask[:, None, None], jnp.exp(_scores(q_t, k_t) - lse_t[..., None]), 0.0)
+                dv = dv + jnp.einsum("bgrts,btgrd->bsgd", p, do_t, precision=HIGHEST)
+                dp = jnp.einsum("btgrd,bsgd->bgrts", do_t, v_t, precision=HIGHEST)
+                ds = p * (dp - de_t[..., None]) * scale
+                dk = dk + jnp.einsum("bgrts,btgrd->bsgd", ds, q_t, precision=HIGHEST)
+                return (dk, dv), jnp.einsum("bgrts,bsgd->btgrd", ds, k_t, precision=HIGHEST)
+
+            return jax.lax.cond(mask.any(), grads, lambda dkv: (dkv, jnp.zeros_like(q_t)), dkv)
+
+        zeros = jnp.zeros(k_t.shape, jnp.float32)
+        (dk, dv), dq_tiles = jax.lax.scan(step, (zeros, zeros), qs)
+        return dq + _untile(dq_tiles), (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(one_kv_tile, jnp.zeros(q.shape, jnp.float32),
+                                (_tiles(k, nk), _tiles(v, nk), _tiles(k_index, nk)))
+    return dq, _untile(dk), _untile(dv)
+
+
+def f32(*xs):
+    return tuple(x.astype(jnp.float32) for x in xs)
+
+
+# -- single-device attention -------------------------------------------------------------------
 
 def exact_attention(q, k, v, q_index, k_index, *, causal: bool = True) -> jax.Array:
     """Reference attention: one [T, S] score block per head. O(T*S) memory."""
     b, t, hq, d = q.shape
     g = k.shape[2]
-    state = init_state(b, t, g, hq // g, d)
-    state = update(state, group_queries(q, g), k, v, visible(q_index, k_index, causal))
+    state = update(init_state(b, t, g, hq // g, d), group_queries(q, g), k, v, visible(q_index, k_index, causal))
     return finish(state, q.dtype)
 
 
@@ -112,42 +218,41 @@ def _pad_to(x: jax.Array, multiple: int, axis: int, value) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, q_index, k_index, causal, block_q, block_k):
+    return _flash_fwd(q, k, v, q_index, k_index, causal, block_q, block_k)[0]
+
+
+def _flash_fwd(q, k, v, q_index, k_index, causal, block_q, block_k):
+    b, t, g, r, d = q.shape
+    state = tiles_forward(init_state(b, t, g, r, d), q, k, v, q_index, k_index, causal=causal,
+                          block_q=block_q, block_k=block_k)
+    out = normalized(state)                                            # [B, G, R, T, D] f32
+    return out, (q, k, v, q_index, k_index, out, state.lse)
+
+
+def _flash_bwd(causal, block_q, block_k, res, dout):
+    q, k, v, q_index, k_index, out, lse = res
+    delta = (dout * out).sum(-1)                                        # [B, G, R, T]
+    dout = dout.transpose(0, 3, 1, 2, 4)                                # -> [B, T, G, R, D]
+    dq, dk, dv = tiles_backward(*f32(q, k, v), q_index, k_index, lse, dout, delta, causal=causal,
+                                block_q=block_q, block_k=block_k)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def blockwise_attention(q, k, v, q_index, k_index, *, causal: bool = True, block_q: int = 512,
                         block_k: int = 512) -> jax.Array:
-    """Memory-efficient attention: [block_q, block_k] score tiles, never a [T, S] matrix.
-
-    Query blocks are mapped sequentially; each scans the KV blocks and skips those it cannot see
-    (beyond the causal diagonal, or all padding), so causal attention does about half the work.
-    """
-    b, t, hq, d = q.shape
-    s_len, g = k.shape[1], k.shape[2]
+    """Memory-efficient attention: [block_q, block_k] score tiles, never a [T, S] matrix, in the
+    forward or the backward (a FlashAttention-style custom gradient)."""
+    t, s_len, g = q.shape[1], k.shape[1], k.shape[2]
     block_q, block_k = min(block_q, t), min(block_k, s_len)
-    qg = _pad_to(group_queries(q, g), block_q, 1, 0)                     # [B, Tp, G, R, D]
-    qi = _pad_to(q_index, block_q, 1, 0)
-    k, v = _pad_to(k, block_k, 1, 0), _pad_to(v, block_k, 1, 0)
-    ki = _pad_to(k_index, block_k, 1, PAD)
-    nq, nk = qg.shape[1] // block_q, k.shape[1] // block_k
-
-    def blocks(x, n):  # [B, n*blk, ...] -> [n, B, blk, ...]
-        return jnp.moveaxis(x.reshape(x.shape[0], n, -1, *x.shape[2:]), 1, 0)
-
-    kb, vb, kib = blocks(k, nk), blocks(v, nk), blocks(ki, nk)
-
-    def one_query_block(args):
-        q_blk, qi_blk = args
-
-        def step(state, kv):
-            k_blk, v_blk, ki_blk = kv
-            mask = visible(qi_blk, ki_blk, causal)
-            state = jax.lax.cond(mask.any(), lambda st: update(st, q_blk, k_blk, v_blk, mask),
-                                 lambda st: st, state)
-            return state, None
-
-        state, _ = jax.lax.scan(step, init_state(b, block_q, g, hq // g, d), (kb, vb, kib))
-        return finish(state, q.dtype)                              # [B, block_q, Hq, D]
-
-    out = jax.lax.map(one_query_block, (blocks(qg, nq), blocks(qi, nq)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, nq * block_q, hq, d)[:, :t]
+    qg = _pad_to(group_queries(q, g), block_q, 1, 0)
+    out = _flash(qg, _pad_to(k, block_k, 1, 0), _pad_to(v, block_k, 1, 0), _pad_to(q_index, block_q, 1, -1),
+                 _pad_to(k_index, block_k, 1, PAD), causal, block_q, block_k)
+    return ungroup(out, q.dtype)[:, :t]
 
 
 BLOCKWISE_ABOVE = 2048  # "auto" uses exact attention up to this many keys, blockwise beyond

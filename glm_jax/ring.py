@@ -1,0 +1,180 @@
+"""Context-parallel attention over the `sequence` mesh axis: ring and all-gather-KV strategies.
+
+Tokens are spread over the n devices of the axis. With the balanced (zigzag) layout the sequence is
+cut into 2n chunks and device i holds chunks i and 2n-1-i, so under a causal mask every device has
+the same amount of visible work at every hop; the contiguous layout (device i holds chunk i) is
+kept for comparison. Masking goes by token index, so the layout needs no special cases.
+
+- ring: K/V (with their Hkv heads, never repeated to Hq) travel one hop per step with ppermute;
+  each hop's transfer is issued before that hop's compute so XLA can overlap them. Per device, the
+  KV of one hop is folded into a float32 online-softmax state by the tile kernels of attention.py,
+  which skip fully masked tiles. Memory per device is O(T/n) in the forward and the backward (a
+  custom VJP that sends dK/dV around the ring with K/V and recomputes scores from the saved LSE).
+- allgather: each device gathers all K/V once (cheap when Hkv is small: GLM-4 has 2 or 4 KV
+  heads), attends its queries to it, and reduce-scatters dK/dV in the backward. O(T) per device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from .attention import (PAD, AttentionFn, f32, group_queries, init_state, normalized, tiles_backward,
+                        tiles_forward, ungroup)
+from .sharding import Layout, make_mesh
+
+STRATEGIES = ("ring", "allgather")
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def token_order(t: int, n: int, layout: str = "zigzag", block: int = 512) -> tuple[np.ndarray, int]:
+    """(order, padded length): position p of the device-ordered sequence holds token order[p]
+    (order[p] >= t marks padding). Each device's share is a multiple of the tile size."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    chunks = 2 * n if layout == "zigzag" else n
+    chunk = -(-t // chunks)
+    if chunk > block:
+        chunk = -(-chunk // block) * block
+    order = np.arange(chunks * chunk).reshape(chunks, chunk)
+    if layout == "zigzag":
+        order = np.stack([order[:n], order[::-1][:n]], axis=1)  # device i: chunks i, 2n-1-i
+    return order.reshape(-1), chunks * chunk
+
+
+def tile_sizes(local: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """Tile sizes that divide a device's share of the sequence."""
+    return math.gcd(local, block_q), math.gcd(local, block_k)
+
+
+# -- per-device kernels (inside shard_map) --------------------------------------------------------
+
+def _neighbours(n: int):
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _context_parallel(q, k, v, q_index, k_index, axis, n, strategy, causal, block_q, block_k):
+    return _cp_fwd(q, k, v, q_index, k_index, axis, n, strategy, causal, block_q, block_k)[0]
+
+
+def _cp_fwd(q, k, v, q_index, k_index, axis, n, strategy, causal, block_q, block_k):
+    b, t, g, r, d = q.shape
+    fold = functools.partial(tiles_forward, q=q, q_index=q_index, causal=causal, block_q=block_q,
+                             block_k=block_k)
+    state = init_state(b, t, g, r, d)
+    if strategy == "allgather":
+        gathered = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, k_index)]
+        state = fold(state, k=gathered[0], v=gathered[1], k_index=gathered[2])
+    else:
+        def hop(carry, _):
+            st, kv = carry
+            nxt = jax.lax.ppermute(kv, axis, _neighbours(n))      # issued before this hop's compute
+            return (fold(st, k=kv[0], v=kv[1], k_index=kv[2]), nxt), None
+
+        (state, kv), _ = jax.lax.scan(hop, (state, (k, v, k_index)), length=n - 1)
+        state = fold(state, k=kv[0], v=kv[1], k_index=kv[2])
+    out = normalized(state)
+    return out, (q, k, v, q_index, k_index, out, state.lse)
+
+
+def _cp_bwd(axis, n, strategy, causal, block_q, block_k, res, dout):
+    q, k, v, q_index, k_index, out, lse = res
+    delta = (dout * out).sum(-1)
+    dout = dout.transpose(0, 3, 1, 2, 4)
+    qf, kf, vf = f32(q, k, v)
+    grads = functools.partial(tiles_backward, qf, q_index=q_index, lse=lse, dout=dout, delta=delta,
+                              causal=causal, block_q=block_q, block_k=block_k)
+    if strategy == "allgather":
+        kg, vg, kig = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (kf, vf, k_index))
+        dq, dk, dv = grads(k=kg, v=vg, k_index=kig)
+        dk, dv = (jax.lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True) for x in (dk, dv))
+    else:
+        def hop(carry, _):
+            dq, (kc, vc, kic, dkc, dvc) = carry
+            kv_next = jax.lax.ppermute((kc, vc, kic), axis, _neighbours(n))
+            dq_h, dk_h, dv_h = grads(k=kc, v=vc, k_index=kic)
+            dkv_next = jax.lax.ppermute((dkc + dk_h, dvc + dv_h), axis, _neighbours(n))
+            return (dq + dq_h, (*kv_next, *dkv_next)), None
+
+        zeros = jnp.zeros_like(kf)
+        (dq, (kc, vc, kic, dkc, dvc)), _ = jax.lax.scan(
+            hop, (jnp.zeros_like(qf), (kf, vf, k_index, zeros, zeros)), length=n - 1)
+        dq_h, dk_h, dv_h = grads(k=kc, v=vc, k_index=kic)
+        dq = dq + dq_h
+        dk, dv = jax.lax.ppermute((dkc + dk_h, dvc + dv_h), axis, _neighbours(n))  # home again
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_context_parallel.defvjp(_cp_fwd, _cp_bwd)
+
+
+# -- on global arrays ------------------------------------------------------------------------
+
+def context_parallel(layout: Layout, *, strategy: str = "ring", causal: bool = True, axis: str = "sequence",
+                     block_q: int = 512, block_k: int = 512) -> AttentionFn:
+    """Attention on global arrays already in device order (see `token_order`), sharded on `axis`:
+    q [B, T, Hq, D], k/v [B, T, Hkv, D], indices [B, T], T divisible by the axis size."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    n = layout.size(axis)
+
+    def attend(q, k, v, q_index, k_index):
+        b, t, hq, d = q.shape
+        g = k.shape[2]
+        if k.shape[1] != t or t % n:
+            raise ValueError(f"context-parallel attention needs q and k of one length divisible by {n}")
+        batch = layout.mesh_axes("batch", b) or None
+        heads = layout.mesh_axes("q_heads", hq)
+        heads = (heads or None) if heads == layout.mesh_axes("kv_heads", g) else None
+        bq, bk = tile_sizes(t // n, block_q, block_k)
+        seq = axis if n > 1 else None
+        x_spec, i_spec = P(batch, seq, heads, None), P(batch, seq)
+
+        def local(q, k, v, qi, ki):
+            out = _context_parallel(group_queries(q, k.shape[2]), k, v, qi, ki, axis, n, strategy,
+                                    causal, bq, bk)
+            return ungroup(out, q.dtype)
+
+        # check_vma off: the online-softmax carry starts replicated and becomes per-device.
+        return jax.shard_map(local, mesh=layout.mesh, in_specs=(x_spec, x_spec, x_spec, i_spec, i_spec),
+                             out_specs=x_spec, check_vma=False)(q, k, v, q_index, k_index)
+
+    return attend
+
+
+def ring_attention(q, k, v, q_index=None, k_index=None, *, mesh, causal: bool = True, axis: str = "sequence",
+                   strategy: str = "ring", layout: str = "zigzag", block_q: int = 512,
+                   block_k: int = 512) -> jax.Array:
+    """Sequence-parallel attention on global arrays in natural token order.
+
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]. `mesh`: a Mesh or spec like
+    "sequence=8" (other axes it has shard batch and heads). T need not divide by the device count:
+    the sequence is padded (padding is masked) and laid out zigzag (or contiguous) across devices.
+    Indices default to 0..T-1."""
+    mesh_layout = Layout(make_mesh(mesh))
+    b, t = q.shape[:2]
+    if k.shape[1] != t:
+        raise ValueError(f"ring attention is self-attention: q has {t} tokens, k has {k.shape[1]}")
+    default = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    q_index = default if q_index is None else q_index
+    k_index = default if k_index is None else k_index
+    order, padded = token_order(t, mesh_layout.size(axis), layout, block_q)
+    real = order < t
+    take = np.where(real, order, 0)
+
+    def arrange(x, fill):
+        x = jnp.take(x, take, axis=1)
+        mask = real.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return jnp.where(mask, x, fill)
+
+    out = context_parallel(mesh_layout, strategy=strategy, causal=causal, axis=axis, block_q=block_q,
+                           block_k=block_k)(arrange(q, 0), arrange(k, 0), arrange(v, 0),
+                                            arrange(q_index, -1), arrange(k_index, PAD))
+    inverse = np.argsort(order)[:t]
+    return jnp.take(out, inverse, axis=1)
