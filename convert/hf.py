@@ -34,8 +34,9 @@ def layout_of(folder: pathlib.Path) -> str:
     return model_type
 
 
-def _header(path: pathlib.Path) -> dict:
-    """Parses and checks a safetensors header: every tensor's bytes must lie inside the file."""
+def _header(path: pathlib.Path) -> tuple[int, dict]:
+    """Parses and checks a safetensors header: every tensor's bytes must lie inside the file.
+    Returns (offset of the data section, header)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -48,7 +49,7 @@ def _header(path: pathlib.Path) -> dict:
         raise ConversionError(f"{path}: corrupt safetensors file ({e})") from None
     if end > size:
         raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, header needs {end})")
-    return header
+    return 8 + n, header
 
 
 class HFCheckpoint:
@@ -70,10 +71,11 @@ class HFCheckpoint:
         for name in files:
             if not (self.folder / name).is_file():
                 raise ConversionError(f"{index}: names missing file {name}")
-        self.headers = {name: _header(self.folder / name) for name in files}
-        self.metadata = {name: h.get("__metadata__") for name, h in self.headers.items()}
+        parsed = {name: _header(self.folder / name) for name in files}
+        self.data_start = {name: start for name, (start, _) in parsed.items()}
+        self.metadata = {name: h.get("__metadata__") for name, (_, h) in parsed.items()}
         self.entries: dict[str, tuple[str, dict]] = {}
-        for file, header in self.headers.items():
+        for file, (_, header) in parsed.items():
             for tensor, entry in header.items():
                 if tensor != "__metadata__":
                     self.entries[tensor] = (file, entry)
@@ -84,7 +86,6 @@ class HFCheckpoint:
                 if tensor not in self.entries:
                     raise ConversionError(f"{index}: {tensor} is missing from {file}")
         self.weight_map = {t: f for t, (f, _) in self.entries.items()}
-        self._open: dict[str, object] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
@@ -96,18 +97,23 @@ class HFCheckpoint:
         return np.dtype(DTYPES[code])
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        """The tensor, or rows [start, stop) of it, as numpy; reads only those bytes."""
-        from safetensors import safe_open
-
-        file = self.entries[name][0]
-        if file not in self._open:
-            self._open[file] = safe_open(self.folder / file, framework="flax")
-        handle = self._open[file]
-        try:
-            data = handle.get_slice(name)[start:stop] if start is not None else handle.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for damaged data
-            raise ConversionError(f"{self.folder / file}: cannot read {name} ({e})") from None
-        return np.asarray(data)
+        """The tensor, or rows [start, stop) of it, as numpy: one positioned read of just those
+        bytes (rows are contiguous), into memory this process owns. No mmap, so resident memory
+        stays one tensor, not the files touched so far."""
+        file, entry = self.entries[name]
+        shape, dtype = tuple(entry["shape"]), self.dtype(name)
+        begin, end = entry["data_offsets"]
+        if int(np.prod(shape)) * dtype.itemsize != end - begin:
+            raise ConversionError(f"{self.folder / file}: {name} has {end - begin} bytes for shape {list(shape)}")
+        start, stop = (0, shape[0]) if start is None else (start, stop)
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        out = np.empty((stop - start, *shape[1:]), dtype)
+        with open(self.folder / file, "rb") as f:
+            f.seek(self.data_start[file] + begin + start * row)
+            got = f.readinto(out.reshape(-1).view(np.uint8))
+        if got != out.nbytes:
+            raise ConversionError(f"{self.folder / file}: cannot read {name} (file ended early)")
+        return out
 
     def check(self, config: GLMConfig, layout: str) -> list[HFTensor]:
         """Every expected tensor present with the shape the config implies, nothing unexpected."""
@@ -142,13 +148,13 @@ def iter_params(ckpt: HFCheckpoint, plan: list[HFTensor], dtype) -> Iterator[tup
             else:
                 block = ckpt.read(tensor.name, row, row + part.rows)
             row += part.rows
-            yield part.param, np.ascontiguousarray(part.to_param(block)).astype(dtype, copy=False)
+            yield part.param, part.to_param(block).astype(dtype, copy=False)
 
 
 def hf_tensor_from(tensor: HFTensor, param: Callable[[str], np.ndarray]) -> np.ndarray:
     """Assembles one HF tensor from glm-jax parameters."""
     blocks = [np.asarray(part.to_hf(param(part.param))) for part in tensor.parts]
-    return np.ascontiguousarray(blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0))
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
 
 
 def default_shards(plan: list[HFTensor], itemsize: int, num_shards: int) -> dict[str, str]:

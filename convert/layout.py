@@ -1,9 +1,9 @@
 """How Hugging Face tensors map onto glm-jax parameters, for both published layouts.
 
 Each HF tensor is a stack, along its first dim, of one or more glm-jax parameters (the fused QKV
-weight is [Q | K | V], the fused MLP input is [gate | up]). A part with `in_dims > 0` is a torch
-linear weight: HF rows = out features, so HF block = param.reshape(in, out).T; otherwise the part is
-stored as is (embeddings, norms, biases).
+weight is [Q | K | V], the fused MLP input is [gate | up]). glm-jax keeps torch's orientation
+([out..., in...]) and only splits dims, so every part is a reshape of its rows: conversion copies
+bytes and never transposes.
 """
 
 from __future__ import annotations
@@ -22,26 +22,17 @@ IGNORED = {CHATGLM: ("transformer.rotary_pos_emb.inv_freq",), GLM: ()}  # presen
 class Part:
     param: str                   # glm-jax flat name
     shape: tuple[int, ...]       # glm-jax shape
-    in_dims: int                 # leading dims of `shape` that are torch's input features (0: no transpose)
-    flat: bool = False           # stored flattened to 1-D (the biases)
+    hf_shape: tuple[int, ...]    # the same elements as HF stores them (rows first)
 
     @property
     def rows(self) -> int:
         return self.hf_shape[0]
 
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        if self.in_dims:
-            return (math.prod(self.shape[self.in_dims:]), math.prod(self.shape[:self.in_dims]))
-        return (math.prod(self.shape),) if self.flat else self.shape
-
     def to_param(self, block):
         """HF rows of this part -> the glm-jax array (numpy or jax)."""
-        return block.T.reshape(self.shape) if self.in_dims else block.reshape(self.shape)
+        return block.reshape(self.shape)
 
     def to_hf(self, value):
-        if self.in_dims:
-            return value.reshape(math.prod(self.shape[:self.in_dims]), -1).T
         return value.reshape(self.hf_shape)
 
 
@@ -65,14 +56,20 @@ def hf_tensors(config: GLMConfig, layout: str) -> list[HFTensor]:
     def t(name, *parts):
         return HFTensor(name, tuple(Part(*p) for p in parts))
 
+    def linear(param, out_dims, in_dims):  # torch [out, in] split into glm-jax [*out_dims, *in_dims]
+        return param, (*out_dims, *in_dims), (math.prod(out_dims), math.prod(in_dims))
+
+    def vector(param, dims):               # stored flat by HF
+        return param, dims, (math.prod(dims),)
+
     def layer(i, names):
         p = f"layers.{i}."
-        q, k, vv = ((p + "attn.q_proj", (h, hq, d), 1), (p + "attn.k_proj", (h, g, d), 1),
-                    (p + "attn.v_proj", (h, g, d), 1))
-        qb, kb, vb = ((p + "attn.q_bias", (hq, d), 0, True), (p + "attn.k_bias", (g, d), 0, True),
-                      (p + "attn.v_bias", (g, d), 0, True))
-        gate, up = (p + "mlp.gate_proj", (h, f), 1), (p + "mlp.up_proj", (h, f), 1)
-        out = [t(names["in_norm"], (p + "input_norm.weight", (h,), 0))]
+        q, k, vv = (linear(p + "attn.q_proj", (hq, d), (h,)), linear(p + "attn.k_proj", (g, d), (h,)),
+                    linear(p + "attn.v_proj", (g, d), (h,)))
+        qb, kb, vb = (vector(p + "attn.q_bias", (hq, d)), vector(p + "attn.k_bias", (g, d)),
+                      vector(p + "attn.v_bias", (g, d)))
+        gate, up = linear(p + "mlp.gate_proj", (f,), (h,)), linear(p + "mlp.up_proj", (f,), (h,))
+        out = [t(names["in_norm"], vector(p + "input_norm.weight", (h,)))]
         if layout == CHATGLM:
             out.append(t(names["qkv"] + ".weight", q, k, vv))
             if c.qkv_bias:
@@ -83,10 +80,10 @@ def hf_tensors(config: GLMConfig, layout: str) -> list[HFTensor]:
                 if c.qkv_bias:
                     out.append(t(names["qkv"] + f".{proj}_proj.bias", b))
         out += [
-            t(names["o"], (p + "attn.o_proj", (hq, d, h), 2)),
-            t(names["post_norm"], (p + "post_attn_norm.weight", (h,), 0)),
+            t(names["o"], linear(p + "attn.o_proj", (h,), (hq, d))),
+            t(names["post_norm"], vector(p + "post_attn_norm.weight", (h,))),
             t(names["gate_up"], gate, up),
-            t(names["down"], (p + "mlp.down_proj", (f, h), 1)),
+            t(names["down"], linear(p + "mlp.down_proj", (h,), (f,))),
         ]
         return out
 
@@ -95,17 +92,17 @@ def hf_tensors(config: GLMConfig, layout: str) -> list[HFTensor]:
         names = dict(in_norm="input_layernorm.weight", qkv="self_attention.query_key_value",
                      o="self_attention.dense.weight", post_norm="post_attention_layernorm.weight",
                      gate_up="mlp.dense_h_to_4h.weight", down="mlp.dense_4h_to_h.weight")
-        head = [t("transformer.embedding.word_embeddings.weight", ("embed", (v, h), 0))]
-        tail = [t("transformer.encoder.final_layernorm.weight", ("final_norm.weight", (h,), 0)),
-                t("transformer.output_layer.weight", ("lm_head", (h, v), 1))]
+        head = [t("transformer.embedding.word_embeddings.weight", linear("embed", (v,), (h,)))]
+        tail = [t("transformer.encoder.final_layernorm.weight", vector("final_norm.weight", (h,))),
+                t("transformer.output_layer.weight", linear("lm_head", (v,), (h,)))]
     elif layout == GLM:
         pre = "model.layers.{}."
         names = dict(in_norm="input_layernorm.weight", qkv="self_attn", o="self_attn.o_proj.weight",
                      post_norm="post_attention_layernorm.weight", gate_up="mlp.gate_up_proj.weight",
                      down="mlp.down_proj.weight")
-        head = [t("model.embed_tokens.weight", ("embed", (v, h), 0))]
-        tail = [t("model.norm.weight", ("final_norm.weight", (h,), 0)),
-                t("lm_head.weight", ("lm_head", (h, v), 1))]
+        head = [t("model.embed_tokens.weight", linear("embed", (v,), (h,)))]
+        tail = [t("model.norm.weight", vector("final_norm.weight", (h,))),
+                t("lm_head.weight", linear("lm_head", (v,), (h,)))]
     else:
         raise ValueError(f"unknown layout {layout!r}")
     layers = []

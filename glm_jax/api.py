@@ -15,6 +15,7 @@ from .attention import AttentionFn
 from .config import GLMConfig
 from .model import forward
 from .params import PARAMS_DIR, load_params, param_specs, split_model
+from .sharding import Layout, make_mesh
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -31,10 +32,16 @@ class Model:
     """A GLM-4 model with its weights on devices. Build it with `glm_jax.load`."""
 
     def __init__(self, config: GLMConfig, graphdef: nnx.GraphDef, state: nnx.State, *,
-                 attention: str | AttentionFn = "auto", path: pathlib.Path | None = None):
-        self.config, self.graphdef, self.state, self.path = config, graphdef, state, path
-        self._forward = jax.jit(functools.partial(forward, graphdef, attention=attention),
+                 attention: str | AttentionFn = "auto", layout: Layout | None = None, strategy: str = "ring",
+                 path: pathlib.Path | None = None):
+        self.config, self.graphdef, self.state, self.layout, self.path = config, graphdef, state, layout, path
+        self._forward = jax.jit(functools.partial(forward, graphdef, attention=attention, layout=layout,
+                                                  strategy=strategy),
                                 static_argnames=("hidden_states",))
+
+    @property
+    def mesh(self):
+        return None if self.layout is None else self.layout.mesh
 
     @property
     def dtype(self):
@@ -69,30 +76,41 @@ class Model:
 
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
-         attention: str | AttentionFn = "auto") -> Model:
+         attention: str | AttentionFn = "auto", strategy: str = "ring") -> Model:
     """Loads a converted glm-jax folder, or an HF folder (either layout, converted in memory).
 
     dtype: "bfloat16" or "float32" (default: the stored weights' dtype).
+    mesh: None (one device), a spec such as "sequence=8" or "tensor=2,sequence=4", or a Mesh.
+      Weights are placed by the logical sharding rules; with a `sequence` axis the forward runs
+      context-parallel attention (`strategy`: "ring" or "allgather").
+    attention: the single-device attention ("auto", "exact", "blockwise" or a callable).
     """
-    if mesh is not None:
-        raise NotImplementedError("meshes arrive with sharded attention (issue #4)")
     path = pathlib.Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a glm-jax or Hugging Face model folder)")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    layout = None if mesh is None else Layout(make_mesh(mesh))
     if json.loads(config_file.read_text()).get("model_type") == "glm_jax":
         config = GLMConfig.load(config_file)
         target = _dtype(dtype) or DTYPES[config.dtype]
         specs = param_specs(config, target)
-        arrays = load_params(path / PARAMS_DIR, specs, {n: device for n in specs})
+        arrays = load_params(path / PARAMS_DIR, specs, _shardings(specs, layout))
     else:
         from glm_jax.convert.checkpoint import np_dtype, open_hf
         from glm_jax.convert.hf import iter_params
 
         config, _, ckpt, plan = open_hf(path)
         target = _dtype(dtype) or DTYPES.get(config.dtype, jnp.bfloat16)
-        arrays = {n: jax.device_put(a, device)
+        specs = param_specs(config, target)
+        shardings = _shardings(specs, layout)
+        arrays = {n: jax.device_put(a, shardings[n])
                   for n, a in iter_params(ckpt, plan, np_dtype(jnp.dtype(target).name))}
     graphdef, state = split_model(config, target, arrays)
-    return Model(config, graphdef, state, path=path)
+    return Model(config, graphdef, state, attention=attention, layout=layout, strategy=strategy, path=path)
+
+
+def _shardings(specs, layout: Layout | None) -> dict[str, jax.sharding.Sharding]:
+    if layout is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return {name: device for name in specs}
+    return {name: layout.sharding(spec.axes, spec.shape) for name, spec in specs.items()}

@@ -218,25 +218,57 @@ def _pad_to(x: jax.Array, multiple: int, axis: int, value) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, q_index, k_index, causal, block_q, block_k):
-    return _flash_fwd(q, k, v, q_index, k_index, causal, block_q, block_k)[0]
+@dataclasses.dataclass(frozen=True)
+class LocalKernel:
+    """The attention a device runs on the KV it holds (one ring hop, or everything it gathered).
+
+    forward(q [B,T,G,R,D], k/v [B,S,G,D], q_index, k_index) -> (out [B,G,R,T,D] f32, lse [B,G,R,T])
+    backward(q, k, v, q_index, k_index, lse, dout [B,T,G,R,D], delta [B,G,R,T]) -> dq, dk, dv (f32),
+    where lse and delta = sum(dout * out) belong to the whole attention, not just this KV.
+    Any kernel with these two functions (cuDNN, Pallas) can replace the default tiles.
+    """
+
+    forward: Callable
+    backward: Callable
 
 
-def _flash_fwd(q, k, v, q_index, k_index, causal, block_q, block_k):
-    b, t, g, r, d = q.shape
-    state = tiles_forward(init_state(b, t, g, r, d), q, k, v, q_index, k_index, causal=causal,
-                          block_q=block_q, block_k=block_k)
-    out = normalized(state)                                            # [B, G, R, T, D] f32
-    return out, (q, k, v, q_index, k_index, out, state.lse)
+@functools.lru_cache(maxsize=None)
+def tile_kernel(causal: bool = True, block_q: int = 512, block_k: int = 512) -> LocalKernel:
+    """The portable kernel: tiles_forward / tiles_backward (T and S must divide by the tiles)."""
+
+    def forward(q, k, v, q_index, k_index):
+        b, t, g, r, d = q.shape
+        state = tiles_forward(init_state(b, t, g, r, d), q, k, v, q_index, k_index, causal=causal,
+                              block_q=block_q, block_k=block_k)
+        return normalized(state), state.lse
+
+    def backward(q, k, v, q_index, k_index, lse, dout, delta):
+        return tiles_backward(*f32(q, k, v), q_index, k_index, lse, dout, delta, causal=causal,
+                              block_q=block_q, block_k=block_k)
+
+    return LocalKernel(forward, backward)
 
 
-def _flash_bwd(causal, block_q, block_k, res, dout):
+def as_state(out: jax.Array, lse: jax.Array) -> State:
+    """A kernel's normalized output and log-sum-exp as an online-softmax state (for merging)."""
+    seen = lse > -jnp.inf
+    return State(m=jnp.where(seen, lse, -jnp.inf), l=seen.astype(jnp.float32), acc=out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_index, k_index, kernel: LocalKernel):
+    return kernel.forward(q, k, v, q_index, k_index)[0]
+
+
+def _flash_fwd(q, k, v, q_index, k_index, kernel):
+    out, lse = kernel.forward(q, k, v, q_index, k_index)
+    return out, (q, k, v, q_index, k_index, out, lse)
+
+
+def _flash_bwd(kernel, res, dout):
     q, k, v, q_index, k_index, out, lse = res
     delta = (dout * out).sum(-1)                                        # [B, G, R, T]
-    dout = dout.transpose(0, 3, 1, 2, 4)                                # -> [B, T, G, R, D]
-    dq, dk, dv = tiles_backward(*f32(q, k, v), q_index, k_index, lse, dout, delta, causal=causal,
-                                block_q=block_q, block_k=block_k)
+    dq, dk, dv = kernel.backward(q, k, v, q_index, k_index, lse, dout.transpose(0, 3, 1, 2, 4), delta)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
@@ -251,7 +283,7 @@ def blockwise_attention(q, k, v, q_index, k_index, *, causal: bool = True, block
     block_q, block_k = min(block_q, t), min(block_k, s_len)
     qg = _pad_to(group_queries(q, g), block_q, 1, 0)
     out = _flash(qg, _pad_to(k, block_k, 1, 0), _pad_to(v, block_k, 1, 0), _pad_to(q_index, block_q, 1, -1),
-                 _pad_to(k_index, block_k, 1, PAD), causal, block_q, block_k)
+                 _pad_to(k_index, block_k, 1, PAD), tile_kernel(causal, block_q, block_k))
     return ungroup(out, q.dtype)[:, :t]
 
 

@@ -1,6 +1,7 @@
 """The GLM-4 decoder in Flax NNX, with the original's numerics (see ../shared/glm4/NOTES.md).
 
-Weights are stored [in, out] (JAX convention); every Param carries `axes`, its logical axis names,
+Weights keep torch's [out, in] orientation (dims split, never transposed, so conversion is a
+byte copy); every Param carries `axes`, its logical axis names,
 which the sharding rules map to mesh axes. The forward is pure: `forward(graphdef, state, ...)`
 merges the split state inside `jax.jit`, so the hot path is a function of arrays only.
 
@@ -23,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import HIGHEST, AttentionFn, get_attention
+from .attention import HIGHEST, PAD, AttentionFn, get_attention
 from .config import GLMConfig
+from .ring import context_parallel, token_order
+from .sharding import Layout
 
 # attend(layer_index, q [B,T,Hq,D], k [B,T,G,D], v [B,T,G,D]) -> [B,T,Hq,D]
 LayerAttend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -83,38 +86,45 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, c: GLMConfig, dtype, rngs: nnx.Rngs):
         h, d, hq, g = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
-        self.q_proj = nnx.Param(_normal(rngs, (h, hq, d), dtype), axes=("embed", "q_heads", "head_dim"))
-        self.k_proj = nnx.Param(_normal(rngs, (h, g, d), dtype), axes=("embed", "kv_heads", "head_dim"))
-        self.v_proj = nnx.Param(_normal(rngs, (h, g, d), dtype), axes=("embed", "kv_heads", "head_dim"))
+        self.q_proj = nnx.Param(_normal(rngs, (hq, d, h), dtype), axes=("q_heads", "head_dim", "embed"))
+        self.k_proj = nnx.Param(_normal(rngs, (g, d, h), dtype), axes=("kv_heads", "head_dim", "embed"))
+        self.v_proj = nnx.Param(_normal(rngs, (g, d, h), dtype), axes=("kv_heads", "head_dim", "embed"))
         if c.qkv_bias:
             self.q_bias = nnx.Param(_normal(rngs, (hq, d), dtype), axes=("q_heads", "head_dim"))
             self.k_bias = nnx.Param(_normal(rngs, (g, d), dtype), axes=("kv_heads", "head_dim"))
             self.v_bias = nnx.Param(_normal(rngs, (g, d), dtype), axes=("kv_heads", "head_dim"))
         else:
             self.q_bias = self.k_bias = self.v_bias = None
-        self.o_proj = nnx.Param(_normal(rngs, (hq, d, h), dtype), axes=("q_heads", "head_dim", "embed"))
+        self.o_proj = nnx.Param(_normal(rngs, (h, hq, d), dtype), axes=("embed", "q_heads", "head_dim"))
 
-    def __call__(self, x, cos, sin, attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
+    def __call__(self, x, cos, sin, attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+                 layout: Layout | None = None):
         bias = lambda p: None if p is None else p[...]
-        q = dense("bte,ehd->bthd", x, self.q_proj[...], bias(self.q_bias))   # [B, T, Hq, D]
-        k = dense("bte,egd->btgd", x, self.k_proj[...], bias(self.k_bias))   # [B, T, G, D]
-        v = dense("bte,egd->btgd", x, self.v_proj[...], bias(self.v_bias))   # [B, T, G, D]
-        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)    # [B, T, Hq, D]
-        return dense("bthd,hde->bte", out, self.o_proj[...])
+        q = dense("bte,hde->bthd", x, self.q_proj[...], bias(self.q_bias))   # [B, T, Hq, D]
+        k = dense("bte,gde->btgd", x, self.k_proj[...], bias(self.k_bias))   # [B, T, G, D]
+        v = dense("bte,gde->btgd", x, self.v_proj[...], bias(self.v_bias))   # [B, T, G, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layout is not None:
+            repeat = layout.kv_repeat(k.shape[2], q.shape[2])   # > 1 only when tensor > KV heads
+            k, v = (jnp.repeat(x, repeat, axis=2) for x in (k, v))
+            q = layout.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
+            k, v = (layout.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in (k, v))
+        out = attend(q, k, v)                                                # [B, T, Hq, D]
+        return dense("bthd,ehd->bte", out, self.o_proj[...])
 
 
 class MLP(nnx.Module):
     def __init__(self, c: GLMConfig, dtype, rngs: nnx.Rngs):
         h, f = c.hidden_size, c.intermediate_size
-        self.gate_proj = nnx.Param(_normal(rngs, (h, f), dtype), axes=("embed", "mlp"))
-        self.up_proj = nnx.Param(_normal(rngs, (h, f), dtype), axes=("embed", "mlp"))
-        self.down_proj = nnx.Param(_normal(rngs, (f, h), dtype), axes=("mlp", "embed"))
+        self.gate_proj = nnx.Param(_normal(rngs, (f, h), dtype), axes=("mlp", "embed"))
+        self.up_proj = nnx.Param(_normal(rngs, (f, h), dtype), axes=("mlp", "embed"))
+        self.down_proj = nnx.Param(_normal(rngs, (h, f), dtype), axes=("embed", "mlp"))
 
     def __call__(self, x):
-        gate = dense("bte,ef->btf", x, self.gate_proj[...])
-        up = dense("bte,ef->btf", x, self.up_proj[...])
+        gate = dense("bte,fe->btf", x, self.gate_proj[...])
+        up = dense("bte,fe->btf", x, self.up_proj[...])
         hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
-        return dense("btf,fe->bte", hidden, self.down_proj[...])
+        return dense("btf,ef->bte", hidden, self.down_proj[...])
 
 
 class Block(nnx.Module):
@@ -124,8 +134,10 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.mlp = MLP(c, dtype, rngs)
 
-    def __call__(self, x, cos, sin, attend):
-        x = x + self.attn(self.input_norm(x), cos, sin, attend)
+    def __call__(self, x, cos, sin, attend, layout: Layout | None = None):
+        if layout is not None:
+            x = layout.constrain(x, ("batch", "seq", "act_embed"))
+        x = x + self.attn(self.input_norm(x), cos, sin, attend, layout)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -138,24 +150,25 @@ class GLM(nnx.Module):
         self.embed = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), dtype), axes=("vocab", "embed"))
         self.layers = nnx.List([Block(c, dtype, rngs) for _ in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.lm_head = nnx.Param(_normal(rngs, (c.hidden_size, c.vocab_size), dtype), axes=("embed", "vocab"))
+        self.lm_head = nnx.Param(_normal(rngs, (c.vocab_size, c.hidden_size), dtype), axes=("vocab", "embed"))
 
     @property
     def dtype(self):
         return self.embed.dtype
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attend: LayerAttend,
-                 *, hidden_states: bool = False):
+                 *, hidden_states: bool = False, layout: Layout | None = None):
         """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype
-        (and, with hidden_states, the embedding and every layer's output [L + 1, B, T, H])."""
+        (and, with hidden_states, the embedding and every layer's output [L + 1, B, T, H]).
+        With a layout, activations are constrained to its logical shardings."""
         x = self.embed[...][tokens]                                         # [B, T, H]
         cos, sin = rope_tables(positions, self.config, x.dtype)
         hidden = [x]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, functools.partial(attend, i))
+            x = layer(x, cos, sin, functools.partial(attend, i), layout)
             if hidden_states:
                 hidden.append(x)
-        logits = dense("bte,ev->btv", self.final_norm(x), self.lm_head[...])
+        logits = dense("bte,ve->btv", self.final_norm(x), self.lm_head[...])
         return (logits, jnp.stack(hidden)) if hidden_states else logits
 
 
@@ -172,10 +185,28 @@ def self_attend(attention: str | AttentionFn) -> LayerAttend:
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
-            *, attention: str | AttentionFn = "auto", hidden_states: bool = False):
-    """Pure forward of a split GLM: logits [B, T, V] as float32 (and hidden states if asked)."""
+            *, attention: str | AttentionFn = "auto", hidden_states: bool = False,
+            layout: Layout | None = None, strategy: str = "ring"):
+    """Pure forward of a split GLM: logits [B, T, V] as float32 (and hidden states if asked).
+
+    Without a layout, plain causal attention (`attention`). With one, the tokens are laid out
+    zigzag over the `sequence` axis (padded to fit), every activation stays sharded on it, attention
+    is context-parallel (`strategy`: "ring" or "allgather") and the outputs come back in order."""
     model = nnx.merge(graphdef, state)
-    out = model(tokens, positions, self_attend(attention), hidden_states=hidden_states)
+    if layout is None:
+        out = model(tokens, positions, self_attend(attention), hidden_states=hidden_states)
+    else:
+        b, t = tokens.shape
+        order, _ = token_order(t, layout.size("sequence"))
+        real = order < t
+        take = np.where(real, order, 0)
+        q_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, -1), jnp.int32), (b, len(order)))
+        k_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, PAD), jnp.int32), (b, len(order)))
+        attend_cp = context_parallel(layout, strategy=strategy)
+        out = model(tokens[:, take], positions[:, take], lambda i, q, k, v: attend_cp(q, k, v, q_index, k_index),
+                    hidden_states=hidden_states, layout=layout)
+        inverse = np.argsort(order)[:t]
+        out = (out[0][:, inverse], out[1][:, :, inverse]) if hidden_states else out[:, inverse]
     if hidden_states:
         return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
     return out.astype(jnp.float32)

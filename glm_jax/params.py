@@ -83,11 +83,19 @@ def unnest(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_params(path: pathlib.Path, groups: Iterable[Mapping[str, Any]]) -> None:
-    """Writes an Orbax checkpoint from groups of flat arrays, one group in memory at a time."""
+    """Writes an Orbax checkpoint from groups of flat arrays. Each group is written in the
+    background while the next is produced, so at most two groups are in memory at a time."""
     from orbax.checkpoint import v1 as ocp
 
-    for group in groups:
-        ocp.partial.save(path, nest(group))
+    pending = None
+    try:
+        for group in groups:
+            if pending is not None:
+                pending.result()
+            pending = ocp.partial.save_async(path, nest(group))
+    finally:  # also when producing a group failed: never leave a write running behind the caller
+        if pending is not None:
+            pending.result()
     ocp.partial.finalize(path)
 
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from .attention import (PAD, AttentionFn, f32, group_queries, init_state, normalized, tiles_backward,
-                        tiles_forward, ungroup)
+from .attention import (PAD, AttentionFn, LocalKernel, as_state, group_queries, init_state, merge,
+                        normalized, tile_kernel, ungroup)
 from .sharding import Layout, make_mesh
 
 STRATEGIES = ("ring", "allgather")
@@ -58,40 +58,39 @@ def _neighbours(n: int):
     return [(i, (i + 1) % n) for i in range(n)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _context_parallel(q, k, v, q_index, k_index, axis, n, strategy, causal, block_q, block_k):
-    return _cp_fwd(q, k, v, q_index, k_index, axis, n, strategy, causal, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _context_parallel(q, k, v, q_index, k_index, axis: str, n: int, strategy: str, kernel: LocalKernel):
+    return _cp_fwd(q, k, v, q_index, k_index, axis, n, strategy, kernel)[0]
 
 
-def _cp_fwd(q, k, v, q_index, k_index, axis, n, strategy, causal, block_q, block_k):
-    b, t, g, r, d = q.shape
-    fold = functools.partial(tiles_forward, q=q, q_index=q_index, causal=causal, block_q=block_q,
-                             block_k=block_k)
-    state = init_state(b, t, g, r, d)
+def _cp_fwd(q, k, v, q_index, k_index, axis, n, strategy, kernel):
+    """q [B,T,G,R,D] local queries; k/v/k_index this device's share of the keys."""
     if strategy == "allgather":
         gathered = [jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, k_index)]
-        state = fold(state, k=gathered[0], v=gathered[1], k_index=gathered[2])
+        out, lse = kernel.forward(q, *gathered[:2], q_index, gathered[2])
     else:
+        def fold(state, kv):
+            return merge(state, as_state(*kernel.forward(q, kv[0], kv[1], q_index, kv[2])))
+
         def hop(carry, _):
-            st, kv = carry
+            state, kv = carry
             nxt = jax.lax.ppermute(kv, axis, _neighbours(n))      # issued before this hop's compute
-            return (fold(st, k=kv[0], v=kv[1], k_index=kv[2]), nxt), None
+            return (fold(state, kv), nxt), None
 
-        (state, kv), _ = jax.lax.scan(hop, (state, (k, v, k_index)), length=n - 1)
-        state = fold(state, k=kv[0], v=kv[1], k_index=kv[2])
-    out = normalized(state)
-    return out, (q, k, v, q_index, k_index, out, state.lse)
+        b, t, g, r, d = q.shape
+        (state, kv), _ = jax.lax.scan(hop, (init_state(b, t, g, r, d), (k, v, k_index)), length=n - 1)
+        state = fold(state, kv)
+        out, lse = normalized(state), state.lse
+    return out, (q, k, v, q_index, k_index, out, lse)
 
 
-def _cp_bwd(axis, n, strategy, causal, block_q, block_k, res, dout):
+def _cp_bwd(axis, n, strategy, kernel, res, dout):
     q, k, v, q_index, k_index, out, lse = res
     delta = (dout * out).sum(-1)
-    dout = dout.transpose(0, 3, 1, 2, 4)
-    qf, kf, vf = f32(q, k, v)
-    grads = functools.partial(tiles_backward, qf, q_index=q_index, lse=lse, dout=dout, delta=delta,
-                              causal=causal, block_q=block_q, block_k=block_k)
+    grads = functools.partial(kernel.backward, q, q_index=q_index, lse=lse, dout=dout.transpose(0, 3, 1, 2, 4),
+                              delta=delta)
     if strategy == "allgather":
-        kg, vg, kig = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (kf, vf, k_index))
+        kg, vg, kig = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v, k_index))
         dq, dk, dv = grads(k=kg, v=vg, k_index=kig)
         dk, dv = (jax.lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True) for x in (dk, dv))
     else:
@@ -102,9 +101,9 @@ def _cp_bwd(axis, n, strategy, causal, block_q, block_k, res, dout):
             dkv_next = jax.lax.ppermute((dkc + dk_h, dvc + dv_h), axis, _neighbours(n))
             return (dq + dq_h, (*kv_next, *dkv_next)), None
 
-        zeros = jnp.zeros_like(kf)
+        zeros = jnp.zeros(k.shape, jnp.float32)
         (dq, (kc, vc, kic, dkc, dvc)), _ = jax.lax.scan(
-            hop, (jnp.zeros_like(qf), (kf, vf, k_index, zeros, zeros)), length=n - 1)
+            hop, (jnp.zeros(q.shape, jnp.float32), (k, v, k_index, zeros, zeros)), length=n - 1)
         dq_h, dk_h, dv_h = grads(k=kc, v=vc, k_index=kic)
         dq = dq + dq_h
         dk, dv = jax.lax.ppermute((dkc + dk_h, dvc + dv_h), axis, _neighbours(n))  # home again
@@ -117,9 +116,10 @@ _context_parallel.defvjp(_cp_fwd, _cp_bwd)
 # -- on global arrays ------------------------------------------------------------------------
 
 def context_parallel(layout: Layout, *, strategy: str = "ring", causal: bool = True, axis: str = "sequence",
-                     block_q: int = 512, block_k: int = 512) -> AttentionFn:
+                     block_q: int = 512, block_k: int = 512, kernel: LocalKernel | None = None) -> AttentionFn:
     """Attention on global arrays already in device order (see `token_order`), sharded on `axis`:
-    q [B, T, Hq, D], k/v [B, T, Hkv, D], indices [B, T], T divisible by the axis size."""
+    q [B, T, Hq, D], k/v [B, T, Hkv, D], indices [B, T], T divisible by the axis size.
+    `kernel` replaces the per-device tile kernel (it then handles causality and tiling itself)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     n = layout.size(axis)
@@ -138,7 +138,7 @@ def context_parallel(layout: Layout, *, strategy: str = "ring", causal: bool = T
 
         def local(q, k, v, qi, ki):
             out = _context_parallel(group_queries(q, k.shape[2]), k, v, qi, ki, axis, n, strategy,
-                                    causal, bq, bk)
+                                    kernel or tile_kernel(causal, bq, bk))
             return ungroup(out, q.dtype)
 
         # check_vma off: the online-softmax carry starts replicated and becomes per-device.

@@ -1,6 +1,11 @@
 import os
 import pathlib
 
+# Eight simulated CPU devices for the sharding tests; set before anything imports jax.
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
