@@ -48,8 +48,10 @@ def token_order(t: int, n: int, layout: str = "zigzag", block: int = 512) -> tup
 
 
 def tile_sizes(local: int, block_q: int, block_k: int) -> tuple[int, int]:
-    """Tile sizes that divide a device's share of the sequence."""
-    return math.gcd(local, block_q), math.gcd(local, block_k)
+    """Tile sizes that divide each half of a device's share of the sequence (a zigzag chunk), so
+    that a tile never straddles two chunks and masked tiles can be skipped."""
+    half = local // 2 if local % 2 == 0 else local
+    return math.gcd(half, block_q), math.gcd(half, block_k)
 
 
 # -- per-device kernels (inside shard_map) --------------------------------------------------------
