@@ -14,8 +14,11 @@ from flax import nnx
 from .attention import AttentionFn
 from .config import GLMConfig
 from .model import forward
+from .chat import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
+from .sampler import MAX_STOP_IDS, Generator
 from .sharding import Layout, make_mesh
+from .tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -33,8 +36,9 @@ class Model:
 
     def __init__(self, config: GLMConfig, graphdef: nnx.GraphDef, state: nnx.State, *,
                  attention: str | AttentionFn = "auto", layout: Layout | None = None, strategy: str = "ring",
-                 path: pathlib.Path | None = None):
+                 path: pathlib.Path | None = None, prefill_chunk: int = 512):
         self.config, self.graphdef, self.state, self.layout, self.path = config, graphdef, state, layout, path
+        self.prefill_chunk = prefill_chunk
         self._forward = jax.jit(functools.partial(forward, graphdef, attention=attention, layout=layout,
                                                   strategy=strategy),
                                 static_argnames=("hidden_states",))
@@ -69,6 +73,65 @@ class Model:
         logits, hidden = self._forward(self.state, *self._inputs(input_ids, positions), hidden_states=True)
         return np.asarray(logits), np.asarray(hidden)
 
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer of the model folder, when it has a tokenizer.model."""
+        if self.path is not None and (self.path / "tokenizer.model").is_file():
+            return Tokenizer.from_file(self.path)
+        return None
+
+    @functools.cached_property
+    def generation_defaults(self) -> GenerationDefaults:
+        return GenerationDefaults.from_folder(self.path) if self.path is not None else GenerationDefaults()
+
+    @functools.cached_property
+    def _generator(self) -> Generator:
+        layout = self.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
+        return Generator(self.config, self.graphdef, self.state, layout, prefill_chunk=self.prefill_chunk)
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False):
+        """Samples continuations; returns one list of new token ids per prompt (ending with the
+        stop id when one was produced).
+
+        prompts: token-id lists, or strings when the model folder has a tokenizer (encoded with
+        the `[gMASK]<sop>` prefix). temperature 0 is greedy; top_k 0 and top_p 1 turn those off.
+        stop_ids default to generation_config.json's (151329, 151336, 151338). on_token(row, id)
+        is called for every new token as it is produced (streaming)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists or strings")
+        if all(isinstance(p, str) for p in prompts):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer.model in the model folder; pass token ids")
+            prompts = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+        prompts = [list(map(int, p)) for p in prompts]
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        vocab = self.config.vocab_size
+        if any(t < 0 or t >= vocab for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        longest = max(map(len, prompts))
+        if longest + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context length {self.config.max_seq_len}")
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
+        stops = tuple(self.generation_defaults.stop_ids if stop_ids is None else stop_ids)
+        if len(stops) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stops)}")
+        return self._generator.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_p=top_p, top_k=top_k, seed=seed, stop_ids=stops,
+                                        pad_id=self.generation_defaults.pad_id % vocab, on_token=on_token,
+                                        progress=progress)
+
     def final_norm(self, hidden) -> np.ndarray:
         """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""
         norm = nnx.merge(self.graphdef, self.state).final_norm
@@ -76,7 +139,7 @@ class Model:
 
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
-         attention: str | AttentionFn = "auto", strategy: str = "ring") -> Model:
+         attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = 512) -> Model:
     """Loads a converted glm-jax folder, or an HF folder (either layout, converted in memory).
 
     dtype: "bfloat16" or "float32" (default: the stored weights' dtype).
@@ -84,6 +147,7 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
       Weights are placed by the logical sharding rules; with a `sequence` axis the forward runs
       context-parallel attention (`strategy`: "ring" or "allgather").
     attention: the single-device attention ("auto", "exact", "blockwise" or a callable).
+    prefill_chunk: tokens per prefill step in `generate` (bounds prefill activations).
     """
     path = pathlib.Path(path)
     config_file = path / "config.json"
@@ -106,7 +170,8 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
         arrays = {n: jax.device_put(a, shardings[n])
                   for n, a in iter_params(ckpt, plan, np_dtype(jnp.dtype(target).name))}
     graphdef, state = split_model(config, target, arrays)
-    return Model(config, graphdef, state, attention=attention, layout=layout, strategy=strategy, path=path)
+    return Model(config, graphdef, state, attention=attention, layout=layout, strategy=strategy, path=path,
+                 prefill_chunk=prefill_chunk)
 
 
 def _shardings(specs, layout: Layout | None) -> dict[str, jax.sharding.Sharding]:

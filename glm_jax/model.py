@@ -157,9 +157,9 @@ class GLM(nnx.Module):
         return self.embed.dtype
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attend: LayerAttend,
-                 *, hidden_states: bool = False, layout: Layout | None = None):
-        """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype
-        (and, with hidden_states, the embedding and every layer's output [L + 1, B, T, H]).
+                 *, hidden_states: bool = False, layout: Layout | None = None, last_only: bool = False):
+        """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype ([B, 1, V] with
+        last_only) and, with hidden_states, the embedding and every layer's output [L + 1, B, T, H].
         With a layout, activations are constrained to its logical shardings."""
         x = self.embed[...][tokens]                                         # [B, T, H]
         cos, sin = rope_tables(positions, self.config, x.dtype)
@@ -168,6 +168,8 @@ class GLM(nnx.Module):
             x = layer(x, cos, sin, functools.partial(attend, i), layout)
             if hidden_states:
                 hidden.append(x)
+        if last_only:
+            x = x[:, -1:]
         logits = dense("bte,ve->btv", self.final_norm(x), self.lm_head[...])
         return (logits, jnp.stack(hidden)) if hidden_states else logits
 

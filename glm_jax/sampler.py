@@ -1,0 +1,274 @@
+"""Compiled generation: a preallocated KV cache, chunked prefill and an on-device decode loop.
+
+The cache holds, per layer, K and V [batch, slots, kv_heads, dim] in the weights' dtype, plus one
+index [batch, slots] (the slot's token index, PAD while empty or for left padding). It is sharded
+by the logical rules: batch on data/fsdp, slots on `sequence`, KV heads on `tensor`. Writes and
+attention run inside shard_map: every device writes the slots it owns and attends over its own
+part of the cache; the partial results merge by a log-sum-exp reduction across `sequence`
+(pmax + psum of a [batch, heads, queries, dim] state), so no KV moves per token.
+
+Prompts are left-padded to a multiple of the prefill chunk; the prompt occupies slots [0, P) and
+decoding continues at slot P. A prompt's RoPE positions start at 0 at its first real token.
+Compiled programs: the prefill step once per (batch bucket, chunk, cache bucket), the decode loop
+once per (batch bucket, cache bucket); the cache is donated between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .attention import PAD, group_queries, init_state, normalized, tiles_forward, ungroup
+from .config import GLMConfig
+from .progress import Progress
+from .ring import tile_sizes
+from .sharding import Layout
+
+MAX_STOP_IDS = 8
+
+
+@dataclasses.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]   # per layer [B, S, G, D]
+    v: tuple[jax.Array, ...]   # per layer [B, S, G, D]
+    index: jax.Array           # [B, S] int32: token index of each slot, PAD if none
+
+    @property
+    def length(self) -> int:
+        return self.index.shape[1]
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index"], meta_fields=[])
+
+
+def cache_heads(config: GLMConfig, layout: Layout) -> int:
+    return config.num_kv_heads * layout.kv_repeat(config.num_kv_heads, config.num_heads)
+
+
+def _specs(layout: Layout, batch: int, heads: int, length: int) -> tuple[P, P]:
+    """(spec of K/V [B, S, G, D], spec of the index [B, S])."""
+    kv = layout.spec(("batch", "cache_seq", "kv_heads", "head_dim"), (batch, length, heads, 1))
+    return kv, P(*kv[:2])
+
+
+def cache_shardings(config: GLMConfig, layout: Layout, batch: int, length: int) -> KVCache:
+    kv, idx = _specs(layout, batch, cache_heads(config, layout), length)
+    kv, idx = NamedSharding(layout.mesh, kv), NamedSharding(layout.mesh, idx)
+    return KVCache(k=(kv,) * config.num_layers, v=(kv,) * config.num_layers, index=idx)
+
+
+def init_cache(config: GLMConfig, layout: Layout, batch: int, length: int, dtype) -> KVCache:
+    """An empty cache, created directly in its sharded layout."""
+    shape = (batch, length, cache_heads(config, layout), config.head_dim)
+
+    def make():
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                       index=jnp.full((batch, length), PAD, jnp.int32))
+
+    return jax.jit(make, out_shardings=cache_shardings(config, layout, batch, length))()
+
+
+def _local_slots(slots: jax.Array, length: int, axis: str) -> jax.Array:
+    """Global slot numbers -> this device's local ones; slots it does not own -> `length` (dropped)."""
+    local = slots - jax.lax.axis_index(axis) * length
+    return jnp.where((local >= 0) & (local < length), local, length)
+
+
+def cache_ops(layout: Layout, *, axis: str = "sequence", block: int = 512):
+    """(write, attend) on the sharded cache, both shard_mapped over the mesh.
+
+    write(cache_part [B,S,...], values [B,C,...], slots [C]) -> cache_part with the slots set.
+    attend(q [B,C,Hq,D], q_index [B,C], k [B,S,G,D], v, k_index [B,S]) -> [B,C,Hq,D].
+    """
+    n = layout.size(axis)
+
+    def write(cache_part, values, slots):
+        spec = layout.spec(("batch", "cache_seq", "kv_heads", "head_dim")[:cache_part.ndim], cache_part.shape)
+
+        def local(part, vals, slots):
+            return part.at[:, _local_slots(slots, part.shape[1], axis)].set(vals, mode="drop")
+
+        return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, P(spec[0], None, *spec[2:]), P()),
+                             out_specs=spec, check_vma=False)(cache_part, values, slots)
+
+    def attend(q, q_index, k, v, k_index):
+        b, c, hq, d = q.shape
+        s, g = k.shape[1], k.shape[2]
+        kv_spec, idx_spec = _specs(layout, b, g, s)
+        heads = kv_spec[2] if layout.mesh_axes("q_heads", hq) == layout.mesh_axes("kv_heads", g) else None
+        kv_spec = P(kv_spec[0], kv_spec[1], heads, None)
+        q_spec = P(kv_spec[0], None, heads, None)
+        bq, bk = tile_sizes(c, block, block)[0], tile_sizes(s // n, block, block)[1]
+
+        def local(q, qi, k, v, ki):
+            qg = group_queries(q, k.shape[2])
+            state = tiles_forward(init_state(*qg.shape[:2], *qg.shape[2:]), qg, k, v, qi, ki, causal=True,
+                                  block_q=bq, block_k=bk)
+            if n > 1:  # log-sum-exp merge of the partial states across the sequence axis
+                m = jax.lax.pmax(state.m, axis)
+                m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+                scale = jnp.exp(state.m - m_safe)
+                state = dataclasses.replace(state, m=m, l=jax.lax.psum(state.l * scale, axis),
+                                            acc=jax.lax.psum(state.acc * scale[..., None], axis))
+            return ungroup(normalized(state), q.dtype)
+
+        return jax.shard_map(local, mesh=layout.mesh, in_specs=(q_spec, P(kv_spec[0], None), kv_spec, kv_spec,
+                                                                 idx_spec),
+                             out_specs=q_spec, check_vma=False)(q, q_index, k, v, k_index)
+
+    return write, attend
+
+
+def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
+               positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
+               last_only: bool = True) -> tuple[jax.Array, KVCache]:
+    """Runs tokens [B, C] at cache slots [C] (valid [B, C] False for left padding), writing their
+    K/V; returns float32 logits ([B, V] with last_only, else [B, C, V]) and the new cache."""
+    model = nnx.merge(graphdef, state)
+    write, attend = cache_ops(layout)
+    q_index = jnp.where(valid, slots[None], -1)
+    index = write(cache.index, jnp.where(valid, slots[None], PAD), slots)
+    ks, vs = list(cache.k), list(cache.v)
+
+    def attend_layer(i, q, k, v):
+        ks[i], vs[i] = write(ks[i], k.astype(ks[i].dtype), slots), write(vs[i], v.astype(vs[i].dtype), slots)
+        return attend(q, q_index, ks[i], vs[i], index)
+
+    logits = model(tokens, positions, attend_layer, layout=layout, last_only=last_only).astype(jnp.float32)
+    return (logits[:, -1] if last_only else logits), KVCache(tuple(ks), tuple(vs), index)
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """logits [B, V] float32 -> token ids [B]. temperature 0: greedy. top_k 0 / top_p 1: off.
+    All parameters are traced scalars: changing them never recompiles."""
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        x = logits / temperature
+        desc = -jnp.sort(-x, axis=-1)                                            # [B, V] descending
+        v = x.shape[-1]
+        kth = jnp.take(desc, jnp.clip(top_k - 1, 0, v - 1), axis=-1)[:, None]
+        cut = jnp.where(top_k > 0, kth, -jnp.inf)
+        desc = jnp.where(desc < cut, -jnp.inf, desc)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs                              # mass above each token
+        kept = jnp.where(before < top_p, desc, jnp.inf).min(axis=-1, keepdims=True)  # smallest kept logit
+        x = jnp.where((x < cut) | (x < kept), -jnp.inf, x)
+        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, greedy, draw, None)
+
+
+@dataclasses.dataclass
+class DecodeState:
+    cache: KVCache
+    logits: jax.Array      # [B, V] float32: the distribution of the next token
+    tokens: jax.Array      # [B, N] int32: generated so far
+    positions: jax.Array   # [B] int32: RoPE position of the next token
+    step: jax.Array        # int32: tokens generated
+    done: jax.Array        # [B] bool: produced a stop id
+
+
+jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
+                                 meta_fields=[])
+
+
+def decode_loop(graphdef, params, st: DecodeState, prompt_slots, stop_at, key, temperature, top_k, top_p,
+                stop_ids, pad_id, *, layout: Layout) -> DecodeState:
+    """Generates until `stop_at` tokens or every row has produced a stop id, all on device."""
+
+    def cond(st):
+        return (st.step < stop_at) & ~jnp.all(st.done)
+
+    def body(st):
+        token = sample(st.logits, jax.random.fold_in(key, st.step), temperature, top_k, top_p)
+        token = jnp.where(st.done, pad_id, token)
+        done = st.done | jnp.isin(token, stop_ids)
+        slot = prompt_slots + st.step
+        logits, cache = model_step(graphdef, params, st.cache, token[:, None], st.positions[:, None],
+                                   slot[None], jnp.ones_like(token[:, None], bool), layout=layout)
+        return DecodeState(cache=cache, logits=logits, tokens=st.tokens.at[:, st.step].set(token),
+                           positions=st.positions + 1, step=st.step + 1, done=done)
+
+    return jax.lax.while_loop(cond, body, st)
+
+
+def _bucket(n: int, unit: int = 65536) -> int:
+    """Cache-length bucket: next power of two (at least 256) up to 64K, then multiples of 64K."""
+    return max(256, 1 << (n - 1).bit_length()) if n <= unit else -(-n // unit) * unit
+
+
+class Generator:
+    """Owns the compiled prefill and decode programs of one model on one layout."""
+
+    def __init__(self, config: GLMConfig, graphdef, state, layout: Layout, *, prefill_chunk: int = 512):
+        self.config, self.graphdef, self.state, self.layout = config, graphdef, state, layout
+        self.prefill_chunk = prefill_chunk
+        self.dtype = jax.tree.leaves(state)[0].dtype
+        self._prefill = jax.jit(functools.partial(model_step, graphdef, layout=layout), donate_argnums=(1,))
+        self._decode = jax.jit(functools.partial(decode_loop, graphdef, layout=layout), donate_argnums=(1,))
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] = (),
+                 pad_id: int = 0, on_token: Callable[[int, int], None] | None = None,
+                 progress: bool = False) -> list[list[int]]:
+        c = self.config
+        lengths = [len(p) for p in prompts]
+        batch = 1 << (len(prompts) - 1).bit_length()                    # batch bucket
+        longest = max(lengths)
+        chunk = min(self.prefill_chunk, 1 << (longest - 1).bit_length())
+        prompt_len = -(-longest // chunk) * chunk                         # slots of the prompt
+        length = _bucket(prompt_len + max_new_tokens)
+        tokens = np.zeros((batch, prompt_len), np.int32)
+        valid = np.zeros((batch, prompt_len), bool)
+        for row in range(batch):
+            p = prompts[row] if row < len(prompts) else prompts[0]       # filler rows repeat row 0
+            tokens[row, prompt_len - len(p):] = p
+            valid[row, prompt_len - len(p):] = True
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+        cache = init_cache(c, self.layout, batch, length, self.dtype)
+        with Progress("prefill", prompt_len, unit="tok", scale=1, enabled=progress) as bar:
+            for start in range(0, prompt_len, chunk):
+                part = slice(start, start + chunk)
+                logits, cache = self._prefill(self.state, cache, tokens[:, part], positions[:, part],
+                                              np.arange(start, start + chunk, dtype=np.int32), valid[:, part])
+                bar.update(chunk)
+        stops = np.full(MAX_STOP_IDS, -1, np.int32)
+        stops[:len(stop_ids)] = list(stop_ids)[:MAX_STOP_IDS]
+        st = DecodeState(cache=cache, logits=logits, tokens=jnp.zeros((batch, length), jnp.int32),
+                         positions=jnp.asarray(positions[:, -1] + 1), step=jnp.int32(0),
+                         done=jnp.zeros(batch, bool))
+        args = (jnp.int32(prompt_len), jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
+                jnp.float32(top_p), jnp.asarray(stops), jnp.int32(pad_id))
+        if on_token is None:
+            st = self._decode(self.state, st, args[0], jnp.int32(max_new_tokens), *args[1:])
+        else:  # stream: the same compiled loop, stopped after every token
+            finished = np.zeros(len(prompts), bool)
+            for step in range(max_new_tokens):
+                st = self._decode(self.state, st, args[0], jnp.int32(step + 1), *args[1:])
+                if int(st.step) <= step:
+                    break
+                token = np.asarray(st.tokens[: len(prompts), step])
+                for row in np.flatnonzero(~finished):
+                    on_token(int(row), int(token[row]))
+                finished |= np.isin(token, stops[stops >= 0])
+        out = np.asarray(st.tokens)[:, : int(st.step)]
+        return [_until_stop(out[row], stops) for row in range(len(prompts))]
+
+
+def _until_stop(tokens: np.ndarray, stops: np.ndarray) -> list[int]:
+    """Tokens up to and including the first stop id."""
+    hits = np.flatnonzero(np.isin(tokens, stops[stops >= 0]))
+    return tokens[: hits[0] + 1].tolist() if hits.size else tokens.tolist()
