@@ -37,6 +37,100 @@ def _parity(args) -> int:
     return 0 if report.ok else 1
 
 
+def _load_for_generation(args):
+    import glm_jax
+
+    model = glm_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, prefill_chunk=args.prefill_chunk)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer.model in the model folder")
+    return model
+
+
+def _sampling(args, model) -> dict:
+    """Sampling flags, falling back to generation_config.json's values."""
+    d = model.generation_defaults
+    temperature = args.temperature if args.temperature is not None else (d.temperature if d.do_sample else 0.0)
+    return {"temperature": temperature, "top_p": args.top_p if args.top_p is not None else d.top_p,
+            "top_k": args.top_k if args.top_k is not None else d.top_k, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens}
+
+
+def _stream(model, prompt_ids: list[int], sampling: dict) -> list[int]:
+    """Generates for one prompt, printing text as it becomes complete UTF-8."""
+    out = sys.stdout
+    decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
+    ids = model.generate([prompt_ids], on_token=lambda row, token: (out.write(decoder.push(token)), out.flush()),
+                         **sampling)[0]
+    out.write(decoder.flush())
+    out.flush()
+    return ids
+
+
+def _generate(args) -> int:
+    import json
+
+    model = _load_for_generation(args)
+    tok = model.tokenizer
+    if args.chat or args.system:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        prompt = tok.apply_chat_template(messages, split_special_tokens=True)
+    else:
+        prompt = tok.encode(args.prompt, add_special_tokens=True)
+    sampling = _sampling(args, model)
+    if args.json:
+        start = time.perf_counter()
+        ids = model.generate([prompt], **sampling)[0]
+        text = tok.decode(ids, skip_special_tokens=True)
+        print(json.dumps({"prompt_tokens": len(prompt), "ids": ids, "text": text,
+                          "stopped": bool(ids) and ids[-1] in model.generation_defaults.stop_ids,
+                          "seconds": time.perf_counter() - start, **sampling}))
+    else:
+        _stream(model, prompt, sampling)
+        print()
+    return 0
+
+
+def _chat(args) -> int:
+    model = _load_for_generation(args)
+    tok = model.tokenizer
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = _sampling(args, model)
+    print("glm-jax chat: empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            print()
+            return 0
+        if not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        ids = _stream(model, tok.apply_chat_template(messages, split_special_tokens=True), sampling)
+        print()
+        reply = tok.parse_response(tok.decode(ids, skip_special_tokens=True))
+        messages.append({k: v for k, v in reply.items() if k in ("role", "content", "metadata")})
+        sampling["seed"] += 1
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=pathlib.Path, required=True, help="glm-jax (or HF) model folder with tokenizer.model")
+    p.add_argument("--system", default=None, help="system prompt (implies the chat format)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: generation_config.json's, 0.8 for the chat models)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass, (0, 1] (default: generation_config.json's)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k best tokens, 0 = off (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. 'sequence=8' or 'tensor=2,sequence=4'")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the stored weights')")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-jax", description="GLM-4-9B in JAX: convert, check parity, run.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max logits ‖Δ‖/‖ref‖ (default 1e-4 float32, 5e-2 bfloat16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_parity)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streaming)",
+                       description="Generate a continuation of --prompt, streaming text as it is produced. "
+                                   "With --chat (or --system) the prompt is a user turn in the chat format; "
+                                   "special-token strings in it stay text.")
+    _add_generation_flags(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message of the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timing) instead of streaming")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description="An interactive chat using the model folder's chat template; sampling "
+                                   "defaults come from generation_config.json. Empty line or Ctrl-D quits, "
+                                   "/reset forgets the conversation.")
+    _add_generation_flags(p)
+    p.set_defaults(run=_chat)
     return parser
 
 
