@@ -117,6 +117,23 @@ def _chat(args) -> int:
         sampling["seed"] += 1
 
 
+def _compile_report(args) -> int:
+    import dataclasses
+    import json
+
+    from glm_jax.compile_report import compile_report
+    from glm_jax.config import GLMConfig
+
+    over = {"auto": None, "yes": True, "no": False}[args.weights_over_sequence]
+    reports = compile_report(GLMConfig.preset(args.config), topology=args.topology, seq_len=args.seq_len,
+                             batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
+    else:
+        print("\n\n".join(r.format() for r in reports))
+    return 0 if all(r.fits is not False for r in reports) else 1
+
+
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=pathlib.Path, required=True, help="glm-jax (or HF) model folder with tokenizer.model")
     p.add_argument("--system", default=None, help="system prompt (implies the chat format)")
@@ -192,6 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/reset forgets the conversation.")
     _add_generation_flags(p)
     p.set_defaults(run=_chat)
+
+    p = sub.add_parser("compile-report", help="compile prefill and decode for a TPU topology; report memory",
+                       description="Compile the prefill-chunk and decode programs of a preset at real size "
+                                   "(abstract weights, nothing allocated) for a TPU topology on this machine "
+                                   "(needs the [tpu] extra: libtpu), or for this process's devices with "
+                                   "--topology local. Prints per-device argument, output, alias, temporary "
+                                   "and peak bytes, KV-cache bytes, the chip's HBM and whether it fits, and "
+                                   "FLOPs. Exits 1 when a program does not fit.")
+    p.add_argument("--config", required=True, help="preset: glm-4-9b-chat-1m, glm-4-9b-chat or glm-4-9b")
+    p.add_argument("--topology", required=True, help="TPU topology such as v5e:2x4, v5p:2x2x2, v6e:2x4; or local")
+    p.add_argument("--seq-len", type=int, required=True, help="KV-cache length in tokens (e.g. 1048576)")
+    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    p.add_argument("--mesh", default=None, help="mesh spec (default: chosen per topology, see README)")
+    p.add_argument("--chunk", type=int, default=4096, help="prefill chunk in tokens (default 4096)")
+    p.add_argument("--weights-over-sequence", choices=("auto", "yes", "no"), default="auto",
+                   help="also shard weights over the sequence axis (default: per topology)")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per program")
+    p.set_defaults(run=_compile_report)
     return parser
 
 

@@ -14,7 +14,6 @@ import math
 from typing import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # device order: tensor innermost (fastest links)
@@ -87,6 +86,16 @@ class Layout:
     mesh: Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...] = tuple(RULES.items())
 
+    @classmethod
+    def create(cls, mesh: Mesh, *, weights_over_sequence: bool = False) -> "Layout":
+        """The standard rules; with weights_over_sequence the weights' embed dim is also split
+        over `sequence` (FSDP-style: each layer is gathered when used), for when the devices of a
+        sequence-sharded cache cannot each hold 1/tensor of the weights."""
+        rules = dict(RULES)
+        if weights_over_sequence:
+            rules["embed"] = ("fsdp", "sequence")
+        return cls(mesh, tuple(rules.items()))
+
     def size(self, axis: str) -> int:
         return self.mesh.shape.get(axis, 1)
 
@@ -125,6 +134,3 @@ class Layout:
             return 1  # no clean split: K/V stay replicated
         return t // num_kv_heads
 
-
-def single_device() -> NamedSharding:
-    return NamedSharding(Mesh(np.array(jax.devices()[:1]), ("x",)), P())

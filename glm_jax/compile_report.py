@@ -1,0 +1,183 @@
+"""Ahead-of-time compilation of the prefill and decode programs at real sizes, nothing allocated.
+
+Targets: a TPU topology ("v5e:2x4"; needs the `libtpu` wheel, extra `[tpu]`) compiled on this
+machine with `jax.experimental.topologies`, or this process's own devices ("local"). Per program:
+argument, output, alias and temporary bytes per device from `memory_analysis()`, the peak
+(argument + output - alias + temporary), the chip's HBM and whether it fits, FLOPs from
+`cost_analysis()` and the time they take at the chip's stated peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import GLMConfig
+from .model import abstract_model
+from .params import param_specs
+from .sampler import DecodeState, KVCache, MAX_STOP_IDS, cache_heads, cache_shardings, decode_loop, model_step
+from .sharding import Layout, make_mesh
+
+GiB = 1 << 30
+
+# Per chip: HBM bytes and bf16 peak FLOP/s, as the vendor states them.
+CHIPS = {
+    "v4": (32 * GiB, 275e12),
+    "v5e": (int(15.75 * GiB), 197e12),   # 16 GiB, of which XLA lets a program use 15.75
+    "v5p": (95 * GiB, 459e12),
+    "v6e": (32 * GiB, 918e12),
+}
+
+# The mesh each topology gets unless told otherwise, and whether weights are also sharded over
+# `sequence` (FSDP-style, gathered layer by layer): needed where one chip cannot hold the model
+# 1/tensor of the weights plus its share of a 1M-token cache.
+DEFAULT_MESH = {
+    "v5e": ("sequence=-1", True),
+    "v4": ("tensor=4,sequence=-1", False),
+    "v5p": ("tensor=4,sequence=-1", False),
+    "v6e": ("tensor=4,sequence=-1", True),
+}
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    program: str
+    topology: str
+    mesh: str
+    seq_len: int
+    batch: int
+    argument_bytes_per_device: int
+    output_bytes_per_device: int
+    alias_bytes_per_device: int
+    temp_bytes_per_device: int
+    peak_bytes_per_device: int
+    kv_cache_bytes_per_device: int
+    hbm_bytes_per_device: int | None
+    fits: bool | None
+    flops: float                   # XLA's cost analysis, per device (a loop body counts once)
+    model_flops: float             # analytic: 2 x parameters x tokens + attention, all devices
+    seconds_at_peak: float | None  # model_flops / (devices x the chip's bf16 peak)
+
+    def format(self) -> str:
+        g = lambda b: f"{b / GiB:8.2f} GiB"
+        hbm = g(self.hbm_bytes_per_device) if self.hbm_bytes_per_device else "       n/a"
+        fits = {True: "fits", False: "DOES NOT FIT", None: "n/a"}[self.fits]
+        at_peak = f"{self.seconds_at_peak:.3g} s" if self.seconds_at_peak is not None else "n/a"
+        return "\n".join([
+            f"{self.program} ({self.topology}, mesh {self.mesh}, batch {self.batch}, {self.seq_len:,} tokens)",
+            f"  arguments   {g(self.argument_bytes_per_device)} per device",
+            f"  outputs     {g(self.output_bytes_per_device)}   (aliased {g(self.alias_bytes_per_device).strip()})",
+            f"  temporaries {g(self.temp_bytes_per_device)}",
+            f"  peak        {g(self.peak_bytes_per_device)} of {hbm.strip()} HBM: {fits}",
+            f"  KV cache    {g(self.kv_cache_bytes_per_device)} per device",
+            f"  FLOPs       {self.model_flops:.3e} in all ({at_peak} at the chips' peak); XLA cost analysis "
+            f"{self.flops:.3e} per device, loop bodies counted once",
+        ])
+
+
+def chip_of(topology: str) -> str | None:
+    m = re.match(r"(v\d+[a-z]?)", topology)
+    return m.group(1) if m else None
+
+
+def topology_devices(topology: str):
+    if topology == "local":
+        return jax.devices()
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as e:  # libtpu missing or unknown topology
+        raise ValueError(f"cannot get TPU topology {topology!r} ({type(e).__name__}: {e}); "
+                         "install the [tpu] extra (libtpu) and use names like v5e:2x4") from None
+
+
+def layout_for(topology: str, mesh: str | None, weights_over_sequence: bool | None) -> tuple[Layout, str]:
+    devices = topology_devices(topology)
+    default_mesh, default_over = DEFAULT_MESH.get(chip_of(topology) or "", ("sequence=-1", False))
+    spec = mesh or default_mesh
+    over = default_over if weights_over_sequence is None else weights_over_sequence
+    layout = Layout.create(make_mesh(spec, devices), weights_over_sequence=over)
+    resolved = ",".join(f"{a}={n}" for a, n in layout.mesh.shape.items() if n > 1) or "single device"
+    return layout, resolved + (" (+weights over sequence)" if over else "")
+
+
+def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, dtype):
+    """ShapeDtypeStructs (with shardings) for the weights and an empty cache."""
+    graphdef, abstract = nnx.split(abstract_model(config, dtype))
+    specs = param_specs(config, dtype)
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        spec = specs[".".join(map(str, path))]
+        flat.append((path, var.replace(jax.ShapeDtypeStruct(spec.shape, spec.dtype,
+                                                            sharding=layout.sharding(spec.axes, spec.shape)))))
+    state = nnx.from_flat_state(flat)
+    shard = cache_shardings(config, layout, batch, length)
+    kv = (batch, length, cache_heads(config, layout), config.head_dim)
+    cache = KVCache(k=tuple(jax.ShapeDtypeStruct(kv, dtype, sharding=s) for s in shard.k),
+                    v=tuple(jax.ShapeDtypeStruct(kv, dtype, sharding=s) for s in shard.v),
+                    index=jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shard.index))
+    return graphdef, state, cache
+
+
+def model_flops(config: GLMConfig, batch: int, queries: int, keys: int) -> float:
+    """2 x (parameters touched per token) x tokens, plus QK and PV over `keys` keys per query."""
+    dense = config.num_params - config.vocab_size * config.hidden_size      # the embedding is a lookup
+    attention = 4 * config.num_layers * config.num_heads * config.head_dim * keys
+    return batch * queries * (2 * dense + attention)
+
+
+def _report(name, compiled, topology, mesh, seq_len, batch, chip, layout: Layout, cache, flops) -> ProgramReport:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    hbm, rate = CHIPS.get(chip, (None, None)) if chip else (None, None)
+    devices = layout.mesh.devices.size
+    kv = sum(_shard_bytes(x) for x in (*cache.k, *cache.v, cache.index))
+    return ProgramReport(
+        program=name, topology=topology, mesh=mesh, seq_len=seq_len, batch=batch,
+        argument_bytes_per_device=mem.argument_size_in_bytes, output_bytes_per_device=mem.output_size_in_bytes,
+        alias_bytes_per_device=mem.alias_size_in_bytes, temp_bytes_per_device=mem.temp_size_in_bytes,
+        peak_bytes_per_device=peak, kv_cache_bytes_per_device=kv, hbm_bytes_per_device=hbm,
+        fits=None if hbm is None else peak <= hbm, flops=xla_flops, model_flops=flops,
+        seconds_at_peak=flops / (devices * rate) if rate else None)
+
+
+def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
+    return math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
+                   mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
+                   weights_over_sequence: bool | None = None) -> list[ProgramReport]:
+    """Compiles one prefill chunk against a `seq_len` cache and the decode loop; reports both.
+
+    The prefill of a `seq_len` prompt is seq_len / chunk runs of the first program, so its
+    FLOPs here are one chunk's (attending to the whole cache: the last, costliest chunk)."""
+    layout, mesh_desc = layout_for(topology, mesh, weights_over_sequence)
+    chip = chip_of(topology)
+    graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    prefill = jax.jit(functools.partial(model_step, graphdef, layout=layout), donate_argnums=(1,))
+    compiled = prefill.lower(state, cache, i32(batch, chunk), i32(batch, chunk), i32(chunk),
+                             jax.ShapeDtypeStruct((batch, chunk), jnp.bool_)).compile()
+    reports = [_report(f"prefill chunk ({chunk} tokens)", compiled, topology, mesh_desc, seq_len, batch, chip,
+                       layout, cache, model_flops(config, batch, chunk, seq_len))]
+    st = DecodeState(cache=cache, logits=jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32),
+                     tokens=i32(batch, seq_len), positions=i32(batch), step=i32(), done=jax.ShapeDtypeStruct((batch,), jnp.bool_))
+    decode = jax.jit(functools.partial(decode_loop, graphdef, layout=layout), donate_argnums=(1,))
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    compiled = decode.lower(state, st, i32(), i32(), jax.eval_shape(lambda: jax.random.key(0)), f32, i32(), f32,
+                            i32(MAX_STOP_IDS), i32()).compile()
+    reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
+                           model_flops(config, batch, 1, seq_len)))
+    return reports
+
