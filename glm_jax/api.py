@@ -16,7 +16,7 @@ from .config import GLMConfig
 from .model import forward
 from .chat import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
-from .sampler import MAX_STOP_IDS, Generator
+from .sampler import MAX_STOP_IDS, Generator, to_host
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
 
@@ -65,13 +65,14 @@ class Model:
         return jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32)
 
     def logits(self, input_ids, positions=None) -> np.ndarray:
-        """input_ids int [B, T] (positions default to 0..T-1) -> float32 numpy [B, T, V]."""
-        return np.asarray(self._forward(self.state, *self._inputs(input_ids, positions)))
+        """input_ids int [B, T] (positions default to 0..T-1) -> float32 numpy [B, T, V]
+        (on every process of a multi-host run)."""
+        return to_host(self._forward(self.state, *self._inputs(input_ids, positions)))
 
     def hidden_states(self, input_ids, positions=None) -> tuple[np.ndarray, np.ndarray]:
         """(logits [B, T, V], hidden states [num_layers + 1, B, T, H]: embedding, then each layer)."""
         logits, hidden = self._forward(self.state, *self._inputs(input_ids, positions), hidden_states=True)
-        return np.asarray(logits), np.asarray(hidden)
+        return to_host(logits), to_host(hidden)
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer | None:

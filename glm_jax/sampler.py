@@ -258,14 +258,23 @@ class Generator:
             finished = np.zeros(len(prompts), bool)
             for step in range(max_new_tokens):
                 st = self._decode(self.state, st, args[0], jnp.int32(step + 1), *args[1:])
-                if int(st.step) <= step:
+                if int(to_host(st.step)) <= step:
                     break
-                token = np.asarray(st.tokens[: len(prompts), step])
+                token = to_host(st.tokens)[: len(prompts), step]
                 for row in np.flatnonzero(~finished):
                     on_token(int(row), int(token[row]))
                 finished |= np.isin(token, stops[stops >= 0])
-        out = np.asarray(st.tokens)[:, : int(st.step)]
+        out = to_host(st.tokens)[:, : int(to_host(st.step))]
         return [_until_stop(out[row], stops) for row in range(len(prompts))]
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array as numpy on this process, also when other processes hold parts of it."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _until_stop(tokens: np.ndarray, stops: np.ndarray) -> list[int]:
