@@ -125,7 +125,8 @@ def _compile_report(args) -> int:
     from glm_jax.config import GLMConfig
 
     over = {"auto": None, "yes": True, "no": False}[args.weights_over_sequence]
-    reports = compile_report(GLMConfig.preset(args.config), topology=args.topology, seq_len=args.seq_len,
+    config = GLMConfig.from_hf(args.config) if pathlib.Path(args.config).exists() else GLMConfig.preset(args.config)
+    reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
                              batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--topology local. Prints per-device argument, output, alias, temporary "
                                    "and peak bytes, KV-cache bytes, the chip's HBM and whether it fits, and "
                                    "FLOPs. Exits 1 when a program does not fit.")
-    p.add_argument("--config", required=True, help="preset: glm-4-9b-chat-1m, glm-4-9b-chat or glm-4-9b")
+    p.add_argument("--config", required=True,
+                   help="preset (glm-4-9b-chat-1m, glm-4-9b-chat, glm-4-9b) or a model folder / config.json")
     p.add_argument("--topology", required=True, help="TPU topology such as v5e:2x4, v5p:2x2x2, v6e:2x4; or local")
     p.add_argument("--seq-len", type=int, required=True, help="KV-cache length in tokens (e.g. 1048576)")
     p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")

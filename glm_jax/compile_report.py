@@ -31,7 +31,7 @@ CHIPS = {
     "v4": (32 * GiB, 275e12),
     "v5e": (int(15.75 * GiB), 197e12),   # 16 GiB, of which XLA lets a program use 15.75
     "v5p": (95 * GiB, 459e12),
-    "v6e": (32 * GiB, 918e12),
+    "v6e": (int(31.24 * GiB), 918e12),  # 32 GiB, of which XLA lets a program use 31.24
 }
 
 # The mesh each topology gets unless told otherwise, and whether weights are also sharded over
@@ -39,9 +39,9 @@ CHIPS = {
 # 1/tensor of the weights plus its share of a 1M-token cache.
 DEFAULT_MESH = {
     "v5e": ("sequence=-1", True),
-    "v4": ("tensor=4,sequence=-1", False),
-    "v5p": ("tensor=4,sequence=-1", False),
-    "v6e": ("tensor=4,sequence=-1", True),
+    "v4": ("tensor=2,sequence=-1", False),
+    "v5p": ("tensor=2,sequence=-1", False),
+    "v6e": ("tensor=2,sequence=-1", False),
 }
 
 

@@ -7,7 +7,7 @@ ensure_venv() {
   local stamp=".venv/.glm-jax-installed${extra:+-$extra}"
   if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    if [ "$extra" = test ]; then
+    if [[ ",$extra," == *,test,* ]]; then
       .venv/bin/python -m pip install -q "torch==2.13.0"
     fi
     .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}"

@@ -1,7 +1,9 @@
 import os
 import pathlib
 
-# Eight simulated CPU devices for the sharding tests; set before anything imports jax.
+# CPU only (an installed libtpu is used just for ahead-of-time TPU compiles), and eight simulated
+# CPU devices for the sharding tests; set before anything imports jax (subprocesses inherit both).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()

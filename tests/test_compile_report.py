@@ -1,0 +1,55 @@
+"""Ahead-of-time compile reports: the arithmetic on local devices, the 1M-token fit on a TPU v5e-8."""
+
+import importlib.util
+import json
+
+import pytest
+
+from glm_jax.cli import main
+from glm_jax.compile_report import compile_report, model_flops
+from glm_jax.config import GLMConfig, PRESETS
+
+
+def test_local_report_fields_and_arithmetic(reference):
+    config = GLMConfig.from_hf(reference / "fixtures" / "chatglm-f32")
+    reports = compile_report(config, topology="local", seq_len=4096, batch=2, mesh="tensor=2,sequence=4", chunk=256)
+    assert [r.program for r in reports] == ["prefill chunk (256 tokens)", "decode step"]
+    for r in reports:
+        assert r.peak_bytes_per_device == (r.argument_bytes_per_device + r.output_bytes_per_device
+                                           - r.alias_bytes_per_device + r.temp_bytes_per_device)
+        # K and V: 2 layers x 2 x [2, 4096, 4 heads, 16] bf16, split 2 (heads) x 4 (positions), plus the index
+        assert r.kv_cache_bytes_per_device == 2 * 2 * (2 * 4096 * 4 * 16 * 2) // 8 + 2 * 4096 * 4 // 4
+        assert r.alias_bytes_per_device >= r.kv_cache_bytes_per_device   # the cache is donated, updated in place
+        assert r.hbm_bytes_per_device is None and r.fits is None and r.flops > 0
+    assert reports[1].model_flops == model_flops(config, 2, 1, 4096)
+
+
+def test_model_flops_of_the_1m_model():
+    c = PRESETS["glm-4-9b-chat-1m"]
+    dense = 2 * (c.num_params - c.vocab_size * c.hidden_size)
+    assert model_flops(c, 1, 1, 0) == dense                       # 2 x 8.86e9 per token
+    assert c.num_params == 9_483_857_920 and abs(dense - 2 * 8.863e9) < 0.01e9
+
+
+def test_cli_json(reference, capsys):
+    assert main(["compile-report", "--config", str(reference / "fixtures" / "chatglm-f32"), "--topology", "local",
+                 "--seq-len", "2048", "--mesh", "sequence=8", "--chunk", "128", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    keys = {"program", "argument_bytes_per_device", "output_bytes_per_device", "alias_bytes_per_device",
+            "temp_bytes_per_device", "peak_bytes_per_device", "hbm_bytes_per_device", "fits", "flops",
+            "seconds_at_peak", "kv_cache_bytes_per_device"}
+    assert len(rows) == 2 and all(keys <= set(row) for row in rows)
+
+
+def test_unknown_topology(capsys):
+    assert main(["compile-report", "--config", "glm-4-9b", "--topology", "v9z:1x1", "--seq-len", "8"]) == 2
+    assert "v9z:1x1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [tpu] extra (libtpu)")
+def test_million_token_prefill_and_decode_fit_a_v5e_8():
+    reports = compile_report(PRESETS["glm-4-9b-chat-1m"], topology="v5e:2x4", seq_len=1048576)
+    for r in reports:
+        assert r.fits, r.format()
+        assert r.kv_cache_bytes_per_device == pytest.approx(10 * 2**30, rel=0.01)   # 80 GiB / 8 chips
+        assert r.argument_bytes_per_device < 12.5 * 2**30                           # 2.4 GiB weights + cache
