@@ -18,24 +18,19 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import best_time  # noqa: E402
 
 from glm_jax.attention import blockwise_attention, exact_attention  # noqa: E402
 from glm_jax.ring import ring_attention, tile_sizes, token_order  # noqa: E402
 
 
-def best_time(fn, *args, repeats: int) -> float:
+def timed(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_time(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def critical_path(t: int, n: int, layout: str, block: int) -> tuple[int, int]:
@@ -93,7 +88,7 @@ def main() -> int:
         for name, fn in fns.items():
             if name == "exact" and t > args.exact_max:
                 continue
-            row[name] = best_time(fn, q, k, v, repeats=args.repeats)
+            row[name] = timed(fn, q, k, v, repeats=args.repeats)
         for layout in ("contiguous", "zigzag"):
             row[f"tiles {layout}"] = critical_path(t, n, layout, b)
         rows.append(row)

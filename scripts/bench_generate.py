@@ -15,18 +15,9 @@ import argparse
 import json
 import pathlib
 import tempfile
-import time
 
 import numpy as np
-
-
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from _timing import best_time
 
 
 def memory_bandwidth(size: int = 2 << 30, repeats: int = 5) -> dict:
@@ -40,8 +31,7 @@ def memory_bandwidth(size: int = 2 << 30, repeats: int = 5) -> dict:
     x = jnp.asarray(np.random.default_rng(0).standard_normal(size // 4, np.float32))
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    read = size / best(lambda: total(x).block_until_ready(), repeats) / 1e9
-    del x
+    read = size / best_time(lambda: total(x).block_until_ready(), repeats) / 1e9
     src = np.ones(size // 8, np.float32)
     dst = np.empty_like(src)
     half = len(src) // 2
@@ -52,7 +42,7 @@ def memory_bandwidth(size: int = 2 << 30, repeats: int = 5) -> dict:
         [t.start() for t in threads]
         [t.join() for t in threads]
 
-    return {"read_gb_per_s": read, "copy_gb_per_s": 2 * src.nbytes / best(copy, repeats) / 1e9}
+    return {"read_gb_per_s": read, "copy_gb_per_s": 2 * src.nbytes / best_time(copy, repeats) / 1e9}
 
 
 def main() -> int:
@@ -100,7 +90,7 @@ def main() -> int:
     hf_run(2)
     same = jax_run(args.new)[0] == hf_run(args.new)[0, args.prompt:].tolist()
     for name, run in (("glm_jax", jax_run), ("transformers", hf_run)):
-        t1, tn = best(lambda: run(1), args.repeats), best(lambda: run(args.new), args.repeats)
+        t1, tn = best_time(lambda: run(1), args.repeats), best_time(lambda: run(args.new), args.repeats)
         results[name] = {"prefill_tokens_per_s": args.prompt / t1,
                          "decode_tokens_per_s": (args.new - 1) / (tn - t1)}
     # per token: every weight but the embedding table (one row of it), and the KV cache so far

@@ -12,13 +12,12 @@ import argparse
 import os
 import pathlib
 import random
-import time
-from collections.abc import Callable
 
 import tiktoken
 import tiktoken.load
 
 from glm_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from _timing import best_time
 
 CHINESE = (
     "今天天气很好我们去公园散步吧人工智能模型的训练需要大量数据和计算资源语言理解与生成是自然处理的核心任务"
@@ -58,16 +57,6 @@ def make_text(megabytes: float, seed: int = 0) -> str:
         parts.append(part)
         size += len(part.encode("utf-8"))
     return "".join(parts)
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` runs, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

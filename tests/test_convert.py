@@ -4,7 +4,6 @@ import filecmp
 import json
 import shutil
 
-import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.flax import save_file

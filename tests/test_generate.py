@@ -9,7 +9,7 @@ import pytest
 
 import glm_jax
 from glm_jax.cli import main
-from glm_jax.sampler import Generator, init_cache, model_step
+from glm_jax.sampler import init_cache, model_step
 from glm_jax.sharding import Layout, make_mesh
 
 
