@@ -14,7 +14,6 @@ import math
 from glm_jax.config import GLMConfig
 
 CHATGLM, GLM = "chatglm", "glm"
-LAYOUTS = (CHATGLM, GLM)
 IGNORED = {CHATGLM: ("transformer.rotary_pos_emb.inv_freq",), GLM: ()}  # present, never used
 
 

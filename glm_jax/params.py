@@ -7,11 +7,10 @@ import pathlib
 from typing import Any, Iterable, Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from .config import GLMConfig
-from .model import GLM, abstract_model
+from .model import abstract_model
 
 PARAMS_DIR = "params"  # the Orbax checkpoint inside a model folder
 
@@ -47,15 +46,6 @@ def split_model(config: GLMConfig, dtype, arrays: Mapping[str, jax.Array]) -> tu
     if extra:
         raise ValueError(f"unexpected parameter(s): {', '.join(extra[:5])}")
     return graphdef, nnx.from_flat_state(flat)
-
-
-def flat_arrays(state: nnx.State) -> dict[str, jax.Array]:
-    return {_name(path): var[...] for path, var in nnx.to_flat_state(state)}
-
-
-def random_model(config: GLMConfig, dtype=jnp.float32, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """A randomly initialised GLM, split."""
-    return nnx.split(GLM(config, dtype=dtype, rngs=nnx.Rngs(seed)))
 
 
 # -- Orbax: the nested tree is {"embed": x, "layers": {"0": {"attn": {"q_proj": x, ...}}}, ...} --------

@@ -54,9 +54,12 @@ def test_bfloat16_fixture(reference, converted, source):
     assert margin.max() <= 0.2                                      # a few bf16 ulps at |logit| ~ 7
 
 
-def test_bfloat16_weights_run_in_float32(reference):
+@pytest.mark.parametrize("source", ["hf", "converted"])
+def test_bfloat16_weights_run_in_float32(reference, converted, source):
     ref = np.load(reference / "fixtures" / "chatglm-bf16" / "reference.npz")
-    model = glm_jax.load(reference / "fixtures" / "chatglm-bf16", dtype="float32")
+    folder = reference / "fixtures" / "chatglm-bf16" if source == "hf" else converted["chatglm-bf16"]
+    model = glm_jax.load(folder, dtype="float32")
+    assert model.dtype == np.float32
     assert rel(model.logits(ref["input_ids"]), ref["logits_fp32"]) <= 1e-5
     assert rel(model.logits(*offset_positions(ref)), ref["logits_at_offset_fp32"]) <= 1e-5
 
