@@ -7,7 +7,9 @@ attention run inside shard_map: every device writes the slots it owns and attend
 part of the cache; the partial results merge by a log-sum-exp reduction across `sequence`
 (pmax + psum of a [batch, heads, queries, dim] state), so no KV moves per token.
 
-Prompts are left-padded to a multiple of the prefill chunk; the prompt occupies slots [0, P) and
+Slots are striped over the `sequence` devices (512 at a time, round robin), so any prefix of the
+sequence is spread evenly and every device has its share of the work at every prefill chunk and
+decode step. Prompts are left-padded to a multiple of the prefill chunk; the prompt occupies slots [0, P) and
 decoding continues at slot P. A prompt's RoPE positions start at 0 at its first real token.
 Compiled programs: the prefill step once per (batch bucket, chunk, cache bucket), the decode loop
 once per (batch bucket, cache bucket); the cache is donated between calls.
@@ -76,10 +78,24 @@ def init_cache(config: GLMConfig, layout: Layout, batch: int, length: int, dtype
     return jax.jit(make, out_shardings=cache_shardings(config, layout, batch, length))()
 
 
+STRIPE = 512  # slots per stripe: stripes go round the `sequence` devices in turn
+
+
+def stripe(local_length: int) -> int:
+    """Stripe size for a device holding `local_length` slots (all of them when that is small)."""
+    return min(STRIPE, local_length)
+
+
 def _local_slots(slots: jax.Array, length: int, axis: str) -> jax.Array:
-    """Global slot numbers -> this device's local ones; slots it does not own -> `length` (dropped)."""
-    local = slots - jax.lax.axis_index(axis) * length
-    return jnp.where((local >= 0) & (local < length), local, length)
+    """Global slot numbers -> this device's local ones; slots it does not own -> `length` (dropped).
+
+    Slots are striped: stripe j (slots j*b .. j*b+b-1) lives on device j % n, so every device holds
+    an equal share of any prefix of the sequence. Prefill chunks and decode steps then find the
+    visible keys spread evenly over the devices, instead of on the first few."""
+    n, b = jax.lax.axis_size(axis), stripe(length)
+    j = slots // b
+    local = (j // n) * b + slots % b
+    return jnp.where((j % n == jax.lax.axis_index(axis)) & (local < length), local, length)
 
 
 def cache_ops(layout: Layout, *, axis: str = "sequence", block: int = 512):
@@ -205,9 +221,12 @@ def decode_loop(graphdef, params, st: DecodeState, prompt_slots, stop_at, key, t
     return jax.lax.while_loop(cond, body, st)
 
 
-def _bucket(n: int, unit: int = 65536) -> int:
-    """Cache-length bucket: next power of two (at least 256) up to 64K, then multiples of 64K."""
-    return max(256, 1 << (n - 1).bit_length()) if n <= unit else -(-n // unit) * unit
+def cache_length(needed: int, devices: int, unit: int = 65536) -> int:
+    """Cache-length bucket: the next power of two (at least 256) up to 64K, then multiples of 64K;
+    rounded so each of the `sequence` devices holds whole stripes."""
+    length = max(256, 1 << (needed - 1).bit_length()) if needed <= unit else -(-needed // unit) * unit
+    grain = devices * (STRIPE if length // devices > STRIPE else 1)
+    return -(-length // grain) * grain
 
 
 class Generator:
@@ -230,7 +249,7 @@ class Generator:
         longest = max(lengths)
         chunk = min(self.prefill_chunk, 1 << (longest - 1).bit_length())
         prompt_len = -(-longest // chunk) * chunk                         # slots of the prompt
-        length = _bucket(prompt_len + max_new_tokens)
+        length = cache_length(prompt_len + max_new_tokens, self.layout.size("sequence"))
         tokens = np.zeros((batch, prompt_len), np.int32)
         valid = np.zeros((batch, prompt_len), bool)
         for row in range(batch):

@@ -144,3 +144,31 @@ def test_cli_generate_json_and_streaming(tiny_chat_model, capsys):
 def test_cli_generate_bad_input(tiny_chat_model, capsys):
     assert main(["generate", "--model", str(tiny_chat_model), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_striped_cache_slots_are_a_bijection():
+    from jax.sharding import PartitionSpec as P
+
+    from glm_jax.sampler import _local_slots, cache_length
+
+    layout = Layout(make_mesh("sequence=4,data=2"))
+    length = cache_length(3000, 4)
+    assert length == 4096
+    slots = np.arange(length, dtype=np.int32)
+    local = jax.shard_map(lambda s: _local_slots(s, length // 4, "sequence")[None], mesh=layout.mesh,
+                          in_specs=P(), out_specs=P("sequence"), check_vma=False)(slots)
+    local = np.asarray(local)                                       # [device, slot] -> local slot or 1024
+    owned = local < length // 4
+    assert (owned.sum(axis=0) == 1).all()                           # every slot on exactly one device
+    for d in range(4):
+        assert sorted(local[d][owned[d]]) == list(range(length // 4))
+        assert owned[d][:2048].sum() == 512                         # any prefix is split evenly
+
+
+def test_long_prompt_on_a_striped_cache(reference):
+    """2,100 prompt tokens: 4,096 cache slots over 4 devices in stripes of 512."""
+    folder, _ = fixture(reference, "chatglm-f32")
+    prompt = np.random.default_rng(5).integers(0, 512, 2100).tolist()
+    want = glm_jax.load(folder).generate([prompt], max_new_tokens=6, temperature=0)
+    got = glm_jax.load(folder, mesh="sequence=4,tensor=2").generate([prompt], max_new_tokens=6, temperature=0)
+    assert got == want
