@@ -8,7 +8,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import glm_jax
 from glm_jax.attention import exact_attention
-from glm_jax.ring import context_parallel, ring_attention, token_order
+from glm_jax import ring_attention
+from glm_jax.ring import context_parallel, token_order
 from glm_jax.sharding import Layout, make_mesh
 
 
