@@ -75,20 +75,24 @@ def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
     return q.reshape(b, t, kv_heads, hq // kv_heads, d)
 
 
-def _scores(q, k):
-    """q [B,T,G,R,D], k [B,S,G,D] -> scaled float32 scores [B,G,R,T,S]."""
-    s = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32, precision=HIGHEST)
+
+
+def _scores(q, k, kv_layout: str = "bsgd"):
+    """q [B,T,G,R,D], k [B,S,G,D] (or [B,G,S,D]) -> scaled float32 scores [B,G,R,T,S]."""
+    s = jnp.einsum(f"btgrd,{kv_layout}->bgrts", q, k, preferred_element_type=jnp.float32, precision=HIGHEST)
     return s * (1.0 / np.sqrt(q.shape[-1]))
 
 
-def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> State:
-    """Folds one KV block into the state. q [B,T,G,R,D], k/v [B,S,G,D], mask [B,T,S]."""
-    s = jnp.where(mask[:, None, None], _scores(q, k), -jnp.inf)
+def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           kv_layout: str = "bsgd") -> State:
+    """Folds one KV block into the state. q [B,T,G,R,D], k/v [B,S,G,D] (kv_layout "bsgd") or
+    [B,G,S,D] ("bgsd"), mask [B,T,S]."""
+    s = jnp.where(mask[:, None, None], _scores(q, k, kv_layout), -jnp.inf)
     m = jnp.maximum(state.m, s.max(axis=-1))
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)       # rows with nothing visible yet stay at zero
     p = jnp.exp(s - m_safe[..., None])               # [B, G, R, T, S]
     correction = jnp.exp(state.m - m_safe)
-    pv = jnp.einsum("bgrts,bsgd->bgrtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+    pv = jnp.einsum(f"bgrts,{kv_layout}->bgrtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                     precision=HIGHEST)
     return State(m=m, l=state.l * correction + p.sum(axis=-1),
                  acc=state.acc * correction[..., None] + pv)
@@ -132,14 +136,16 @@ def _untile(x: jax.Array, axis: int = 1) -> jax.Array:
 
 
 def tiles_forward(state: State, q, k, v, q_index, k_index, *, causal: bool, block_q: int,
-                  block_k: int) -> State:
+                  block_k: int, kv_layout: str = "bsgd") -> State:
     """Folds all of k/v into the state, [block_q, block_k] score tiles at a time.
 
-    q [B,T,G,R,D] with T % block_q == 0; k/v [B,S,G,D] with S % block_k == 0. Query tiles are
-    mapped sequentially; each scans the KV tiles and skips those its mask hides entirely.
+    q [B,T,G,R,D] with T % block_q == 0; k/v [B,S,G,D] (or [B,G,S,D], see `update`) with
+    S % block_k == 0. Query tiles are mapped sequentially; each scans the KV tiles and skips those
+    its mask hides entirely.
     """
-    nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
-    kv = (_tiles(k, nk), _tiles(v, nk), _tiles(k_index, nk))
+    seq = kv_layout.index("s")
+    nq, nk = q.shape[1] // block_q, k.shape[seq] // block_k
+    kv = (_tiles(k, nk, seq), _tiles(v, nk, seq), _tiles(k_index, nk))
 
     def one_query_tile(args):
         st, q_t, qi_t = args
@@ -147,7 +153,8 @@ def tiles_forward(state: State, q, k, v, q_index, k_index, *, causal: bool, bloc
         def step(st, kv_t):
             k_t, v_t, ki_t = kv_t
             mask = visible(qi_t, ki_t, causal)
-            return jax.lax.cond(mask.any(), lambda s: update(s, q_t, k_t, v_t, mask), lambda s: s, st), None
+            return jax.lax.cond(mask.any(), lambda s: update(s, q_t, k_t, v_t, mask, kv_layout),
+                                lambda s: s, st), None
 
         return jax.lax.scan(step, st, kv)[0]
 

@@ -21,7 +21,7 @@ from flax import nnx
 from .config import GLMConfig
 from .model import abstract_model
 from .params import param_specs
-from .sampler import DecodeState, KVCache, MAX_STOP_IDS, cache_heads, cache_shardings, decode_loop, model_step
+from .sampler import DecodeState, KVCache, MAX_STOP_IDS, cache_shapes, cache_shardings, decode_loop, model_step
 from .sharding import Layout, make_mesh
 
 GiB = 1 << 30
@@ -119,10 +119,10 @@ def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, 
                                                             sharding=layout.sharding(spec.axes, spec.shape)))))
     state = nnx.from_flat_state(flat)
     shard = cache_shardings(config, layout, batch, length)
-    kv = (batch, length, cache_heads(config, layout), config.head_dim)
+    kv, order = cache_shapes(config, layout, batch, length)
     cache = KVCache(k=tuple(jax.ShapeDtypeStruct(kv, dtype, sharding=s) for s in shard.k),
                     v=tuple(jax.ShapeDtypeStruct(kv, dtype, sharding=s) for s in shard.v),
-                    index=jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shard.index))
+                    index=jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shard.index), order=order)
     return graphdef, state, cache
 
 

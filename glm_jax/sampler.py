@@ -1,6 +1,7 @@
 """Compiled generation: a preallocated KV cache, chunked prefill and an on-device decode loop.
 
-The cache holds, per layer, K and V [batch, slots, kv_heads, dim] in the weights' dtype, plus one
+The cache holds, per layer, K and V [batch, slots, kv_heads, dim] in the weights' dtype ([batch,
+kv_heads, slots, dim] when a device holds one KV head, see `cache_order`), plus one
 index [batch, slots] (the slot's token index, PAD while empty or for left padding). It is sharded
 by the logical rules: batch on data/fsdp, slots on `sequence`, KV heads on `tensor`. Writes and
 attention run inside shard_map: every device writes the slots it owns and attends over its own
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -38,42 +40,59 @@ MAX_STOP_IDS = 8
 
 @dataclasses.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]   # per layer [B, S, G, D]
-    v: tuple[jax.Array, ...]   # per layer [B, S, G, D]
+    k: tuple[jax.Array, ...]   # per layer, dims in `order`: [B, S, G, D] or [B, G, S, D]
+    v: tuple[jax.Array, ...]
     index: jax.Array           # [B, S] int32: token index of each slot, PAD if none
+    order: str = "bsgd"        # static: the dim order of k and v
 
     @property
     def length(self) -> int:
         return self.index.shape[1]
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index"], meta_fields=[])
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index"], meta_fields=["order"])
+
+_CACHE_AXES = {"b": "batch", "s": "cache_seq", "g": "kv_heads", "d": "head_dim"}
 
 
 def cache_heads(config: GLMConfig, layout: Layout) -> int:
     return config.num_kv_heads * layout.kv_repeat(config.num_kv_heads, config.num_heads)
 
 
-def _specs(layout: Layout, batch: int, heads: int, length: int) -> tuple[P, P]:
-    """(spec of K/V [B, S, G, D], spec of the index [B, S])."""
-    kv = layout.spec(("batch", "cache_seq", "kv_heads", "head_dim"), (batch, length, heads, 1))
-    return kv, P(*kv[:2])
+def cache_order(layout: Layout, heads: int) -> str:
+    """[B, S, G, D] normally; [B, G, S, D] when a device holds a single KV head, so that the slot
+    dim, not a size-1 head dim, sits next to the minor one (else TPU layout assignment pads or
+    copies the whole cache inside the decode loop)."""
+    shards = math.prod(layout.size(a) for a in layout.mesh_axes("kv_heads", heads))
+    return "bgsd" if heads // shards == 1 else "bsgd"
+
+
+def _spec(layout: Layout, order: str, shape) -> P:
+    return layout.spec([_CACHE_AXES[c] for c in order], shape)
+
+
+def cache_shapes(config: GLMConfig, layout: Layout, batch: int, length: int) -> tuple[tuple[int, ...], str]:
+    """(shape of each K/V array, its dim order)."""
+    heads = cache_heads(config, layout)
+    order = cache_order(layout, heads)
+    dims = {"b": batch, "s": length, "g": heads, "d": config.head_dim}
+    return tuple(dims[c] for c in order), order
 
 
 def cache_shardings(config: GLMConfig, layout: Layout, batch: int, length: int) -> KVCache:
-    kv, idx = _specs(layout, batch, cache_heads(config, layout), length)
-    kv, idx = NamedSharding(layout.mesh, kv), NamedSharding(layout.mesh, idx)
-    return KVCache(k=(kv,) * config.num_layers, v=(kv,) * config.num_layers, index=idx)
+    shape, order = cache_shapes(config, layout, batch, length)
+    kv = NamedSharding(layout.mesh, _spec(layout, order, shape))
+    idx = NamedSharding(layout.mesh, _spec(layout, "bs", (batch, length)))
+    return KVCache(k=(kv,) * config.num_layers, v=(kv,) * config.num_layers, index=idx, order=order)
 
 
 def init_cache(config: GLMConfig, layout: Layout, batch: int, length: int, dtype) -> KVCache:
     """An empty cache, created directly in its sharded layout."""
-    shape = (batch, length, cache_heads(config, layout), config.head_dim)
+    shape, order = cache_shapes(config, layout, batch, length)
 
     def make():
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                       index=jnp.full((batch, length), PAD, jnp.int32))
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return KVCache(k=zeros(), v=zeros(), index=jnp.full((batch, length), PAD, jnp.int32), order=order)
 
     return jax.jit(make, out_shardings=cache_shardings(config, layout, batch, length))()
 
@@ -98,36 +117,47 @@ def _local_slots(slots: jax.Array, length: int, axis: str) -> jax.Array:
     return jnp.where((j % n == jax.lax.axis_index(axis)) & (local < length), local, length)
 
 
-def cache_ops(layout: Layout, *, axis: str = "sequence", block: int = 512):
-    """(write, attend) on the sharded cache, both shard_mapped over the mesh.
+def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", block: int = 512):
+    """(write, attend) on the sharded cache, both shard_mapped over the mesh. `order`: the K/V
+    dim order ("bsgd" or "bgsd").
 
-    write(cache_part [B,S,...], values [B,C,...], slots [C]) -> cache_part with the slots set.
-    attend(q [B,C,Hq,D], q_index [B,C], k [B,S,G,D], v, k_index [B,S]) -> [B,C,Hq,D].
+    write(cache_part, values, slots) -> cache_part with the slots set: K/V take values [B,C,G,D]
+    (as the model makes them), the index [B,S] takes [B,C].
+    attend(q [B,C,Hq,D], q_index [B,C], k, v, k_index [B,S]) -> [B,C,Hq,D].
     """
     n = layout.size(axis)
+    seq, heads_dim = order.index("s"), order.index("g")
 
     def write(cache_part, values, slots):
-        spec = layout.spec(("batch", "cache_seq", "kv_heads", "head_dim")[:cache_part.ndim], cache_part.shape)
+        if cache_part.ndim == 4:
+            spec, at = _spec(layout, order, cache_part.shape), seq
+            values = jnp.einsum(f"bsgd->{order}", values)
+        else:
+            spec, at = _spec(layout, "bs", cache_part.shape), 1
+        value_spec = P(*(None if i == at else a for i, a in enumerate(spec)))
 
         def local(part, vals, slots):
-            return part.at[:, _local_slots(slots, part.shape[1], axis)].set(vals, mode="drop")
+            where = (slice(None),) * at + (_local_slots(slots, part.shape[at], axis),)
+            return part.at[where].set(vals, mode="drop")
 
-        return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, P(spec[0], None, *spec[2:]), P()),
+        return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, value_spec, P()),
                              out_specs=spec, check_vma=False)(cache_part, values, slots)
 
     def attend(q, q_index, k, v, k_index):
         b, c, hq, d = q.shape
-        s, g = k.shape[1], k.shape[2]
-        kv_spec, idx_spec = _specs(layout, b, g, s)
-        heads = kv_spec[2] if layout.mesh_axes("q_heads", hq) == layout.mesh_axes("kv_heads", g) else None
-        kv_spec = P(kv_spec[0], kv_spec[1], heads, None)
-        q_spec = P(kv_spec[0], None, heads, None)
+        g, s = k.shape[heads_dim], k.shape[seq]
+        kv_spec = list(_spec(layout, order, k.shape))
+        if layout.mesh_axes("q_heads", hq) != layout.mesh_axes("kv_heads", g):
+            kv_spec[heads_dim] = None                       # heads not split alike: keep them whole
+        kv_spec = P(*kv_spec)
+        q_spec = P(kv_spec[0], None, kv_spec[heads_dim], None)
+        idx_spec = P(kv_spec[0], kv_spec[seq])
         bq, bk = tile_sizes(c, block, block)[0], tile_sizes(s // n, block, block)[1]
 
         def local(q, qi, k, v, ki):
-            qg = group_queries(q, k.shape[2])
+            qg = group_queries(q, k.shape[heads_dim])
             state = tiles_forward(init_state(*qg.shape[:2], *qg.shape[2:]), qg, k, v, qi, ki, causal=True,
-                                  block_q=bq, block_k=bk)
+                                  block_q=bq, block_k=bk, kv_layout=order)
             if n > 1:  # log-sum-exp merge of the partial states across the sequence axis
                 m = jax.lax.pmax(state.m, axis)
                 m_safe = jnp.where(m == -jnp.inf, 0.0, m)
@@ -149,7 +179,7 @@ def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens:
     """Runs tokens [B, C] at cache slots [C] (valid [B, C] False for left padding), writing their
     K/V; returns float32 logits ([B, V] with last_only, else [B, C, V]) and the new cache."""
     model = nnx.merge(graphdef, state)
-    write, attend = cache_ops(layout)
+    write, attend = cache_ops(layout, cache.order)
     q_index = jnp.where(valid, slots[None], -1)
     index = write(cache.index, jnp.where(valid, slots[None], PAD), slots)
     ks, vs = list(cache.k), list(cache.v)
@@ -159,7 +189,7 @@ def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens:
         return attend(q, q_index, ks[i], vs[i], index)
 
     logits = model(tokens, positions, attend_layer, layout=layout, last_only=last_only).astype(jnp.float32)
-    return (logits[:, -1] if last_only else logits), KVCache(tuple(ks), tuple(vs), index)
+    return (logits[:, -1] if last_only else logits), KVCache(tuple(ks), tuple(vs), index, cache.order)
 
 
 # -- sampling ---------------------------------------------------------------------------------

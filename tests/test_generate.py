@@ -18,7 +18,7 @@ def fixture(reference, name):
     return folder, np.load(folder / "reference.npz")
 
 
-@pytest.mark.parametrize("mesh", [None, "sequence=8", "tensor=2,sequence=4"])
+@pytest.mark.parametrize("mesh", [None, "sequence=8", "tensor=2,sequence=4", "tensor=4,sequence=2"])
 @pytest.mark.parametrize("name", ["chatglm-f32", "glm-hf-f32"])
 def test_greedy_matches_the_original(reference, name, mesh):
     folder, ref = fixture(reference, name)
@@ -144,6 +144,17 @@ def test_cli_generate_json_and_streaming(tiny_chat_model, capsys):
 def test_cli_generate_bad_input(tiny_chat_model, capsys):
     assert main(["generate", "--model", str(tiny_chat_model), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_cache_dim_order():
+    from glm_jax.config import PRESETS
+    from glm_jax.sampler import cache_shapes
+
+    config = PRESETS["glm-4-9b-chat-1m"]                            # 4 KV heads
+    assert cache_shapes(config, Layout(make_mesh("sequence=8")), 1, 4096) == ((1, 4096, 4, 128), "bsgd")
+    assert cache_shapes(config, Layout(make_mesh("tensor=2,sequence=4")), 1, 4096)[1] == "bsgd"
+    # one KV head per device: slots next to the minor dim
+    assert cache_shapes(config, Layout(make_mesh("tensor=4,sequence=2")), 1, 4096) == ((1, 4, 4096, 128), "bgsd")
 
 
 def test_striped_cache_slots_are_a_bijection():
