@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ensure_venv test            # parity needs torch and transformers
+# Off a TPU VM, keep JAX from probing an installed libtpu (test.sh installs it for AOT compiles).
+[ -e /dev/accel0 ] || [ -d /dev/vfio ] || export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 work="${DEMO_DIR:-$(mktemp -d)}"
 echo "== 1/4 a random GLM-4 (4 layers, hidden 256, vocab 151,552) in the chatglm layout: $work/hf"
 .venv/bin/python scripts/make_random_checkpoint.py --preset demo --out "$work/hf" --force
