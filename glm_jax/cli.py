@@ -59,8 +59,8 @@ def _stream(model, prompt_ids: list[int], sampling: dict) -> list[int]:
     """Generates for one prompt, printing text as it becomes complete UTF-8."""
     out = sys.stdout
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
-    ids = model.generate([prompt_ids], on_token=lambda row, token: (out.write(decoder.push(token)), out.flush()),
-                         **sampling)[0]
+    ids = model.generate([prompt_ids], on_token=lambda row, token: (out.write(decoder.push(_text_ids(model, [token]))),
+                                                                      out.flush()), **sampling)[0]
     out.write(decoder.flush())
     out.flush()
     return ids
@@ -81,7 +81,7 @@ def _generate(args) -> int:
     if args.json:
         start = time.perf_counter()
         ids = model.generate([prompt], **sampling)[0]
-        text = tok.decode(ids, skip_special_tokens=True)
+        text = tok.decode(_text_ids(model, ids), skip_special_tokens=True)
         print(json.dumps({"prompt_tokens": len(prompt), "ids": ids, "text": text,
                           "stopped": bool(ids) and ids[-1] in model.generation_defaults.stop_ids,
                           "seconds": time.perf_counter() - start, **sampling}))
@@ -112,7 +112,7 @@ def _chat(args) -> int:
         print("assistant> ", end="", flush=True)
         ids = _stream(model, tok.apply_chat_template(messages, split_special_tokens=True), sampling)
         print()
-        reply = tok.parse_response(tok.decode(ids, skip_special_tokens=True))
+        reply = tok.parse_response(tok.decode(_text_ids(model, ids), skip_special_tokens=True))
         messages.append({k: v for k, v in reply.items() if k in ("role", "content", "metadata")})
         sampling["seed"] += 1
 
@@ -133,6 +133,17 @@ def _compile_report(args) -> int:
     else:
         print("\n\n".join(r.format() for r in reports))
     return 0 if all(r.fits is not False for r in reports) else 1
+
+
+def _add_output_flags(p: argparse.ArgumentParser, target: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {target} if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _text_ids(model, ids) -> list[int]:
+    """Ids that have text: the embedding is padded past the tokenizer's vocabulary (151,552 vs
+    151,343 ids) and a model can, in principle, sample a padding id; it has no text to print."""
+    return [i for i in ids if i < model.tokenizer.vocab_size]
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -161,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=pathlib.Path, help="Hugging Face model folder")
     p.add_argument("dst", type=pathlib.Path, help="glm-jax model folder to create")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="stored weight dtype (default: the source's)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(p, "DST")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("export", help="glm-jax model folder -> HF folder",
@@ -173,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=pathlib.Path, help="Hugging Face folder to create")
     p.add_argument("--layout", choices=("chatglm", "glm"), default=None,
                    help="tensor layout (default: the source's, else chatglm)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(p, "OUT")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("parity", help="compare glm-jax with the PyTorch original",

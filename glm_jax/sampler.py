@@ -309,7 +309,7 @@ class Generator:
                 st = self._decode(self.state, st, args[0], jnp.int32(step + 1), *args[1:])
                 if int(to_host(st.step)) <= step:
                     break
-                token = to_host(st.tokens)[: len(prompts), step]
+                token = to_host(st.tokens[:, step])[: len(prompts)]      # one column, not the buffer
                 for row in np.flatnonzero(~finished):
                     on_token(int(row), int(token[row]))
                 finished |= np.isin(token, stops[stops >= 0])

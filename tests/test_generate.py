@@ -183,3 +183,11 @@ def test_long_prompt_on_a_striped_cache(reference):
     want = glm_jax.load(folder).generate([prompt], max_new_tokens=6, temperature=0)
     got = glm_jax.load(folder, mesh="sequence=4,tensor=2").generate([prompt], max_new_tokens=6, temperature=0)
     assert got == want
+
+
+def test_padding_ids_have_no_text(tiny_chat_model):
+    from glm_jax.cli import _text_ids
+
+    model = glm_jax.load(tiny_chat_model)
+    assert model.config.vocab_size == 151552 and model.tokenizer.vocab_size == 151343
+    assert _text_ids(model, [5, 151342, 151343, 151551]) == [5, 151342]
