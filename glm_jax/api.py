@@ -16,7 +16,9 @@ from .config import GLMConfig
 from .model import forward
 from .chat import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
-from .sampler import MAX_STOP_IDS, Generator, to_host
+from .generate import Generator, to_host
+from .kvcache import cache_dtype
+from .sampling import MAX_STOP_IDS
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
 
@@ -36,9 +38,11 @@ class Model:
 
     def __init__(self, config: GLMConfig, graphdef: nnx.GraphDef, state: nnx.State, *,
                  attention: str | AttentionFn = "auto", layout: Layout | None = None, strategy: str = "ring",
-                 path: pathlib.Path | None = None, prefill_chunk: int = 512):
+                 path: pathlib.Path | None = None, prefill_chunk: int = 512, kv_cache_dtype: str | None = None,
+                 kernel: str = "xla"):
         self.config, self.graphdef, self.state, self.layout, self.path = config, graphdef, state, layout, path
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.kv_cache_dtype, self.kernel = prefill_chunk, kv_cache_dtype, kernel
+        cache_dtype(kv_cache_dtype, self.dtype)                          # fails early on a bad name
         self._forward = jax.jit(functools.partial(forward, graphdef, attention=attention, layout=layout,
                                                   strategy=strategy),
                                 static_argnames=("hidden_states",))
@@ -83,22 +87,28 @@ class Model:
 
     @functools.cached_property
     def generation_defaults(self) -> GenerationDefaults:
+        """Sampling defaults and stop ids of `generate` (and the CLI): the folder's generation_config.json."""
         return GenerationDefaults.from_folder(self.path) if self.path is not None else GenerationDefaults()
 
     @functools.cached_property
     def _generator(self) -> Generator:
         layout = self.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
-        return Generator(self.config, self.graphdef, self.state, layout, prefill_chunk=self.prefill_chunk)
+        return Generator(self.config, self.graphdef, self.state, layout, prefill_chunk=self.prefill_chunk,
+                         kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype)
 
-    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False):
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False):
         """Samples continuations; returns one list of new token ids per prompt (ending with the
         stop id when one was produced).
 
         prompts: token-id lists, or strings when the model folder has a tokenizer (encoded with
-        the `[gMASK]<sop>` prefix). temperature 0 is greedy; top_k 0 and top_p 1 turn those off.
-        stop_ids default to generation_config.json's (151329, 151336, 151338). on_token(row, id)
-        is called for every new token as it is produced (streaming)."""
+        the `[gMASK]<sop>` prefix). temperature 0 is greedy; top_k 0 and top_p 1 turn those off;
+        stop_ids=() never stops. Those left as None come from `generation_defaults`, as in the CLI:
+        the folder's generation_config.json (do_sample false there: greedy), else glm-4-9b-chat-1m's
+        published 0.8, 0.8, 50, (151329, 151336, 151338). on_token(row, id) is called for every new
+        token as it is produced (streaming)."""
+        sampling = self.generation_defaults.sampling(temperature, top_p, top_k, stop_ids)
+        temperature, top_p, top_k = sampling["temperature"], sampling["top_p"], sampling["top_k"]
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists or strings")
         if all(isinstance(p, str) for p in prompts):
@@ -125,13 +135,11 @@ class Model:
                              f"context length {self.config.max_seq_len}")
         if max_new_tokens == 0:
             return [[] for _ in prompts]
-        stops = tuple(self.generation_defaults.stop_ids if stop_ids is None else stop_ids)
-        if len(stops) > MAX_STOP_IDS:
-            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stops)}")
-        return self._generator.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_p=top_p, top_k=top_k, seed=seed, stop_ids=stops,
+        if len(sampling["stop_ids"]) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(sampling['stop_ids'])}")
+        return self._generator.generate(prompts, max_new_tokens=max_new_tokens, seed=seed,
                                         pad_id=self.generation_defaults.pad_id % vocab, on_token=on_token,
-                                        progress=progress)
+                                        progress=progress, **sampling)
 
     def final_norm(self, hidden) -> np.ndarray:
         """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""
@@ -140,7 +148,8 @@ class Model:
 
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
-         attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = 512) -> Model:
+         attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = 512,
+         kv_cache_dtype: str | None = None, kernel: str = "xla") -> Model:
     """Loads a converted glm-jax folder, or an HF folder (either layout, converted in memory).
 
     dtype: "bfloat16" or "float32" (default: the stored weights' dtype).
@@ -149,6 +158,10 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
       context-parallel attention (`strategy`: "ring" or "allgather").
     attention: the single-device attention ("auto", "exact", "blockwise" or a callable).
     prefill_chunk: tokens per prefill step in `generate` (bounds prefill activations).
+    kv_cache_dtype: the KV cache's storage in `generate`: None (the weights' dtype) or "int8"
+      (per-token, per-head float32 scales; dequantized inside the attention).
+    kernel: prefill attention in `generate`: "xla" (portable) or "cudnn" (cuDNN flash attention
+      on a GPU, for a sequence held by one device; decode is one fused XLA pass either way).
     """
     path = pathlib.Path(path)
     config_file = path / "config.json"
@@ -172,7 +185,7 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
                   for n, a in iter_params(ckpt, plan, np_dtype(jnp.dtype(target).name))}
     graphdef, state = split_model(config, target, arrays)
     return Model(config, graphdef, state, attention=attention, layout=layout, strategy=strategy, path=path,
-                 prefill_chunk=prefill_chunk)
+                 prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype, kernel=kernel)
 
 
 def _shardings(specs, layout: Layout | None) -> dict[str, jax.sharding.Sharding]:

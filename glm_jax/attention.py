@@ -29,6 +29,13 @@ PAD = np.iinfo(np.int32).max  # index of a key that no query may see
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def precision(*operands) -> jax.lax.Precision:
+    """HIGHEST when an operand is float32 (no TF32 or bf16 passes on GPU/TPU); the default for
+    bf16 operands, whose products are exact in the float32 accumulator either way (on GPU,
+    HIGHEST on bf16 risks an upcast to float32 matmuls)."""
+    return HIGHEST if any(x.dtype == jnp.float32 for x in operands) else jax.lax.Precision.DEFAULT
+
+
 class AttentionFn(Protocol):
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array,
                  k_index: jax.Array) -> jax.Array: ...
@@ -79,21 +86,30 @@ def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
 
 def _scores(q, k, kv_layout: str = "bsgd"):
     """q [B,T,G,R,D], k [B,S,G,D] (or [B,G,S,D]) -> scaled float32 scores [B,G,R,T,S]."""
-    s = jnp.einsum(f"btgrd,{kv_layout}->bgrts", q, k, preferred_element_type=jnp.float32, precision=HIGHEST)
+    s = jnp.einsum(f"btgrd,{kv_layout}->bgrts", q, k, preferred_element_type=jnp.float32, precision=precision(q, k))
     return s * (1.0 / np.sqrt(q.shape[-1]))
 
 
 def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           kv_layout: str = "bsgd") -> State:
+           kv_layout: str = "bsgd", k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> State:
     """Folds one KV block into the state. q [B,T,G,R,D], k/v [B,S,G,D] (kv_layout "bsgd") or
-    [B,G,S,D] ("bgsd"), mask [B,T,S]."""
-    s = jnp.where(mask[:, None, None], _scores(q, k, kv_layout), -jnp.inf)
+    [B,G,S,D] ("bgsd"), mask [B,T,S]. int8 k/v come with float32 scales (kv_layout without d):
+    scores are (q . k) * k_scale and probabilities are multiplied by v_scale before p . v, so
+    the block is dequantized inside the products, never as a whole."""
+    per_key = lambda x: jnp.einsum(f"{kv_layout.replace('d', '')}->bgs", x)[:, :, None, None, :]  # [B,G,1,1,S]
+    if k_scale is not None:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        s = _scores(q, k, kv_layout) * per_key(k_scale)
+    else:
+        s = _scores(q, k, kv_layout)
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m = jnp.maximum(state.m, s.max(axis=-1))
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)       # rows with nothing visible yet stay at zero
     p = jnp.exp(s - m_safe[..., None])               # [B, G, R, T, S]
     correction = jnp.exp(state.m - m_safe)
-    pv = jnp.einsum(f"bgrts,{kv_layout}->bgrtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                    precision=HIGHEST)
+    weights = p if v_scale is None else p * per_key(v_scale)
+    pv = jnp.einsum(f"bgrts,{kv_layout}->bgrtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                    precision=precision(v))
     return State(m=m, l=state.l * correction + p.sum(axis=-1),
                  acc=state.acc * correction[..., None] + pv)
 
@@ -163,6 +179,70 @@ def tiles_forward(state: State, q, k, v, q_index, k_index, *, causal: bool, bloc
     return out.map(lambda x: _untile(x, axis=3))
 
 
+def live_slots(k_index: jax.Array) -> jax.Array:
+    """[B, S] -> int32 scalar: one past the last slot any row has filled (0 for an empty cache)."""
+    filled = jnp.where(k_index != PAD, jnp.arange(1, k_index.shape[1] + 1, dtype=jnp.int32), 0)
+    return filled.max()
+
+
+def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale=None, *, block_k: int,
+                  kv_layout: str = "bsgd") -> State:
+    """Folds a KV cache (or one device's part of it) into the state, causal by index.
+
+    q [B,C,G,R,D] (C new tokens); k/v [B,S,G,D] (or [B,G,S,D], see `update`); k_index [B,S].
+    One query token (decode): a single masked pass over all S slots, one fused read of the cache.
+    Several (a prefill chunk): [C, block_k] score tiles over the filled slots only (a loop that
+    stops at `live_slots`), every query of the chunk at once; S % block_k == 0.
+    int8 k/v: with their scales ([B,S,G] or [B,G,S]), see `update`.
+    """
+    seq = kv_layout.index("s")
+    if q.shape[1] == 1 or k.shape[seq] <= block_k:
+        return update(state, q, k, v, visible(q_index, k_index, True), kv_layout, k_scale, v_scale)
+    scale_seq = kv_layout.replace("d", "").index("s")
+
+    def step(i, st):
+        start = i * block_k
+        k_t, v_t = (jax.lax.dynamic_slice_in_dim(x, start, block_k, seq) for x in (k, v))
+        scales = [None if x is None else jax.lax.dynamic_slice_in_dim(x, start, block_k, scale_seq)
+                  for x in (k_scale, v_scale)]
+        ki_t = jax.lax.dynamic_slice_in_dim(k_index, start, block_k, 1)
+        return update(st, q, k_t, v_t, visible(q_index, ki_t, True), kv_layout, *scales)
+
+    tiles = -(-live_slots(k_index) // block_k)
+    return jax.lax.fori_loop(0, tiles, step, state)
+
+
+def cudnn_chunk(q, k, v, start, implementation: str = "cudnn") -> State:
+    """A prefill chunk by fused attention (cuDNN's flash attention on GPU): q [B,C,Hq,D] at slots
+    [start, start+C) of a cache k/v [B,S,G,D] that one device holds whole, every row filled from
+    slot 0. The chunk's causal self-attention and its attention to slots [0, start) are two fused
+    calls, merged by their float32 log-sum-exp (the public `jax.nn.dot_product_attention` rounds
+    cuDNN's to the activation dtype, so the cuDNN call is the module behind it).
+    implementation "xla": the same through jax.nn's XLA path (CPU tests)."""
+    b, c, hq, d = q.shape
+    g = k.shape[2]
+
+    def run(keys, values, causal, kv_len=None):
+        lengths = None if kv_len is None else (jnp.full((b,), c, jnp.int32), jnp.full((b,), kv_len, jnp.int32))
+        if implementation == "cudnn":
+            from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+            mask = {(True, False): MaskType.CAUSAL, (False, True): MaskType.PADDING}[causal, lengths is not None]
+            q_len, kv_len = lengths or (None, None)
+            out, lse = dot_product_attention(q, keys, values, q_seqlen=q_len, kv_seqlen=kv_len, scale=1.0 / np.sqrt(d),
+                                             mask_type=mask, return_residual=True)                # lse [B, Hq, C]
+        else:
+            out, lse = jax.nn.dot_product_attention(
+                q, keys, values, is_causal=causal, query_seq_lengths=lengths and lengths[0],
+                key_value_seq_lengths=lengths and lengths[1], implementation=implementation, return_residual=True)
+            lse = lse.transpose(0, 2, 1)                                         # [B, C, Hq] -> [B, Hq, C]
+        out = out.astype(jnp.float32).reshape(b, c, g, hq // g, d).transpose(0, 2, 3, 1, 4)  # [B,G,R,C,D]
+        return as_state(out, lse.astype(jnp.float32).reshape(b, g, hq // g, c))
+
+    own = run(*(jax.lax.dynamic_slice_in_dim(x, start, c, 1) for x in (k, v)), True)
+    return jax.lax.cond(start > 0, lambda: merge(own, run(k, v, False, start)), lambda: own)
+
+
 def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool, block_q: int,
                    block_k: int):
     """Gradients of attention w.r.t. q, k, v for one KV sequence, tile by tile (float32).
@@ -216,7 +296,7 @@ def exact_attention(q, k, v, q_index, k_index, *, causal: bool = True) -> jax.Ar
     return finish(state, q.dtype)
 
 
-def _pad_to(x: jax.Array, multiple: int, axis: int, value) -> jax.Array:
+def pad_to(x: jax.Array, multiple: int, axis: int, value) -> jax.Array:
     pad = -x.shape[axis] % multiple
     if not pad:
         return x
@@ -288,9 +368,9 @@ def blockwise_attention(q, k, v, q_index, k_index, *, causal: bool = True, block
     forward or the backward (a FlashAttention-style custom gradient)."""
     t, s_len, g = q.shape[1], k.shape[1], k.shape[2]
     block_q, block_k = min(block_q, t), min(block_k, s_len)
-    qg = _pad_to(group_queries(q, g), block_q, 1, 0)
-    out = _flash(qg, _pad_to(k, block_k, 1, 0), _pad_to(v, block_k, 1, 0), _pad_to(q_index, block_q, 1, -1),
-                 _pad_to(k_index, block_k, 1, PAD), tile_kernel(causal, block_q, block_k))
+    qg = pad_to(group_queries(q, g), block_q, 1, 0)
+    out = _flash(qg, pad_to(k, block_k, 1, 0), pad_to(v, block_k, 1, 0), pad_to(q_index, block_q, 1, -1),
+                 pad_to(k_index, block_k, 1, PAD), tile_kernel(causal, block_q, block_k))
     return ungroup(out, q.dtype)[:, :t]
 
 

@@ -202,7 +202,8 @@ def parse_response(text: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """Stop ids and sampling defaults; the class defaults are glm-4-9b-chat-1m's published ones.
+    """Stop ids and sampling defaults: the one source `Model.generate` and the CLI take them from.
+    The class defaults are glm-4-9b-chat-1m's published ones.
 
     `top_k` is absent from the published generation_config.json files; transformers then applies
     its own default of 50, which is what the original's sampling used.
@@ -215,6 +216,15 @@ class GenerationDefaults:
     top_p: float = 0.8
     top_k: int = 50
     max_length: int = 1024000
+
+    def sampling(self, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 stop_ids: Sequence[int] | None = None) -> dict[str, Any]:
+        """A generation's temperature, top_p, top_k and stop_ids: each one given, else these defaults.
+        do_sample=False (transformers' switch for greedy search) makes the default temperature 0."""
+        return {"temperature": (self.temperature if self.do_sample else 0.0) if temperature is None else temperature,
+                "top_p": self.top_p if top_p is None else top_p,
+                "top_k": self.top_k if top_k is None else top_k,
+                "stop_ids": self.stop_ids if stop_ids is None else tuple(stop_ids)}
 
     @classmethod
     def from_folder(cls, folder: str | pathlib.Path) -> GenerationDefaults:

@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
 
 DTYPES = ("bfloat16", "float32")
+COMPILE_CACHE_ENV = "GLM_JAX_COMPILE_CACHE"
+# Device nodes of the accelerators JAX finds on its own: TPU (accel driver, vfio driver), NVIDIA, AMD, WSL2 GPUs.
+ACCELERATOR_NODES = ("accel*", "vfio", "nvidia*", "kfd", "dxg")
+
+
+def default_platforms(dev: pathlib.Path = pathlib.Path("/dev")) -> str | None:
+    """JAX_PLATFORMS for a machine whose user set none: None (JAX chooses) where an accelerator's
+    device node exists, else "cpu", so that an installed libtpu (the [tpu] extra, for TPU compiles
+    on any machine) is not started: off a TPU VM that costs start-up time and prints errors."""
+    return None if any(next(dev.glob(node), None) for node in ACCELERATOR_NODES) else "cpu"
+
+
+def _select_platforms() -> None:
+    import jax
+
+    if jax.config.jax_platforms is None and (platforms := default_platforms()):  # None: no JAX_PLATFORMS set
+        jax.config.update("jax_platforms", platforms)
+
+
+def compile_cache_dir(flag: str | None) -> pathlib.Path | None:
+    """The persistent compilation cache folder: --compile-cache, else $GLM_JAX_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/glm-jax/jax (~/.cache/glm-jax/jax); None for "off"."""
+    cache_home = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    folder = flag or os.environ.get(COMPILE_CACHE_ENV) or str(cache_home / "glm-jax" / "jax")
+    return None if folder == "off" else pathlib.Path(folder).expanduser()
+
+
+def _use_compile_cache(folder: pathlib.Path | None) -> None:
+    """JAX's persistent compilation cache, for every program: the default threshold (1 s of
+    compile time) would skip a small model's, so a second run would compile them again."""
+    import jax
+
+    if folder is not None:
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _convert(args) -> int:
@@ -40,19 +76,18 @@ def _parity(args) -> int:
 def _load_for_generation(args):
     import glm_jax
 
-    model = glm_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, prefill_chunk=args.prefill_chunk)
+    _use_compile_cache(compile_cache_dir(args.compile_cache))
+    model = glm_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, prefill_chunk=args.prefill_chunk,
+                         kv_cache_dtype=args.kv_cache_dtype)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model in the model folder")
     return model
 
 
 def _sampling(args, model) -> dict:
-    """Sampling flags, falling back to generation_config.json's values."""
-    d = model.generation_defaults
-    temperature = args.temperature if args.temperature is not None else (d.temperature if d.do_sample else 0.0)
-    return {"temperature": temperature, "top_p": args.top_p if args.top_p is not None else d.top_p,
-            "top_k": args.top_k if args.top_k is not None else d.top_k, "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens}
+    """Sampling flags; those not given come from generation_config.json, as in `model.generate`."""
+    return {**model.generation_defaults.sampling(args.temperature, args.top_p, args.top_k),
+            "seed": args.seed, "max_new_tokens": args.max_new_tokens}
 
 
 def _stream(model, prompt_ids: list[int], sampling: dict) -> list[int]:
@@ -83,7 +118,7 @@ def _generate(args) -> int:
         ids = model.generate([prompt], **sampling)[0]
         text = tok.decode(_text_ids(model, ids), skip_special_tokens=True)
         print(json.dumps({"prompt_tokens": len(prompt), "ids": ids, "text": text,
-                          "stopped": bool(ids) and ids[-1] in model.generation_defaults.stop_ids,
+                          "stopped": bool(ids) and ids[-1] in sampling["stop_ids"],
                           "seconds": time.perf_counter() - start, **sampling}))
     else:
         _stream(model, prompt, sampling)
@@ -127,12 +162,19 @@ def _compile_report(args) -> int:
     over = {"auto": None, "yes": True, "no": False}[args.weights_over_sequence]
     config = GLMConfig.from_hf(args.config) if pathlib.Path(args.config).exists() else GLMConfig.preset(args.config)
     reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
-                             batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over)
+                             batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
+                             kv_cache_dtype=args.kv_cache_dtype)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
     else:
         print("\n\n".join(r.format() for r in reports))
     return 0 if all(r.fits is not False for r in reports) else 1
+
+
+def _add_kv_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=("int8",), default=None,
+                   help="KV cache storage: int8 (per-token scales; half the bytes of bf16) "
+                        "(default: the weights' dtype)")
 
 
 def _add_output_flags(p: argparse.ArgumentParser, target: str) -> None:
@@ -151,13 +193,19 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (implies the chat format)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default: generation_config.json's, 0.8 for the chat models)")
+                   help="0 = greedy (default: generation_config.json's, 0.8 for the chat models; 0 if its "
+                        "do_sample is false)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus mass, (0, 1] (default: generation_config.json's)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k best tokens, 0 = off (default 50)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep the k best tokens, 0 = off (default: generation_config.json's, else 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. 'sequence=8' or 'tensor=2,sequence=4'")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the stored weights')")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
+    _add_kv_cache_flag(p)
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache: a second run on the same model compiles nothing; "
+                        f"'off' disables it (default: ${COMPILE_CACHE_ENV}, else ~/.cache/glm-jax/jax)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     p.add_argument("--mesh", default=None, help="mesh spec (default: chosen per topology, see README)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk in tokens (default 4096)")
+    _add_kv_cache_flag(p)
     p.add_argument("--weights-over-sequence", choices=("auto", "yes", "no"), default="auto",
                    help="also shard weights over the sequence axis (default: per topology)")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per program")
@@ -243,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _select_platforms()
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:

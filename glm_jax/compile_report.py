@@ -21,7 +21,9 @@ from flax import nnx
 from .config import GLMConfig
 from .model import abstract_model
 from .params import param_specs
-from .sampler import DecodeState, KVCache, MAX_STOP_IDS, cache_shapes, cache_shardings, decode_loop, model_step
+from .generate import DecodeState, decode_loop
+from .kvcache import abstract_cache, cache_dtype, model_step
+from .sampling import MAX_STOP_IDS
 from .sharding import Layout, make_mesh
 
 GiB = 1 << 30
@@ -108,7 +110,8 @@ def layout_for(topology: str, mesh: str | None, weights_over_sequence: bool | No
     return layout, resolved + (" (+weights over sequence)" if over else "")
 
 
-def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, dtype):
+def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, dtype,
+                    kv_cache_dtype: str | None = None):
     """ShapeDtypeStructs (with shardings) for the weights and an empty cache."""
     graphdef, abstract = nnx.split(abstract_model(config, dtype))
     specs = param_specs(config, dtype)
@@ -118,12 +121,7 @@ def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, 
         flat.append((path, var.replace(jax.ShapeDtypeStruct(spec.shape, spec.dtype,
                                                             sharding=layout.sharding(spec.axes, spec.shape)))))
     state = nnx.from_flat_state(flat)
-    shard = cache_shardings(config, layout, batch, length)
-    kv, order = cache_shapes(config, layout, batch, length)
-    cache = KVCache(k=tuple(jax.ShapeDtypeStruct(kv, dtype, sharding=s) for s in shard.k),
-                    v=tuple(jax.ShapeDtypeStruct(kv, dtype, sharding=s) for s in shard.v),
-                    index=jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shard.index), order=order)
-    return graphdef, state, cache
+    return graphdef, state, abstract_cache(config, layout, batch, length, cache_dtype(kv_cache_dtype, dtype))
 
 
 def model_flops(config: GLMConfig, batch: int, queries: int, keys: int) -> float:
@@ -141,7 +139,7 @@ def _report(name, compiled, topology, mesh, seq_len, batch, chip, layout: Layout
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     hbm, rate = CHIPS.get(chip, (None, None)) if chip else (None, None)
     devices = layout.mesh.devices.size
-    kv = sum(_shard_bytes(x) for x in (*cache.k, *cache.v, cache.index))
+    kv = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
     return ProgramReport(
         program=name, topology=topology, mesh=mesh, seq_len=seq_len, batch=batch,
         argument_bytes_per_device=mem.argument_size_in_bytes, output_bytes_per_device=mem.output_size_in_bytes,
@@ -157,14 +155,15 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
                    mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
-                   weights_over_sequence: bool | None = None) -> list[ProgramReport]:
+                   weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None) -> list[ProgramReport]:
     """Compiles one prefill chunk against a `seq_len` cache and the decode loop; reports both.
+    kv_cache_dtype: None (the weights' dtype) or "int8".
 
     The prefill of a `seq_len` prompt is seq_len / chunk runs of the first program, so its
     FLOPs here are one chunk's (attending to the whole cache: the last, costliest chunk)."""
     layout, mesh_desc = layout_for(topology, mesh, weights_over_sequence)
     chip = chip_of(topology)
-    graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype)
+    graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     prefill = jax.jit(functools.partial(model_step, graphdef, layout=layout), donate_argnums=(1,))
     compiled = prefill.lower(state, cache, i32(batch, chunk), i32(batch, chunk), i32(chunk),

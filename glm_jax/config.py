@@ -8,7 +8,7 @@ import pathlib
 import warnings
 from typing import Any
 
-DEFAULT_STOP_IDS = (151329, 151336, 151338)  # <|endoftext|>, <|user|>, <|observation|>
+from .chat import GenerationDefaults
 
 
 class ConfigError(ValueError):
@@ -31,8 +31,10 @@ class GLMConfig:
     rms_norm_eps: float = 1.5625e-07
     max_seq_len: int = 131072
     qkv_bias: bool = True
-    eos_token_ids: tuple[int, ...] = DEFAULT_STOP_IDS
-    pad_token_id: int | None = 151329
+    # config.json's eos_token_id and pad_token_id, kept so `export` writes them back. Generation
+    # reads its stop and pad ids from generation_config.json only (chat.GenerationDefaults).
+    eos_token_ids: tuple[int, ...] = GenerationDefaults.stop_ids
+    pad_token_id: int | None = GenerationDefaults.pad_id
     dtype: str = "bfloat16"  # the dtype the weights were published in
 
     def __post_init__(self):
@@ -75,14 +77,18 @@ class GLMConfig:
         return {"model_type": "glm_jax", **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GLMConfig":
+    def from_dict(cls, d: dict[str, Any], path: pathlib.Path | None = None) -> "GLMConfig":
+        """The inverse of `to_dict`: every field must be there (`path` names the file in errors)."""
+        where = f"{path}: " if path else ""
         d = dict(d)
         if d.pop("model_type", "glm_jax") != "glm_jax":
-            raise ConfigError("not a glm_jax config (use GLMConfig.from_hf for Hugging Face configs)")
+            raise ConfigError(f"{where}not a glm_jax config (use GLMConfig.from_hf for Hugging Face configs)")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
         if unknown:
-            raise ConfigError(f"unknown GLMConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"{where}unknown GLMConfig field(s): {', '.join(unknown)}")
+        if missing:
+            raise ConfigError(f"{where}missing key(s) {', '.join(map(repr, missing))}")
         return cls(**d)
 
     def save(self, path: str | pathlib.Path) -> None:
@@ -90,7 +96,7 @@ class GLMConfig:
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> "GLMConfig":
-        return cls.from_dict(_read_json(pathlib.Path(path)))
+        return cls.from_dict(_read_json(pathlib.Path(path)), pathlib.Path(path))
 
     # -- presets and Hugging Face ----------------------------------------------------------
     @classmethod
@@ -113,7 +119,7 @@ class GLMConfig:
         if model_type == "glm":
             return _from_glm(hf, path)
         if model_type == "glm_jax":
-            return cls.from_dict(hf)
+            return cls.from_dict(hf, path)
         raise ConfigError(f"{path}: unknown model_type {model_type!r} (expected 'chatglm' or 'glm')")
 
 
@@ -121,15 +127,18 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config not found: {path}")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
 
 
 def _eos(hf: dict[str, Any]) -> tuple[int, ...]:
     eos = hf.get("eos_token_id")
     if eos is None:
-        return DEFAULT_STOP_IDS
+        return GenerationDefaults.stop_ids
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
@@ -151,8 +160,8 @@ def _require(hf: dict[str, Any], path: pathlib.Path, expected: dict[str, Any]) -
 def _from_chatglm(hf: dict[str, Any], path: pathlib.Path) -> GLMConfig:
     _require(hf, path, {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
                         "apply_residual_connection_post_layernorm": False, "original_rope": True})
-    heads = hf["num_attention_heads"]
     try:
+        heads = hf["num_attention_heads"]
         return GLMConfig(
             vocab_size=hf["padded_vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -185,8 +194,8 @@ def _from_glm(hf: dict[str, Any], path: pathlib.Path) -> GLMConfig:
             "conversion wrote rope_theta=10000 for every model; GLM-4-9B-Chat uses 5e6 and "
             "GLM-4-9B-Chat-1M 1e8. If this is one of those, fix rope_theta in config.json.",
             stacklevel=3)
-    heads = hf["num_attention_heads"]
     try:
+        heads = hf["num_attention_heads"]
         return GLMConfig(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import HIGHEST, PAD, AttentionFn, get_attention
+from .attention import PAD, AttentionFn, get_attention, precision
 from .config import GLMConfig
 from .ring import context_parallel, token_order
 from .sharding import Layout
@@ -35,7 +35,7 @@ LayerAttend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 
 def dense(eq: str, x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """einsum with float32 accumulation, optional bias, rounded once to x's dtype."""
-    y = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, precision=HIGHEST)
+    y = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, precision=precision(x, w))
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)

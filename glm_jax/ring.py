@@ -17,30 +17,37 @@ kept for comparison. Masking goes by token index, so the layout needs no special
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from .attention import (PAD, AttentionFn, LocalKernel, as_state, group_queries, init_state, merge,
+from .attention import (PAD, AttentionFn, LocalKernel, pad_to, as_state, group_queries, init_state, merge,
                         normalized, tile_kernel, ungroup)
-from .sharding import Layout, make_mesh
+from .sharding import Layout, auto_axes
 
 STRATEGIES = ("ring", "allgather")
 LAYOUTS = ("zigzag", "contiguous")
 
 
+def _tile(length: int, block: int) -> int:
+    """The tile for `length` tokens: as few tiles as `block` allows, equal, rounded up to 8."""
+    tiles = -(-length // block)
+    return -(-(-(-length // tiles)) // 8) * 8
+
+
 def token_order(t: int, n: int, layout: str = "zigzag", block: int = 512) -> tuple[np.ndarray, int]:
     """(order, padded length): position p of the device-ordered sequence holds token order[p]
-    (order[p] >= t marks padding). Each device's share is a multiple of the tile size."""
+    (order[p] >= t marks padding). Each chunk (half a device's share in the zigzag layout) is
+    padded to whole tiles of `_tile(chunk, block)`, so tiles never shrink with awkward lengths:
+    T = 4000 on 8 devices runs 250-token chunks as 256-token tiles."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     chunks = 2 * n if layout == "zigzag" else n
     chunk = -(-t // chunks)
-    if chunk > block:
-        chunk = -(-chunk // block) * block
+    tile = _tile(chunk, block)
+    chunk = -(-chunk // tile) * tile
     order = np.arange(chunks * chunk).reshape(chunks, chunk)
     if layout == "zigzag":
         order = np.stack([order[:n], order[::-1][:n]], axis=1)  # device i: chunks i, 2n-1-i
@@ -48,10 +55,11 @@ def token_order(t: int, n: int, layout: str = "zigzag", block: int = 512) -> tup
 
 
 def tile_sizes(local: int, block_q: int, block_k: int) -> tuple[int, int]:
-    """Tile sizes that divide each half of a device's share of the sequence (a zigzag chunk), so
-    that a tile never straddles two chunks and masked tiles can be skipped."""
+    """Query and key tiles for a device's `local` tokens: `token_order`'s tiles of each half (a
+    zigzag chunk), so a tile never straddles two chunks and masked tiles are skipped. Lengths laid
+    out otherwise are padded to whole tiles by the caller."""
     half = local // 2 if local % 2 == 0 else local
-    return math.gcd(half, block_q), math.gcd(half, block_k)
+    return _tile(half, block_q), _tile(half, block_k)
 
 
 # -- per-device kernels (inside shard_map) --------------------------------------------------------
@@ -139,13 +147,15 @@ def context_parallel(layout: Layout, *, strategy: str = "ring", causal: bool = T
         x_spec, i_spec = P(batch, seq, heads, None), P(batch, seq)
 
         def local(q, k, v, qi, ki):
-            out = _context_parallel(group_queries(q, k.shape[2]), k, v, qi, ki, axis, n, strategy,
-                                    kernel or tile_kernel(causal, bq, bk))
-            return ungroup(out, q.dtype)
+            pad_q, pad_k = (functools.partial(pad_to, multiple=m, axis=1) for m in (bq, bk))
+            out = _context_parallel(pad_q(group_queries(q, k.shape[2]), value=0), pad_k(k, value=0),
+                                    pad_k(v, value=0), pad_q(qi, value=-1), pad_k(ki, value=PAD), axis, n,
+                                    strategy, kernel or tile_kernel(causal, bq, bk))
+            return ungroup(out, q.dtype)[:, :q.shape[1]]
 
         # check_vma off: the online-softmax carry starts replicated and becomes per-device.
-        return jax.shard_map(local, mesh=layout.mesh, in_specs=(x_spec, x_spec, x_spec, i_spec, i_spec),
-                             out_specs=x_spec, check_vma=False)(q, k, v, q_index, k_index)
+        return auto_axes(jax.shard_map(local, mesh=layout.mesh, in_specs=(x_spec, x_spec, x_spec, i_spec, i_spec),
+                                       out_specs=x_spec, check_vma=False), q, k, v, q_index, k_index)
 
     return attend
 
@@ -155,11 +165,12 @@ def ring_attention(q, k, v, q_index=None, k_index=None, *, mesh, causal: bool = 
                    block_k: int = 512) -> jax.Array:
     """Sequence-parallel attention on global arrays in natural token order.
 
-    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]. `mesh`: a Mesh or spec like
-    "sequence=8" (other axes it has shard batch and heads). T need not divide by the device count:
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]. `mesh`: a Mesh (`jax.make_mesh`'s
+    Explicit axes too; q/k/v may be placed on it) or a spec like "sequence=8" (other axes it has
+    shard batch and heads). T need not divide by the device count:
     the sequence is padded (padding is masked) and laid out zigzag (or contiguous) across devices.
     Indices default to 0..T-1."""
-    mesh_layout = Layout(make_mesh(mesh))
+    mesh_layout = Layout(mesh)
     b, t = q.shape[:2]
     if k.shape[1] != t:
         raise ValueError(f"ring attention is self-attention: q has {t} tokens, k has {k.shape[1]}")
@@ -175,8 +186,10 @@ def ring_attention(q, k, v, q_index=None, k_index=None, *, mesh, causal: bool = 
         mask = real.reshape((1, -1) + (1,) * (x.ndim - 2))
         return jnp.where(mask, x, fill)
 
-    out = context_parallel(mesh_layout, strategy=strategy, causal=causal, axis=axis, block_q=block_q,
-                           block_k=block_k)(arrange(q, 0), arrange(k, 0), arrange(v, 0),
-                                            arrange(q_index, -1), arrange(k_index, PAD))
-    inverse = np.argsort(order)[:t]
-    return jnp.take(out, inverse, axis=1)
+    def in_order(q, k, v, q_index, k_index):
+        out = context_parallel(mesh_layout, strategy=strategy, causal=causal, axis=axis, block_q=block_q,
+                               block_k=block_k)(arrange(q, 0), arrange(k, 0), arrange(v, 0),
+                                                arrange(q_index, -1), arrange(k_index, PAD))
+        return jnp.take(out, np.argsort(order)[:t], axis=1)
+
+    return auto_axes(in_order, q, k, v, q_index, k_index)   # inputs typed on an Explicit mesh too

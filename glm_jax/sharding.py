@@ -14,7 +14,7 @@ import math
 from typing import Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # device order: tensor innermost (fastest links)
 
@@ -36,14 +36,18 @@ RULES: dict[str, tuple[str, ...]] = {
 
 
 def make_mesh(spec: str | Mesh | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over all four axes from "tensor=2,sequence=4" (others 1), a dict, or a Mesh as is.
+    """A Mesh from "tensor=2,sequence=4" or a dict (all four axes, others 1), or from a user's Mesh.
 
-    The sizes must multiply to the number of devices; one size may be -1 (the rest)."""
+    The sizes must multiply to the number of devices; one size may be -1 (the rest). A Mesh may
+    name any of the four axes, with any axis types (`jax.make_mesh` makes Explicit ones): it comes
+    back with the same devices and axis names, all Auto, the form the shard_maps here expect."""
     if isinstance(spec, Mesh):
         unknown = set(spec.axis_names) - set(MESH_AXES)
         if unknown:
             raise ValueError(f"mesh axes {sorted(unknown)} unknown; use {', '.join(MESH_AXES)}")
-        return spec
+        if devices is not None and set(spec.devices.flat) != set(devices):
+            raise ValueError(f"the mesh's {spec.devices.size} devices are not the {len(devices)} asked for")
+        return Mesh(spec.devices, spec.axis_names, axis_types=(AxisType.Auto,) * len(spec.axis_names))
     devices = list(devices if devices is not None else jax.devices())
     sizes = _parse(spec) if isinstance(spec, str) else dict(spec)
     unknown = set(sizes) - set(MESH_AXES)
@@ -60,8 +64,22 @@ def make_mesh(spec: str | Mesh | dict[str, int], devices: Sequence[jax.Device] |
     shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh {spec!r} needs {math.prod(shape)} devices, {len(devices)} available")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+def auto_axes(fn, *args):
+    """fn(*args) where the arrays may carry Explicit sharding types (placed on a `jax.make_mesh`
+    mesh, or made under `jax.set_mesh` of one): inside fn every mesh axis is Auto, so gathers and
+    shard_maps over the `make_mesh` form of that mesh work; the result, shaped like args[0], gets
+    args[0]'s sharding type back. Without Explicit axes this is fn(*args)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = next((m for m in (jax.typeof(a).sharding.mesh for a in args) if m.explicit_axes), mesh)
+    if not mesh.explicit_axes:
+        return fn(*args)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(fn, out_sharding=jax.typeof(args[0]).sharding.spec)(*args)
 
 
 def _parse(spec: str) -> dict[str, int]:
@@ -85,6 +103,9 @@ class Layout:
 
     mesh: Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...] = tuple(RULES.items())
+
+    def __post_init__(self):
+        object.__setattr__(self, "mesh", make_mesh(self.mesh))  # a user's Explicit-axes mesh too
 
     @classmethod
     def create(cls, mesh: Mesh, *, weights_over_sequence: bool = False) -> "Layout":

@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 
+from glm_jax.chat import GenerationDefaults
 from glm_jax.config import PRESETS, ConfigError, GLMConfig
 
 
@@ -60,8 +61,18 @@ def test_glm_config_warns_about_the_rope_theta_bug(tmp_path):
     (_glm_config(num_key_value_heads=3), "not a multiple"),
     (_glm_config(hidden_act="gelu"), "hidden_act='gelu'"),
     ({"model_type": "chatglm", "num_attention_heads": 4}, "missing key"),
+    ({k: v for k, v in _glm_config().items() if k != "num_attention_heads"}, "missing key 'num_attention_heads'"),
+    ({k: v for k, v in PRESETS["glm-4-9b"].to_dict().items() if k != "head_dim"}, r"missing key\(s\) 'head_dim'"),
 ])
 def test_bad_configs(tmp_path, content, message):
     (tmp_path / "config.json").write_text(json.dumps(content))
     with pytest.raises(ConfigError, match=message):
         GLMConfig.from_hf(tmp_path)
+
+
+def test_generation_defaults_fill_what_is_not_given():
+    published = GenerationDefaults()
+    assert published.sampling() == {"temperature": 0.8, "top_p": 0.8, "top_k": 50, "stop_ids": (151329, 151336, 151338)}
+    greedy = GenerationDefaults(do_sample=False, top_k=3, stop_ids=(9,))
+    assert greedy.sampling() == {"temperature": 0.0, "top_p": 0.8, "top_k": 3, "stop_ids": (9,)}
+    assert greedy.sampling(0.5, 1.0, 0, []) == {"temperature": 0.5, "top_p": 1.0, "top_k": 0, "stop_ids": ()}

@@ -9,7 +9,7 @@ import pytest
 
 import glm_jax
 from glm_jax.cli import main
-from glm_jax.sampler import init_cache, model_step
+from glm_jax.kvcache import init_cache, model_step
 from glm_jax.sharding import Layout, make_mesh
 
 
@@ -148,7 +148,7 @@ def test_cli_generate_bad_input(tiny_chat_model, capsys):
 
 def test_cache_dim_order():
     from glm_jax.config import PRESETS
-    from glm_jax.sampler import cache_shapes
+    from glm_jax.kvcache import cache_shapes
 
     config = PRESETS["glm-4-9b-chat-1m"]                            # 4 KV heads
     assert cache_shapes(config, Layout(make_mesh("sequence=8")), 1, 4096) == ((1, 4096, 4, 128), "bsgd")
@@ -160,7 +160,8 @@ def test_cache_dim_order():
 def test_striped_cache_slots_are_a_bijection():
     from jax.sharding import PartitionSpec as P
 
-    from glm_jax.sampler import _local_slots, cache_length
+    from glm_jax.kvcache import _local_slots
+    from glm_jax.generate import cache_length
 
     layout = Layout(make_mesh("sequence=4,data=2"))
     length = cache_length(3000, 4)

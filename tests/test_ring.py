@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import glm_jax
 from glm_jax.attention import exact_attention
 from glm_jax import ring_attention
-from glm_jax.ring import context_parallel, token_order
+from glm_jax.ring import context_parallel, tile_sizes, token_order
 from glm_jax.sharding import Layout, make_mesh
 
 
@@ -61,7 +61,34 @@ def test_zigzag_layout_balances_causal_work():
     load = [int(sum(q + 1 for q in rows)) for rows in per_device]
     assert max(load) == min(load)
     order, padded = token_order(100, 8, "zigzag", block=512)
-    assert padded == 112 and (order >= 100).sum() == 12
+    assert padded == 128 and (order >= 100).sum() == 28                # 16 chunks of 7 -> tiles of 8
+
+
+def tile_steps(t: int, n: int, block: int = 512) -> int:
+    """Sequential tile steps one device runs for a ring forward over T tokens on n devices."""
+    _, padded = token_order(t, n, block=block)
+    bq, bk = tile_sizes(padded // n, block, block)
+    return n * (-(-padded // n // bq)) * (-(-padded // n // bk))
+
+
+@pytest.mark.parametrize("t, n, like", [(4000, 8, 4096), (1000, 8, 1024), (8000, 8, 8192), (504, 8, 512),
+                                        (4000, 3, 4096), (20000, 6, 20480), (63, 1, 64)])
+def test_no_tile_cliff(t, n, like):
+    """Awkward lengths run as few tiles as the next round length (the old gcd tiles ran 4000 on 8
+    devices as 2x2 tiles: 62,500 steps per hop instead of 4)."""
+    assert tile_steps(t, n) <= tile_steps(like, n)
+    _, padded = token_order(t, n)
+    assert padded - t <= max(8 * 2 * n, 0.03 * t)                     # padding stays small
+
+
+def test_ring_on_awkward_local_lengths():
+    """context_parallel on arrays already in device order whose per-device length is no tile
+    multiple (local 60 with 16-token tiles): padded inside, still exact."""
+    b, t, hq, g = 1, 240, 4, 2
+    q, k, v, _ = make_inputs(b, t, hq, g)
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    got = context_parallel(Layout(make_mesh("sequence=4", jax.devices()[:4])), block_q=16, block_k=16)(q, k, v, idx, idx)
+    assert rel(got, exact_attention(q, k, v, idx, idx)) <= 2e-5
 
 
 def test_kv_heads_replicated_only_as_needed():

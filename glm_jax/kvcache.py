@@ -1,0 +1,276 @@
+"""The KV cache: its type, shapes and shardings, cache writes and attention, the model step on it.
+
+The cache holds, per layer, K and V [batch, slots, kv_heads, dim] in the weights' dtype ([batch,
+kv_heads, slots, dim] when a device holds one KV head, see `cache_order`), plus one
+index [batch, slots] (the slot's token index, PAD while empty or for left padding). It is sharded
+by the logical rules: batch on data/fsdp, slots on `sequence`, KV heads on `tensor`. Writes and
+attention run inside shard_map: every device writes the slots it owns and attends over its own
+part of the cache; the partial results merge by a log-sum-exp reduction across `sequence`
+(pmax + psum of a [batch, heads, queries, dim] state), so no KV moves per token.
+
+Slots are striped over the `sequence` devices (512 at a time, round robin), so any prefix of the
+sequence is spread evenly and every device has its share of the work at every prefill chunk and
+decode step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .attention import PAD, cache_forward, cudnn_chunk, group_queries, init_state, normalized, ungroup
+from .config import GLMConfig
+from .sharding import Layout
+
+@dataclasses.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]   # per layer, dims in `order`: [B, S, G, D] or [B, G, S, D]
+    v: tuple[jax.Array, ...]
+    index: jax.Array           # [B, S] int32: token index of each slot, PAD if none
+    # int8 caches only: per layer, the float32 scale of each slot's K (V) head, dims of `order`
+    # without D ([B, S, G] or [B, G, S]); the value is int8 * scale. Empty otherwise.
+    k_scale: tuple[jax.Array, ...] = ()
+    v_scale: tuple[jax.Array, ...] = ()
+    order: str = "bsgd"        # static: the dim order of k and v
+
+    @property
+    def length(self) -> int:
+        return self.index.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.k_scale)
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index", "k_scale", "v_scale"],
+                                 meta_fields=["order"])
+
+_CACHE_AXES = {"b": "batch", "s": "cache_seq", "g": "kv_heads", "d": "head_dim"}
+KV_CACHE_DTYPES = ("int8",)   # besides the weights' dtype (the default)
+
+
+def cache_dtype(kv_cache_dtype: str | None, weights_dtype):
+    """The K/V storage dtype: the weights' unless `kv_cache_dtype` names one of KV_CACHE_DTYPES."""
+    if kv_cache_dtype is None:
+        return jnp.dtype(weights_dtype)
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)} "
+                         "(default: the weights' dtype)")
+    return jnp.dtype(kv_cache_dtype)
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., D] -> (int8 [..., D], float32 scale [...]): symmetric, one scale per vector
+    (per token and KV head), |error| <= scale / 2 = max|x| / 254."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.abs(x32).max(axis=-1) / 127.0
+    q = jnp.round(x32 / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return q.astype(jnp.int8), scale
+
+
+def cache_heads(config: GLMConfig, layout: Layout) -> int:
+    return config.num_kv_heads * layout.kv_repeat(config.num_kv_heads, config.num_heads)
+
+
+def cache_order(layout: Layout, heads: int) -> str:
+    """[B, S, G, D] normally; [B, G, S, D] when a device holds a single KV head, so that the slot
+    dim, not a size-1 head dim, sits next to the minor one (else TPU layout assignment pads or
+    copies the whole cache inside the decode loop)."""
+    shards = math.prod(layout.size(a) for a in layout.mesh_axes("kv_heads", heads))
+    return "bgsd" if heads // shards == 1 else "bsgd"
+
+
+def _spec(layout: Layout, order: str, shape) -> P:
+    return layout.spec([_CACHE_AXES[c] for c in order], shape)
+
+
+def cache_shapes(config: GLMConfig, layout: Layout, batch: int, length: int) -> tuple[tuple[int, ...], str]:
+    """(shape of each K/V array, its dim order)."""
+    heads = cache_heads(config, layout)
+    order = cache_order(layout, heads)
+    dims = {"b": batch, "s": length, "g": heads, "d": config.head_dim}
+    return tuple(dims[c] for c in order), order
+
+
+def cache_shardings(config: GLMConfig, layout: Layout, batch: int, length: int, quantized: bool = False) -> KVCache:
+    shape, order = cache_shapes(config, layout, batch, length)
+    kv = NamedSharding(layout.mesh, _spec(layout, order, shape))
+    idx = NamedSharding(layout.mesh, _spec(layout, "bs", (batch, length)))
+    scale_order = order.replace("d", "")
+    scale = NamedSharding(layout.mesh, _spec(layout, scale_order, shape[:order.index("d")]))
+    scales = (scale,) * config.num_layers if quantized else ()
+    return KVCache(k=(kv,) * config.num_layers, v=(kv,) * config.num_layers, index=idx, k_scale=scales,
+                   v_scale=scales, order=order)
+
+
+def abstract_cache(config: GLMConfig, layout: Layout, batch: int, length: int, dtype) -> KVCache:
+    """The cache as ShapeDtypeStructs with their shardings (K/V in `dtype`; int8 adds scales)."""
+    quantized = jnp.dtype(dtype) == jnp.int8
+    shard = cache_shardings(config, layout, batch, length, quantized)
+    shape, order = cache_shapes(config, layout, batch, length)
+    struct = lambda shape, dtype, shardings: tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=s) for s in shardings)
+    scale_shape = shape[:order.index("d")]
+    return KVCache(k=struct(shape, dtype, shard.k), v=struct(shape, dtype, shard.v),
+                   index=jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shard.index),
+                   k_scale=struct(scale_shape, jnp.float32, shard.k_scale),
+                   v_scale=struct(scale_shape, jnp.float32, shard.v_scale), order=order)
+
+
+def init_cache(config: GLMConfig, layout: Layout, batch: int, length: int, dtype) -> KVCache:
+    """An empty cache, created directly in its sharded layout (compiled once per shape). dtype
+    int8: an int8 cache with float32 scales."""
+    return _cache_maker(config, layout, batch, length, jnp.dtype(dtype))()
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_maker(config: GLMConfig, layout: Layout, batch: int, length: int, dtype):
+    like = abstract_cache(config, layout, batch, length, dtype)
+
+    def make():
+        zeros = lambda structs: tuple(jnp.zeros(x.shape, x.dtype) for x in structs)
+        return KVCache(k=zeros(like.k), v=zeros(like.v), index=jnp.full((batch, length), PAD, jnp.int32),
+                       k_scale=zeros(like.k_scale), v_scale=zeros(like.v_scale), order=like.order)
+
+    return jax.jit(make, out_shardings=jax.tree.map(lambda x: x.sharding, like))
+
+
+STRIPE = 512  # slots per stripe: stripes go round the `sequence` devices in turn
+
+
+def stripe(local_length: int) -> int:
+    """Stripe size for a device holding `local_length` slots (all of them when that is small)."""
+    return min(STRIPE, local_length)
+
+
+def _local_slots(slots: jax.Array, length: int, axis: str) -> jax.Array:
+    """Global slot numbers -> this device's local ones; slots it does not own -> `length` (dropped).
+
+    Slots are striped: stripe j (slots j*b .. j*b+b-1) lives on device j % n, so every device holds
+    an equal share of any prefix of the sequence. Prefill chunks and decode steps then find the
+    visible keys spread evenly over the devices, instead of on the first few."""
+    n, b = jax.lax.axis_size(axis), stripe(length)
+    j = slots // b
+    local = (j // n) * b + slots % b
+    return jnp.where((j % n == jax.lax.axis_index(axis)) & (local < length), local, length)
+
+
+KERNELS = ("xla", "cudnn")
+
+
+def cache_block(local_length: int, queries: int, budget: int) -> int:
+    """KV tile for a prefill chunk over a device's `local_length` slots: score tiles of `queries`
+    (chunk tokens x local query heads) rows hold at most `budget` float32 values; a power of two
+    from 128 to 8192 that divides the local length (whole stripes above 512), or all of it."""
+    block = 1 << max(7, min(13, (budget // max(queries, 1)).bit_length() - 1))
+    if local_length <= block:
+        return local_length
+    while local_length % block:
+        block //= 2
+    return block
+
+
+def score_budget(platform: str) -> int:
+    """float32 values per prefill score tile: 64 MiB (TPU and CPU, whose memory is tight or whose
+    caches are small); 1 GiB on GPUs, where fewer, larger tiles keep the loop from dominating."""
+    return 1 << 28 if platform == "gpu" else 1 << 24
+
+
+def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int | None = None, kernel: str = "xla"):
+    """(write, attend) on the sharded cache, both shard_mapped over the mesh. `order`: the K/V
+    dim order ("bsgd" or "bgsd"). `kernel`: "xla" (portable) or "cudnn" (GPU: prefill chunks of a
+    whole sequence held by one device go to cuDNN's flash attention; decode stays one fused pass).
+    `budget`: float32 values per prefill score tile (default: `score_budget` of the mesh's chips).
+
+    write(cache_part, values, slots) -> cache_part with the slots set: K/V take values [B,C,G,D]
+    (as the model makes them), int8 scales [B,C,G], the index [B,S] takes [B,C].
+    attend(q [B,C,Hq,D], q_index [B,C], k, v, k_index [B,S], k_scale, v_scale) -> [B,C,Hq,D]
+    (scales None unless the cache is int8: dequantized tile by tile inside the attention).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+    n = layout.size(axis)
+    seq, heads_dim = order.index("s"), order.index("g")
+
+    def write(cache_part, values, slots):
+        part_order = {4: order, 3: order.replace("d", ""), 2: "bs"}[cache_part.ndim]
+        spec, at = _spec(layout, part_order, cache_part.shape), part_order.index("s")
+        values = jnp.einsum(f"{'bsgd'[:cache_part.ndim]}->{part_order}", values)
+        value_spec = P(*(None if i == at else a for i, a in enumerate(spec)))
+
+        def local(part, vals, slots):
+            where = (slice(None),) * at + (_local_slots(slots, part.shape[at], axis),)
+            return part.at[where].set(vals, mode="drop")
+
+        return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, value_spec, P()),
+                             out_specs=spec, check_vma=False)(cache_part, values, slots)
+
+    def attend(q, q_index, k, v, k_index, k_scale=None, v_scale=None):
+        b, c, hq, d = q.shape
+        g, s = k.shape[heads_dim], k.shape[seq]
+        kv_spec = list(_spec(layout, order, k.shape))
+        if layout.mesh_axes("q_heads", hq) != layout.mesh_axes("kv_heads", g):
+            kv_spec[heads_dim] = None                       # heads not split alike: keep them whole
+        kv_spec = P(*kv_spec)
+        q_spec = P(kv_spec[0], None, kv_spec[heads_dim], None)
+        idx_spec = P(kv_spec[0], kv_spec[seq])
+        split = kv_spec[heads_dim] or ()
+        local_heads = hq // math.prod(layout.size(a) for a in ((split,) if isinstance(split, str) else split))
+        platform = layout.mesh.devices.flat[0].platform
+        bk = cache_block(s // n, c * local_heads, budget or score_budget(platform))
+        use_cudnn = kernel == "cudnn" and n == 1 and order == "bsgd" and c > 1 and k_scale is None
+        scale_spec = P(*(a for i, a in enumerate(kv_spec) if i != order.index("d")))
+
+        def local(q, qi, k, v, ki, *scales):
+            qg = group_queries(q, k.shape[heads_dim])
+            empty = init_state(*qg.shape[:2], *qg.shape[2:])
+            xla = lambda: cache_forward(empty, qg, k, v, qi, ki, *scales, block_k=bk, kv_layout=order)
+            if use_cudnn:  # whole rows only: cuDNN masks by lengths, not by the index
+                start = qi.max() - (c - 1)
+                whole = jnp.all(qi >= 0) & ((start == 0) | jnp.all(ki[:, 0] != PAD))
+                state = jax.lax.cond(whole, lambda: cudnn_chunk(q, k, v, start), xla)
+            else:
+                state = xla()
+            if n > 1:  # log-sum-exp merge of the partial states across the sequence axis
+                m = jax.lax.pmax(state.m, axis)
+                m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+                scale = jnp.exp(state.m - m_safe)
+                state = dataclasses.replace(state, m=m, l=jax.lax.psum(state.l * scale, axis),
+                                            acc=jax.lax.psum(state.acc * scale[..., None], axis))
+            return ungroup(normalized(state), q.dtype)
+
+        scales = () if k_scale is None else (k_scale, v_scale)
+        return jax.shard_map(local, mesh=layout.mesh,
+                             in_specs=(q_spec, P(kv_spec[0], None), kv_spec, kv_spec, idx_spec) + (scale_spec,) * len(scales),
+                             out_specs=q_spec, check_vma=False)(q, q_index, k, v, k_index, *scales)
+
+    return write, attend
+
+
+def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
+               positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
+               last_only: bool = True, kernel: str = "xla") -> tuple[jax.Array, KVCache]:
+    """Runs tokens [B, C] at cache slots [C] (valid [B, C] False for left padding), writing their
+    K/V; returns float32 logits ([B, V] with last_only, else [B, C, V]) and the new cache."""
+    model = nnx.merge(graphdef, state)
+    write, attend = cache_ops(layout, cache.order, kernel=kernel)
+    q_index = jnp.where(valid, slots[None], -1)
+    index = write(cache.index, jnp.where(valid, slots[None], PAD), slots)
+    ks, vs, k_scales, v_scales = list(cache.k), list(cache.v), list(cache.k_scale), list(cache.v_scale)
+
+    def attend_layer(i, q, k, v):
+        if cache.quantized:
+            (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
+            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots), write(v_scales[i], v_scale, slots)
+        ks[i], vs[i] = write(ks[i], k.astype(ks[i].dtype), slots), write(vs[i], v.astype(vs[i].dtype), slots)
+        scales = (k_scales[i], v_scales[i]) if cache.quantized else ()
+        return attend(q, q_index, ks[i], vs[i], index, *scales)
+
+    logits = model(tokens, positions, attend_layer, layout=layout, last_only=last_only).astype(jnp.float32)
+    cache = KVCache(tuple(ks), tuple(vs), index, tuple(k_scales), tuple(v_scales), cache.order)
+    return (logits[:, -1] if last_only else logits), cache

@@ -1,0 +1,57 @@
+"""Sampling a token from logits: greedy, temperature, top-k, top-p; parameters are traced."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MAX_STOP_IDS = 8
+# top_k up to this many takes `lax.top_k` instead of sorting the vocabulary. 64 covers transformers'
+# default of 50 (the one GLM-4 runs with: its generation_config.json names no top_k) and the usual
+# 20 and 40 at the least cost: lax.top_k compiles to a partial sort (TopK) on TPU and CPU, whose work
+# grows with k; larger top_k values take the full sort.
+TOP_K_MAX = 64
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """logits [B, V] float32 -> token ids [B]. temperature 0: greedy. top_k 0 / top_p 1: off.
+
+    In transformers' order: divide by the temperature, keep the top_k largest (and any tied with the
+    k-th), then the most likely of those whose probability mass reaches top_p (and any tied with the
+    last one). All parameters are traced scalars: changing them never recompiles. Only the branch the
+    parameters need runs: no truncation samples without sorting, top_k <= TOP_K_MAX takes
+    `lax.top_k`, anything else sorts the vocabulary. Each finds the smallest kept value; the draw
+    is over the whole vocabulary below it masked, so ties with the k-th past TOP_K_MAX stay."""
+    v = logits.shape[-1]
+    k_max = min(TOP_K_MAX, v)
+    top_k = jnp.where(top_k >= v, 0, top_k)                                  # keeps everything: off
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        x = logits / temperature                                                  # [B, V]
+        branch = jnp.where((top_k == 0) & (top_p >= 1), 0, jnp.where((top_k > 0) & (top_k <= k_max), 1, 2))
+        floor = jax.lax.switch(branch, [
+            lambda: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype),
+            # the barrier keeps XLA from folding slices of the result into the top-k, which turns it
+            # back into a sort of the whole vocabulary
+            lambda: _floor(x, jax.lax.optimization_barrier(jax.lax.top_k(x, k_max)[0]), top_k, top_p),
+            lambda: _floor(x, -jnp.sort(-x, axis=-1), top_k, top_p),
+        ])
+        return jax.random.categorical(key, jnp.where(x < floor, -jnp.inf, x), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, greedy, draw, None)
+
+
+def _floor(x: jax.Array, desc: jax.Array, top_k, top_p) -> jax.Array:
+    """The smallest value that top-k then top-p keep: [B, 1]. x [B, V]; desc [B, n]: the n largest
+    values of each row of x in descending order, n >= top_k. Values tied with the k-th may lie past
+    n: their mass comes from x itself."""
+    kth = jnp.take(desc, jnp.clip(top_k - 1, 0, desc.shape[-1] - 1), axis=-1)[:, None]
+    cut = jnp.where(top_k > 0, kth, -jnp.inf)                                     # [B, 1] top-k floor
+    top = desc[:, :1]
+    mass = jnp.where(desc >= cut, jnp.exp(desc - top), 0)                        # [B, n] unnormalised
+    total = jnp.where(x >= cut, jnp.exp(x - top), 0).sum(axis=-1, keepdims=True)
+    before = (jnp.cumsum(mass, axis=-1) - mass) / total                          # mass above each value
+    return jnp.where((desc >= cut) & (before < top_p), desc, jnp.inf).min(axis=-1, keepdims=True)

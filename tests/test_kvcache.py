@@ -1,0 +1,133 @@
+"""The KV cache's write and attend against float64 numpy attention, on 1 and 8 devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glm_jax.attention import PAD, cache_forward, init_state, normalized, ungroup
+from glm_jax.kvcache import cache_block, cache_ops, cache_order, quantize, score_budget
+from glm_jax.sharding import Layout, make_mesh
+
+B, HQ, G, D = 2, 8, 2, 16
+
+
+def reference(q, k, v, q_index, k_index):
+    """float64 attention: q [B,C,Hq,D], k/v [B,S,G,D] in slot order, causal by index."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    k, v = (np.repeat(x, HQ // G, axis=2) for x in (k, v))
+    s = np.einsum("bchd,bshd->bhcs", q, k) / np.sqrt(D)
+    mask = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & (k_index[:, None, None, :] != PAD)
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhcs,bshd->bchd", p, v)
+
+
+def filled_cache(mesh: str, length: int, filled: int, pad_row1: int, seed: int = 0, int8: bool = False):
+    """A cache of `length` slots with slots [0, filled) written (row 1 left-padded by pad_row1),
+    through the sharded write. Returns (layout, order, k, v, index, k_ref, v_ref, index_ref,
+    scales); int8: k/v quantized, scales (k_scale, v_scale), k_ref/v_ref their dequantized values."""
+    devices = int(np.prod([int(part.split("=")[1]) for part in mesh.split(",")]))
+    layout = Layout(make_mesh(mesh, jax.devices()[:devices]))
+    order = cache_order(layout, G)
+    write, _ = cache_ops(layout, order)
+    rng = np.random.default_rng(seed)
+    k_ref, v_ref = (rng.standard_normal((B, length, G, D)).astype(np.float32) for _ in range(2))
+    index_ref = np.full((B, length), PAD, np.int32)
+    index_ref[:, :filled] = np.arange(filled)
+    index_ref[1, :pad_row1] = PAD
+    shape = tuple({"b": B, "s": length, "g": G, "d": D}[c] for c in order)
+    slots = jnp.arange(filled, dtype=jnp.int32)
+    index = write(jnp.full((B, length), PAD, jnp.int32), jnp.asarray(index_ref[:, :filled]), slots)
+    if not int8:
+        k = write(jnp.zeros(shape, jnp.float32), jnp.asarray(k_ref[:, :filled]), slots)
+        v = write(jnp.zeros(shape, jnp.float32), jnp.asarray(v_ref[:, :filled]), slots)
+        return layout, order, k, v, index, k_ref, v_ref, index_ref, ()
+    stored, scales = [], []
+    for ref in (k_ref, v_ref):
+        q, scale = quantize(jnp.asarray(ref))
+        ref[:] = np.asarray(q, np.float32) * np.asarray(scale)[..., None]       # what the cache holds
+        stored.append(write(jnp.zeros(shape, jnp.int8), q[:, :filled], slots))
+        scales.append(write(jnp.zeros(shape[:order.index("d")], jnp.float32), scale[:, :filled], slots))
+    return layout, order, *stored, index, k_ref, v_ref, index_ref, tuple(scales)
+
+
+CASES = [("sequence=1", 2304, 1999, 1), ("sequence=1", 2304, 1999, 96), ("sequence=1", 300, 211, 1),
+         ("sequence=8", 8192, 3001, 1), ("sequence=8", 8192, 3001, 128), ("tensor=2,sequence=4", 4096, 2500, 1),
+         ("tensor=2,sequence=4", 4096, 2500, 64), ("sequence=3", 3072, 2049, 1), ("sequence=3", 3072, 2049, 40)]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("mesh, length, filled, chunk", CASES)
+def test_attend_matches_reference(mesh, length, filled, chunk, int8):
+    """Decode (one query) and prefill chunks (the last `chunk` filled slots as queries), with a
+    left-padded row, striped slots and awkward fill levels; int8: against the dequantized values
+    (the attention itself adds no error beyond float32 rounding)."""
+    layout, order, k, v, index, k_ref, v_ref, index_ref, scales = filled_cache(mesh, length, filled, filled // 3,
+                                                                               int8=int8)
+    _, attend = cache_ops(layout, order, budget=chunk * HQ * 256)          # 256-slot tiles or fewer
+    q = np.random.default_rng(1).standard_normal((B, chunk, HQ, D)).astype(np.float32)
+    q_index = np.broadcast_to(np.arange(filled - chunk, filled, dtype=np.int32), (B, chunk))
+    got = jax.jit(attend)(jnp.asarray(q), jnp.asarray(q_index), k, v, index, *scales)
+    want = reference(q, k_ref, v_ref, q_index, index_ref)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+
+
+def test_prefill_visits_only_filled_tiles():
+    """A prefill chunk near the start of a large cache reads the filled tiles only: garbage (NaN)
+    beyond the last filled slot is never touched."""
+    s, filled, chunk = 4096, 700, 64
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, s, G, D)).astype(np.float32)
+    v = rng.standard_normal((1, s, G, D)).astype(np.float32)
+    want_k, want_v = k[:, :1024].copy(), v[:, :1024].copy()
+    k[:, 1024:] = np.nan
+    v[:, 1024:] = np.nan
+    index = np.full((1, s), PAD, np.int32)
+    index[:, :filled] = np.arange(filled)
+    q = rng.standard_normal((1, chunk, G, HQ // G, D)).astype(np.float32)
+    qi = np.arange(filled - chunk, filled, dtype=np.int32)[None]
+    state = cache_forward(init_state(1, chunk, G, HQ // G, D), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                          jnp.asarray(qi), jnp.asarray(index), block_k=512)
+    got = ungroup(normalized(state), jnp.float32)
+    want = reference(q.reshape(1, chunk, HQ, D), want_k, want_v, qi, index[:, :1024])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+
+
+def test_cache_block():
+    """Score tiles within the budget: 4,096 queries x 32 heads on v5e get 128-slot tiles."""
+    cpu, gpu = score_budget("cpu"), score_budget("gpu")
+    assert cache_block(300, 512 * 8, cpu) == 300 and cache_block(8192, 512 * 8, cpu) == 4096
+    assert cache_block(6144, 512 * 8, cpu) == 2048 and cache_block(131072, 4096 * 32, cpu) == 128
+    assert cache_block(2560, 8 * 256, 8 * 256 * 1024) == 512 and cache_block(139264, 4096 * 32, gpu) == 2048
+
+
+@pytest.mark.parametrize("start", [0, 96, 200])
+def test_fused_chunk_decomposition(start):
+    """The GPU prefill path's decomposition (the chunk's causal self-attention + its attention to
+    slots [0, start), merged by log-sum-exp), run through jax.nn's XLA implementation here."""
+    from glm_jax.attention import cudnn_chunk
+
+    s, chunk = 512, 64
+    rng = np.random.default_rng(start)
+    k, v = (rng.standard_normal((B, s, G, D)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((B, chunk, HQ, D)).astype(np.float32)
+    index = np.full((B, s), PAD, np.int32)
+    index[:, :start + chunk] = np.arange(start + chunk)
+    qi = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (B, chunk))
+    state = jax.jit(cudnn_chunk, static_argnums=4)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), start, "xla")
+    got = ungroup(normalized(state), jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), reference(q, k, v, qi, index), rtol=0, atol=2e-5)
+
+
+def test_quantize_round_trip():
+    """Symmetric int8 per vector: |x - q * scale| <= scale / 2 = max|x| / 254; zeros stay zero."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50, 4, 128)) * np.geomspace(1e-3, 1e3, 4)[:, None],
+                    jnp.float32)
+    x = x.at[0, 0, 0].set(0.0)
+    q, scale = quantize(x)
+    assert q.dtype == jnp.int8 and scale.shape == x.shape[:-1] and int(jnp.abs(q).max()) == 127
+    err = jnp.abs(q.astype(jnp.float32) * scale[..., None] - x)
+    assert bool((err <= scale[..., None] / 2 * (1 + 1e-6)).all())
+    assert bool((q[0, 0, 0] == 0).all()) and float(scale[0, 0, 0]) == 0.0
