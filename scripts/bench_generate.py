@@ -17,32 +17,7 @@ import pathlib
 import tempfile
 
 import numpy as np
-from _timing import best_time
-
-
-def memory_bandwidth(size: int = 2 << 30, repeats: int = 5) -> dict:
-    """Measured on all cores: read (a jitted sum over `size` bytes) and copy (two threads of numpy
-    copyto; bytes read + written)."""
-    import threading
-
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(size // 4, np.float32))
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    read = size / best_time(lambda: total(x).block_until_ready(), repeats) / 1e9
-    src = np.ones(size // 8, np.float32)
-    dst = np.empty_like(src)
-    half = len(src) // 2
-
-    def copy():
-        threads = [threading.Thread(target=np.copyto, args=(dst[i * half:(i + 1) * half], src[i * half:(i + 1) * half]))
-                   for i in range(2)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-
-    return {"read_gb_per_s": read, "copy_gb_per_s": 2 * src.nbytes / best_time(copy, repeats) / 1e9}
+from _timing import best_time, memory_bandwidth
 
 
 def main() -> int:
