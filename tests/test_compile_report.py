@@ -53,3 +53,17 @@ def test_million_token_prefill_and_decode_fit_a_v5e_8():
         assert r.fits, r.format()
         assert r.kv_cache_bytes_per_device == pytest.approx(10 * 2**30, rel=0.01)   # 80 GiB / 8 chips
         assert r.argument_bytes_per_device < 12.5 * 2**30                           # 2.4 GiB weights + cache
+
+
+def test_int8_cache_report(reference, capsys):
+    """--kv-cache-dtype int8: int8 K/V plus a float32 scale per slot and KV head, about half the bf16 cache."""
+    config = ["--config", str(reference / "fixtures" / "chatglm-f32"), "--topology", "local", "--seq-len", "2048",
+              "--mesh", "sequence=8", "--chunk", "128", "--json"]
+    assert main(["compile-report", *config]) == 0
+    bf16 = json.loads(capsys.readouterr().out)[1]["kv_cache_bytes_per_device"]
+    assert main(["compile-report", *config, "--kv-cache-dtype", "int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out)[1]["kv_cache_bytes_per_device"]
+    c = GLMConfig.from_hf(reference / "fixtures" / "chatglm-f32")
+    slots = 2048 // 8
+    values, scales = 2 * c.num_layers * slots * c.num_kv_heads * c.head_dim, 2 * c.num_layers * slots * c.num_kv_heads * 4
+    assert int8 == values + scales + slots * 4 and bf16 == 2 * values + slots * 4

@@ -192,3 +192,24 @@ def test_padding_ids_have_no_text(tiny_chat_model):
     model = glm_jax.load(tiny_chat_model)
     assert model.config.vocab_size == 151552 and model.tokenizer.vocab_size == 151343
     assert _text_ids(model, [5, 151342, 151343, 151551]) == [5, 151342]
+
+
+def test_int8_cache_sharded_equals_unsharded(reference, capsys):
+    """The int8 cache gives the same greedy tokens on one device, striped over 8 and with one KV
+    head per device; a bad name is refused."""
+    folder, ref = fixture(reference, "chatglm-f32")
+    prompt = ref["input_ids"][0].tolist()
+    outs = [glm_jax.load(folder, mesh=mesh, kv_cache_dtype="int8", prefill_chunk=16).generate(
+        [prompt], max_new_tokens=12, temperature=0, stop_ids=()) for mesh in (None, "sequence=8", "tensor=4,sequence=2")]
+    assert outs[0] == outs[1] == outs[2]
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        glm_jax.load(folder, kv_cache_dtype="int4")
+
+
+def test_cli_generate_int8_cache(tiny_chat_model, capsys):
+    assert main(["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "4",
+                 "--temperature", "0", "--kv-cache-dtype", "int8", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ids"]) >= 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--kv-cache-dtype", "fp4"])
+    assert exit_.value.code == 2

@@ -116,9 +116,6 @@ def test_context_parallel_on_a_layout_of_a_user_mesh(kind):
 
 LOAD_MESHES = [  # (shape, names, axis types, the same mesh as a spec string)
     ((2, 4), ("tensor", "sequence"), AxisType.Explicit, "tensor=2,sequence=4"),
-    ((2, 4), ("tensor", "sequence"), AxisType.Auto, "tensor=2,sequence=4"),
-    ((8,), ("sequence",), AxisType.Explicit, "sequence=8"),
-    ((2, 4), ("fsdp", "sequence"), AxisType.Explicit, "fsdp=2,sequence=4"),
     ((2, 4), ("fsdp", "sequence"), AxisType.Auto, "fsdp=2,sequence=4"),
 ]
 
