@@ -161,9 +161,15 @@ def _compile_report(args) -> int:
 
     over = {"auto": None, "yes": True, "no": False}[args.weights_over_sequence]
     config = GLMConfig.from_hf(args.config) if pathlib.Path(args.config).exists() else GLMConfig.preset(args.config)
-    reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
-                             batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
-                             kv_cache_dtype=args.kv_cache_dtype)
+    try:
+        reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
+                                 batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
+                                 kv_cache_dtype=args.kv_cache_dtype)
+    except Exception as e:   # XLA refuses, at compile time, a program larger than the chip's memory
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"glm-jax compile-report: does not fit: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
     else:

@@ -3,7 +3,7 @@
 Builds ~10 MB of mixed Chinese / English / code text (deterministic, no downloads), encodes it with
 both, checks the ids agree, and prints MB/s, tokens/s and the ratio for each mode:
 
-    .venv/bin/python scripts/bench_tokenizer.py [--reference ../shared/glm4] [--mb 10] [--repeats 3]
+    .venv/bin/python scripts/bench_tokenizer.py [--reference tests/data] [--mb 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def make_text(megabytes: float, seed: int = 0) -> str:
 
 
 def main() -> None:
-    reference = os.environ.get("GLM_JAX_REFERENCE") or pathlib.Path(__file__).resolve().parents[2] / "shared/glm4"
+    reference = os.environ.get("GLM_JAX_REFERENCE") or pathlib.Path(__file__).resolve().parents[1] / "tests/data"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=pathlib.Path, default=reference, help="folder holding tokenizer.model")
     parser.add_argument("--mb", type=float, default=10.0, help="size of the generated text in MB")
