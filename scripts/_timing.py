@@ -7,14 +7,19 @@ from typing import Callable
 import numpy as np
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` runs of fn(), in seconds (fn must wait for its own result)."""
-    times = []
-    for _ in range(repeats):
+def timings(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds of each of n calls of fn() (fn must wait for its own result)."""
+    out = []
+    for _ in range(n):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` runs of fn(), in seconds (fn must wait for its own result)."""
+    return min(timings(fn, repeats))
 
 
 def memory_bandwidth(size: int = 2 << 30, repeats: int = 5) -> dict:

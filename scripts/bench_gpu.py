@@ -74,6 +74,8 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from typing import Callable  # noqa: E402
 
+from _timing import timings  # noqa: E402  (this script's folder is on sys.path)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))   # this checkout's glm_jax, installed or not (a GPU image installs nothing)
 START = time.perf_counter()
@@ -142,16 +144,6 @@ OPTIONAL = ("context_8k", "transformers", "context_32k", "cudnn", "longest_fit",
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def timings(fn: Callable[[], object], n: int) -> list[float]:
-    """Seconds of n calls of fn() (fn waits for its own result)."""
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def random_ids(vocab: int, length: int) -> list[int]:
