@@ -39,7 +39,7 @@ class Model:
     def __init__(self, config: GLMConfig, graphdef: nnx.GraphDef, state: nnx.State, *,
                  attention: str | AttentionFn = "auto", layout: Layout | None = None, strategy: str = "ring",
                  path: pathlib.Path | None = None, prefill_chunk: int = 512, kv_cache_dtype: str | None = None,
-                 kernel: str = "xla"):
+                 kernel: str = "auto"):
         self.config, self.graphdef, self.state, self.layout, self.path = config, graphdef, state, layout, path
         self.prefill_chunk, self.kv_cache_dtype, self.kernel = prefill_chunk, kv_cache_dtype, kernel
         cache_dtype(kv_cache_dtype, self.dtype)                          # fails early on a bad name
@@ -149,7 +149,7 @@ class Model:
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
          attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = 512,
-         kv_cache_dtype: str | None = None, kernel: str = "xla") -> Model:
+         kv_cache_dtype: str | None = None, kernel: str = "auto") -> Model:
     """Loads a converted glm-jax folder, or an HF folder (either layout, converted in memory).
 
     dtype: "bfloat16" or "float32" (default: the stored weights' dtype).
@@ -160,8 +160,9 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     prefill_chunk: tokens per prefill step in `generate` (bounds prefill activations).
     kv_cache_dtype: the KV cache's storage in `generate`: None (the weights' dtype) or "int8"
       (per-token, per-head float32 scales; dequantized inside the attention).
-    kernel: prefill attention in `generate`: "xla" (portable) or "cudnn" (cuDNN flash attention
-      on a GPU, for a sequence held by one device; decode is one fused XLA pass either way).
+    kernel: prefill attention in `generate`: "auto" (cudnn on a GPU, xla elsewhere), "xla"
+      (portable) or "cudnn" (cuDNN flash attention on a GPU, for a sequence held by one device;
+      decode is one fused XLA pass either way).
     """
     path = pathlib.Path(path)
     config_file = path / "config.json"

@@ -38,7 +38,7 @@ jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in datac
 
 
 def decode_loop(graphdef, params, st: DecodeState, prompt_slots, stop_at, key, temperature, top_k, top_p,
-                stop_ids, pad_id, *, layout: Layout, kernel: str = "xla") -> DecodeState:
+                stop_ids, pad_id, *, layout: Layout, kernel: str = "auto") -> DecodeState:
     """Generates until `stop_at` tokens or every row has produced a stop id, all on device."""
 
     def cond(st):
@@ -80,7 +80,7 @@ class Generator:
     """Owns the compiled prefill and decode programs of one model on one layout."""
 
     def __init__(self, config: GLMConfig, graphdef, state, layout: Layout, *, prefill_chunk: int = 512,
-                 kernel: str = "xla", kv_cache_dtype: str | None = None):
+                 kernel: str = "auto", kv_cache_dtype: str | None = None):
         self.config, self.graphdef, self.state, self.layout = config, graphdef, state, layout
         self.prefill_chunk = prefill_chunk
         self.dtype = jax.tree.leaves(state)[0].dtype

@@ -160,7 +160,7 @@ def _local_slots(slots: jax.Array, length: int, axis: str) -> jax.Array:
     return jnp.where((j % n == jax.lax.axis_index(axis)) & (local < length), local, length)
 
 
-KERNELS = ("xla", "cudnn")
+KERNELS = ("auto", "xla", "cudnn")   # auto: cudnn on a GPU, xla elsewhere
 
 
 def cache_block(local_length: int, queries: int, budget: int) -> int:
@@ -182,10 +182,11 @@ def score_budget(platform: str) -> int:
     return {"gpu": 1 << 28, "cpu": 1 << 21}.get(platform, 1 << 24)
 
 
-def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int | None = None, kernel: str = "xla"):
+def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int | None = None, kernel: str = "auto"):
     """(write, attend) on the sharded cache, both shard_mapped over the mesh. `order`: the K/V
-    dim order ("bsgd" or "bgsd"). `kernel`: "xla" (portable) or "cudnn" (GPU: prefill chunks of a
-    whole sequence held by one device go to cuDNN's flash attention; decode stays one fused pass).
+    dim order ("bsgd" or "bgsd"). `kernel`: "xla" (portable), "cudnn" (GPU: prefill chunks of a
+    whole sequence held by one device go to cuDNN's flash attention; decode stays one fused pass)
+    or "auto" (cudnn on a GPU, xla elsewhere).
     `budget`: float32 values per prefill score tile (default: `score_budget` of the mesh's chips).
 
     write(cache_part, values, slots) -> cache_part with the slots set: K/V take values [B,C,G,D]
@@ -224,7 +225,7 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
         local_heads = hq // math.prod(layout.size(a) for a in ((split,) if isinstance(split, str) else split))
         platform = layout.mesh.devices.flat[0].platform
         bk = cache_block(s // n, c * local_heads, budget or score_budget(platform))
-        use_cudnn = kernel == "cudnn" and n == 1 and order == "bsgd" and c > 1 and k_scale is None
+        use_cudnn = (kernel == "cudnn" or (kernel == "auto" and platform == "gpu")) and n == 1 and order == "bsgd" and c > 1 and k_scale is None
         scale_spec = P(*(a for i, a in enumerate(kv_spec) if i != order.index("d")))
 
         def local(q, qi, k, v, ki, *scales):
@@ -255,7 +256,7 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
 
 def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
                positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
-               last_only: bool = True, kernel: str = "xla") -> tuple[jax.Array, KVCache]:
+               last_only: bool = True, kernel: str = "auto") -> tuple[jax.Array, KVCache]:
     """Runs tokens [B, C] at cache slots [C] (valid [B, C] False for left padding), writing their
     K/V; returns float32 logits ([B, V] with last_only, else [B, C, V]) and the new cache."""
     model = nnx.merge(graphdef, state)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """glm-4-9b-chat-1m on one accelerator, random bf16 weights made on the device (issue #15).
 
-  python scripts/bench_gpu.py [--budget-s 420] [--prefill-chunk 4096] [--out FILE]
-                              [--sections context_8k,transformers,...] [--compile-cache DIR]
+  python scripts/bench_gpu.py [--budget-s 420] [--prefill-chunk 4096] [--out FILE] [--kernel auto]
+                              [--sections accuracy,transformers,...] [--compile-cache DIR] [--profile DIR]
   python scripts/bench_gpu.py --small --out /tmp/bench.json   # a tiny config, same code (tests: CPU)
 
 Sections, in this order (the first three always run; the others are skipped, recorded as
@@ -26,6 +26,15 @@ try/except (a failure is recorded as {"error": ...}) and the JSON is rewritten a
   per visible key, the output layer once (only the last token's logits are needed). Query t sees
   t + 1 keys, so P(P+1)/2 keys in all, whatever the chunking: chunk i of C tokens has C queries
   seeing i*C + (C+1)/2 keys on average.
+  --profile DIR (GPU): one more 1K call (prefill and 32 decode steps) under JAX's profiler; the
+  kernels of each compiled program from its Perfetto JSON: count, summed time, span (summed / span:
+  how busy the GPU was), per decode step, and the costliest kernels.
+- accuracy: teacher-forced logits [P, V] of one random 3-chunk prompt (P = 3 x chunk / 4) from
+  the bf16 weights through glm-jax's XLA kernel, glm-jax's cuDNN kernel (GPU) and transformers
+  (SDPA, one forward), each against a float32 reference: glm-jax on the same weights cast to
+  float32, float32 cache, XLA kernel at HIGHEST precision. Relative error, max abs error and top-1
+  agreement per path; cuDNN counts as accurate when its error is at most 1.25x the XLA path's and
+  its top-1 agreement at most 2 points lower (the library's "auto" kernel takes cuDNN on GPUs).
 - transformers: GlmForCausalLM (SDPA, bf16) built on the meta device and given the very same
   device arrays (torch.from_dlpack, reshaped to the HF layout by glm_jax.convert's mapping; only the
   fused gate_up weight is a copy), generate() timed the same way at 1K (decode) and 8K (prefill;
@@ -81,10 +90,11 @@ sys.path.insert(1, str(ROOT))   # this checkout's glm_jax, installed or not (a G
 START = time.perf_counter()
 GiB = 1 << 30
 
-# The prefill attention kernel of every Generator this script makes (--kernel): "xla" (portable) or
-# "cudnn" (cuDNN flash attention for prefill chunks; section cudnn measures it against "xla").
-GENERATOR_KERNEL_KEYWORD = "kernel"
-DEFAULT_KERNEL = "xla"
+# The prefill attention kernel of every Generator this script makes (--kernel): "auto" (the
+# library's default: cudnn on a GPU), "xla" (portable) or "cudnn" (cuDNN flash attention for prefill
+# chunks); section accuracy measures both against a float32 reference.
+DEFAULT_KERNEL = "auto"
+KERNEL_CHOICES = ("auto", "xla", "cudnn")
 
 # device_kind substring (first match wins): dense bf16 FLOP/s and HBM bytes/s, as NVIDIA states them.
 DATASHEET = (
@@ -131,15 +141,15 @@ class Scale:
 FULL = Scale("glm-4-9b-chat-1m", {"context_1k": (1024, 128), "context_8k": (8192, 16), "context_32k": (32768, 128)},
              huge_prompt=131072, prefill_chunk=4096, copy_bytes=4 * GiB, matmul=(8192, 8), fit_unit=65536,
              fit_cap=1048576, memory_limit=None, repeats=3,
-             cost_s={"context_8k": 45, "transformers": 60, "cudnn": 60, "context_32k": 60, "longest_fit": 100,
+             cost_s={"context_8k": 45, "transformers": 60, "accuracy": 90, "context_32k": 60, "longest_fit": 100,
                      "prefill_128k": 60, "int8_32k": 60})
 SMALL = Scale("small", {"context_1k": (64, 128), "context_8k": (128, 64), "context_32k": (192, 32)},
               huge_prompt=1024, prefill_chunk=64, copy_bytes=16 << 20, matmul=(256, 2), fit_unit=1024,
               fit_cap=65536, memory_limit=32 << 20, repeats=2,
-              cost_s={"context_8k": 2, "transformers": 5, "cudnn": 3, "context_32k": 3, "longest_fit": 10,
+              cost_s={"context_8k": 2, "transformers": 5, "accuracy": 5, "context_32k": 3, "longest_fit": 10,
                       "prefill_128k": 3, "int8_32k": 3})
 
-OPTIONAL = ("context_8k", "transformers", "context_32k", "cudnn", "longest_fit", "prefill_128k", "int8_32k")
+OPTIONAL = ("accuracy", "context_8k", "transformers", "context_32k", "longest_fit", "prefill_128k", "int8_32k")
 
 
 def log(message: str) -> None:
@@ -214,9 +224,8 @@ class Bench:
 def make_generator(bench: Bench):
     from glm_jax.generate import Generator
 
-    kwargs = {} if bench.args.kernel == DEFAULT_KERNEL else {GENERATOR_KERNEL_KEYWORD: bench.args.kernel}
     return Generator(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
-                     **kwargs)
+                     kernel=bench.args.kernel)
 
 
 def section_device(bench: Bench) -> dict:
@@ -328,11 +337,79 @@ def section_context(name: str) -> Callable[[Bench], dict]:
     def run(bench: Bench) -> dict:
         bench.need_model()
         prompt, new = bench.scale.contexts[name]
-        t1, tn, tokens = measure(glm_run(bench, random_ids(bench.config.vocab_size, prompt)), new, bench.scale.repeats)
+        run = glm_run(bench, random_ids(bench.config.vocab_size, prompt))
+        t1, tn, tokens = measure(run, new, bench.scale.repeats)
         bench.tokens[prompt] = tokens
-        return context_figures(bench, prompt, new, t1, tn, first_has_step=True)
+        out = context_figures(bench, prompt, new, t1, tn, first_has_step=True)
+        if name == "context_1k" and bench.args.profile:
+            out["profile"] = profile(bench, lambda: run(PROFILED_STEPS + 1), bench.args.profile)
+        return out
 
     return run
+
+
+PROFILED_STEPS = 32
+
+
+def profile(bench: Bench, call: Callable[[], object], folder: str) -> dict:
+    """Kernel time of one traced call (a prefill and PROFILED_STEPS decode steps) from JAX's
+    profiler (its Perfetto JSON, kept in `folder`): per compiled program, the kernels run, their
+    summed time and the span from the first start to the last end (summed time / span: how busy
+    the GPU was); for the decode loop, per step, with its 25 costliest kernels."""
+    import glob
+
+    import jax
+
+    if bench.device().get("platform") != "gpu":
+        return {"unavailable": f"kernel traces are read on a GPU, not {bench.device().get('platform')}"}
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        call()
+    trace = max(glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True), key=os.path.getmtime)
+    return {"trace": os.path.relpath(trace, folder), **kernel_summary(trace, "GPU")}
+
+
+def kernel_summary(trace: str, device: str) -> dict:
+    """The kernel events of the processes whose name holds `device`, summarised (see `profile`)."""
+    import collections
+    import gzip
+
+    events = json.load(gzip.open(trace))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if device in name}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    programs = collections.defaultdict(list)
+    for e in kernels:
+        args = e.get("args") or {}
+        programs[args.get("hlo_module") or args.get("hlo_module_name") or "?"].append(e)
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu}
+    per_thread = collections.Counter()
+    for e in kernels:
+        per_thread[threads.get((e["pid"], e.get("tid")), "?")] += e["dur"]
+    streams = {key for key, name in threads.items() if "stream" in name.lower()}
+    if streams:   # kernels run on streams; other lines of the device (module or op views) repeat them
+        kernels = [e for e in kernels if (e["pid"], e.get("tid")) in streams]
+    result = {"processes": sorted(names[p] for p in gpu), "thread_us": dict(per_thread.most_common(12)),
+              "events": len(kernels), "programs": {}}
+    for module, evs in sorted(programs.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
+        busy = sum(e["dur"] for e in evs)
+        span = max(e["ts"] + e["dur"] for e in evs) - min(e["ts"] for e in evs)
+        entry = {"kernels": len(evs), "kernel_us": busy, "span_us": span, "busy_fraction": busy / span if span else None}
+        by = collections.defaultdict(lambda: [0, 0.0])
+        for e in evs:
+            key = (e["name"][:80], ((e.get("args") or {}).get("hlo_op") or "")[:60])
+            by[key][0] += 1
+            by[key][1] += e["dur"]
+        entry["top"] = [{"kernel": k, "hlo_op": op, "count": n, "us": t}
+                        for (k, op), (n, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]]
+        if "decode" in module:
+            entry.update(kernels_per_step=len(evs) / PROFILED_STEPS, kernel_us_per_step=busy / PROFILED_STEPS,
+                         span_us_per_step=span / PROFILED_STEPS)
+        result["programs"][module] = entry
+    sample = next((e for e in kernels if e.get("args")), None)
+    result["sample_event_args"] = sorted((sample or {}).get("args", {}))
+    return result
 
 
 def hf_model(config, arrays: dict):
@@ -410,61 +487,91 @@ def section_transformers(bench: Bench) -> dict:
             torch.cuda.empty_cache()
 
 
-def chunk_logits(bench: Bench, kernel: str, prompt: list[int], chunk: int):
-    """Every position's logits [P, V] (float32, on the device) of a chunked prefill with `kernel`."""
+def chunk_logits(config, graphdef, state, layout, kernel: str, prompt: list[int], chunk: int):
+    """Every position's logits [P, V] (float32, on the device) of a chunked prefill with `kernel`,
+    the cache in the weights' dtype."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from glm_jax.generate import cache_length
     from glm_jax.kvcache import init_cache, model_step
 
-    step = jax.jit(functools.partial(model_step, bench.graphdef, layout=bench.layout, kernel=kernel,
-                                     last_only=False), donate_argnums=(1,))
-    cache = init_cache(bench.config, bench.layout, 1, cache_length(len(prompt), 1), jnp.bfloat16)
+    step = jax.jit(functools.partial(model_step, graphdef, layout=layout, kernel=kernel, last_only=False),
+                   donate_argnums=(1,))
+    cache = init_cache(config, layout, 1, cache_length(len(prompt), 1), jax.tree.leaves(state)[0].dtype)
     ids = np.asarray(prompt, np.int32)[None]
     out = []
     for start in range(0, len(prompt), chunk):
         part = slice(start, start + chunk)
-        logits, cache = step(bench.state, cache, ids[:, part], np.arange(len(prompt), dtype=np.int32)[None, part],
+        logits, cache = step(state, cache, ids[:, part], np.arange(len(prompt), dtype=np.int32)[None, part],
                              np.arange(start, start + chunk, dtype=np.int32), np.ones((1, chunk), bool))
         out.append(logits[0])
-    return jnp.concatenate(out)
+    return jax.numpy.concatenate(out)
 
 
-def section_cudnn(bench: Bench) -> dict:
-    """The cuDNN prefill kernel against the XLA one: logits of the same chunked prefill (3 chunks:
-    the first attends to itself only, the others also to the cache), and its speed at 32K."""
+def hf_logits(bench: Bench, prompt: list[int]):
+    """transformers' logits [P, V] (bf16 model, float32 result, on the device) of the whole prompt."""
+    import jax.numpy as jnp
+    import torch
+
+    model, device = hf_model(bench.config, bench.arrays)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt], device=device)).logits[0].float().contiguous()
+        return jnp.from_dlpack(logits).copy() if device.type != "cpu" else jnp.asarray(logits.numpy())
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def section_accuracy(bench: Bench) -> dict:
+    """Teacher-forced logits of one random prompt (3 prefill chunks: the first attends to itself
+    only, the others also to the cache) from the bf16 model through each path: glm-jax with the
+    XLA kernel, with cuDNN (GPU only), and transformers (SDPA, the whole prompt at once), against a
+    float32 reference: glm-jax with the same weights cast to float32, float32 cache, XLA kernel at
+    HIGHEST precision. Per path: relative error (Frobenius), max abs error, the fraction of
+    positions whose top-1 token is the reference's."""
+    import jax
     import jax.numpy as jnp
 
-    from glm_jax.generate import Generator
+    from glm_jax.params import split_model
 
     bench.need_model()
-    if bench.device().get("platform") != "gpu":
-        return {"unavailable": f"cuDNN needs a GPU, not {bench.device().get('platform')}"}
     chunk = max(bench.args.prefill_chunk // 4, 16)
     prompt = random_ids(bench.config.vocab_size, 3 * chunk)
-    ref, got = (chunk_logits(bench, kernel, prompt, chunk) for kernel in ("xla", "cudnn"))
-    result = {"check_prompt_tokens": len(prompt), "check_chunk": chunk,
-              "logits_relative_error": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
-              "logits_max_abs_error": float(jnp.abs(got - ref).max()),
-              "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
-    del ref, got
-    log(f"  cudnn vs xla logits: {result['logits_relative_error']:.2e} relative, top-1 {result['top1_agreement']:.3f}")
-    cudnn = Generator(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
-                      kernel="cudnn")
-    for name in ("context_32k",):
-        if bench.left() < bench.scale.cost_s["cudnn"] / 2:
-            result[name] = {"skipped": "budget"}
-            continue
-        prompt_len, new = bench.scale.contexts[name]
-        run = lambda n, ids=random_ids(bench.config.vocab_size, prompt_len): cudnn.generate(
-            [ids], max_new_tokens=n, temperature=0, stop_ids=())[0]
-        t1, tn, tokens = measure(run, min(new, 16), bench.scale.repeats)
-        result[name] = context_figures(bench, prompt_len, min(new, 16), t1, tn, first_has_step=True)
-        ours = bench.tokens.get(prompt_len)
-        if ours is not None:
-            result[name]["greedy_identical_to_xla"] = tokens == ours[:len(tokens)]
+    gpu = bench.device().get("platform") == "gpu"
+    paths = {"glm_jax_bf16_xla": lambda: chunk_logits(bench.config, bench.graphdef, bench.state, bench.layout, "xla",
+                                                      prompt, chunk)}
+    if gpu:
+        paths["glm_jax_bf16_cudnn"] = lambda: chunk_logits(bench.config, bench.graphdef, bench.state, bench.layout,
+                                                           "cudnn", prompt, chunk)
+    paths["transformers_bf16_sdpa"] = lambda: hf_logits(bench, prompt)
+    logits, result = {}, {"prompt_tokens": len(prompt), "chunk": chunk}
+    for name, fn in paths.items():
+        try:
+            logits[name] = fn().block_until_ready()
+        except Exception as e:  # one path failing still leaves the others compared
+            result[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    arrays32 = {k: v.astype(jnp.float32) for k, v in bench.arrays.items()}
+    graphdef32, state32 = split_model(bench.config, jnp.float32, arrays32)
+    ref = chunk_logits(bench.config, graphdef32, state32, bench.layout, "xla", prompt, chunk).block_until_ready()
+    del arrays32, state32
+    top_ref = ref.argmax(-1)
+    for name, got in logits.items():
+        result[name] = {"relative_error": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
+                        "max_abs_error": float(jnp.abs(got - ref).max()),
+                        "top1_agreement": float((got.argmax(-1) == top_ref).mean())}
+        log(f"  {name}: {result[name]['relative_error']:.2e} relative, top-1 {result[name]['top1_agreement']:.3f}")
+    result["reference"] = {"path": "glm_jax_float32_xla", "logits_std": float(ref.std()),
+                           "top1_margin_median": float(jnp.median(jnp.diff(jax.lax.top_k(ref, 2)[0], axis=-1)))}
+    xla, cudnn = result.get("glm_jax_bf16_xla", {}), result.get("glm_jax_bf16_cudnn", {})
+    if "relative_error" in xla and "relative_error" in cudnn:
+        # cuDNN is as exact as the XLA path when neither its error nor its top-1 misses are larger by
+        # more than the run-to-run spread of bf16 rounding (25% of the error, 2 points of top-1)
+        result["cudnn_as_accurate_as_xla"] = (cudnn["relative_error"] <= 1.25 * xla["relative_error"]
+                                              and cudnn["top1_agreement"] >= xla["top1_agreement"] - 0.02)
     return result
 
 
@@ -614,10 +721,10 @@ SECTIONS: tuple[tuple[str, Callable[[Bench], dict]], ...] = (
     ("device", section_device),
     ("model", section_model),
     ("context_1k", section_context("context_1k")),
+    ("accuracy", section_accuracy),
     ("context_8k", section_context("context_8k")),
     ("transformers", section_transformers),
     ("context_32k", section_context("context_32k")),
-    ("cudnn", section_cudnn),
     ("longest_fit", section_longest_fit),
     ("prefill_128k", section_prefill_128k),
     ("int8_32k", section_int8_32k),
@@ -659,13 +766,11 @@ def summary(results: dict) -> str:
                          f"(glm-jax {times(r['decode_speedup_1k'])}), prefill 8K "
                          f"{r['prefill_8k']['prefill_tokens_per_s']:,.0f} tok/s "
                          f"(glm-jax {times(r['prefill_speedup_8k'])}), greedy {r.get('greedy_1k')}")
-        elif name == "cudnn":
-            if "unavailable" in r:
-                lines.append(f"  {name:<13} {r['unavailable']}")
-                continue
-            lines.append(f"  {name:<13} logits vs xla {r['logits_relative_error']:.1e} relative, top-1 "
-                         f"{r['top1_agreement']:.3f}; prefill MFU 32K "
-                         f"{fmt((r.get('context_32k') or {}).get('prefill_mfu'), '.0%')}")
+        elif name == "accuracy":
+            paths = [f"{k} {v['relative_error']:.1e} top-1 {v['top1_agreement']:.3f}" for k, v in r.items()
+                     if isinstance(v, dict) and "relative_error" in v]
+            lines.append(f"  {name:<13} logits vs float32: " + "; ".join(paths)
+                         + f" (cuDNN as accurate as XLA: {r.get('cudnn_as_accurate_as_xla', 'n/a')})")
         elif name == "longest_fit":
             int8 = r["int8"].get("longest_tokens", r["int8"].get("unavailable") or r["int8"].get("skipped"))
             lines.append(f"  {name:<13} bf16 cache {fmt(r['bf16']['longest_tokens'], ',')} tokens, int8 {int8} "
@@ -693,10 +798,13 @@ def parse_args(argv=None):
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip optional sections once this many seconds are nearly spent (default 420)")
     parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill step (default 4096; 128 with --small)")
-    parser.add_argument("--kernel", default=DEFAULT_KERNEL, choices=("xla", "cudnn"),
-                        help="prefill attention kernel of the timed Generators (default xla)")
+    parser.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNEL_CHOICES,
+                        help="prefill attention kernel of the timed Generators (default auto: cudnn on a GPU)")
     parser.add_argument("--sections", help=f"optional sections to run, comma-separated (default all: "
                                            f"{','.join(OPTIONAL)})")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="trace one 1K generate (prefill and 32 decode steps) with JAX's profiler into DIR "
+                             "and summarise its kernel times (GPU only)")
     parser.add_argument("--compile-cache", help="JAX persistent compilation cache folder (reused by a rerun)")
     parser.add_argument("--out", help="JSON file (default benchmarks/results/DATE-bench-gpu-DEVICE.json)")
     args = parser.parse_args(argv)
@@ -739,7 +847,7 @@ def main(argv=None) -> int:
     bench.results["meta"] = {
         "device_kind": kind, "platform": devices[0].platform, "jax": jax.__version__, "config": scale.config_name,
         "small": args.small, "budget_s": args.budget_s, "prefill_chunk": args.prefill_chunk,
-        "attention_kernel": args.kernel, "generator_kernel_keyword": GENERATOR_KERNEL_KEYWORD,
+        "attention_kernel": args.kernel,
         "attention_settings": {k: v for k, v in vars(attention).items()
                                if k.isupper() and isinstance(v, (bool, int, float, str))},
         "sections": [name for name, _ in SECTIONS if name in ("device", "model", "context_1k") + args.sections],

@@ -11,7 +11,7 @@ from glm_jax.compile_report import model_flops
 from glm_jax.config import GLMConfig
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "bench_gpu.py"
-SECTIONS = ("device", "model", "context_1k", "context_8k", "transformers", "context_32k", "cudnn", "longest_fit",
+SECTIONS = ("device", "model", "context_1k", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit",
             "prefill_128k", "int8_32k")
 
 
@@ -78,7 +78,12 @@ def test_small_run_reports_every_section(tmp_path):
     assert i8["decode_tokens_per_s"] > 0 and in_range(i8["decode_roofline_fraction"])
     assert i8["decode_speedup_vs_bf16_cache"] > 0 and i8["greedy_vs_bf16_cache"]["compared"] > 0
 
-    assert r["cudnn"] == {"unavailable": "cuDNN needs a GPU, not cpu", "section_seconds": r["cudnn"]["section_seconds"]}
+    a = r["accuracy"]
+    assert "glm_jax_bf16_cudnn" not in a and "cudnn_as_accurate_as_xla" not in a      # GPU only
+    assert a["prompt_tokens"] == 3 * a["chunk"]
+    for path in ("glm_jax_bf16_xla", "transformers_bf16_sdpa"):   # bf16 against the float32 reference
+        assert 1e-4 < a[path]["relative_error"] < 0.05 and a[path]["top1_agreement"] > 0.8, (path, a[path])
+    assert a["reference"]["logits_std"] > 0
 
     p = r["prefill_128k"]
     assert p["seconds"] > 0 and not p["includes_compile"] and in_range(p["prefill_mfu"])
@@ -104,8 +109,8 @@ def test_spent_budget_skips_the_optional_sections(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--prefill-chunk", "100"], "--prefill-chunk must be a positive power of two, got 100"),
-    (["--sections", "context_8k,warp"], "--sections: unknown 'warp'; choose from context_8k, transformers, "
-                                        "context_32k, cudnn, longest_fit, prefill_128k, int8_32k"),
+    (["--sections", "context_8k,warp"], "--sections: unknown 'warp'; choose from accuracy, context_8k, "
+                                        "transformers, context_32k, longest_fit, prefill_128k, int8_32k"),
     (["--budget-s", "0"], "--budget-s must be positive, got 0"),
 ])
 def test_bad_input_exits_2(args, message):
