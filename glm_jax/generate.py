@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import GLMConfig
-from .kvcache import KERNELS, STRIPE, KVCache, cache_dtype, init_cache, model_step
+from .kvcache import STRIPE, KVCache, cache_dtype, init_cache, model_step, prefill_kernel
 from .progress import Progress
 from .sampling import MAX_STOP_IDS, sample
 from .sharding import Layout
@@ -85,9 +85,7 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.dtype = jax.tree.leaves(state)[0].dtype
         self.cache_dtype = cache_dtype(kv_cache_dtype, self.dtype)
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}")
-        self.kernel = kernel
+        self.kernel = prefill_kernel(kernel, layout.mesh.devices.flat[0].platform)
         self._prefill = jax.jit(functools.partial(model_step, graphdef, layout=layout, kernel=kernel),
                                 donate_argnums=(1,))
         self._decode = jax.jit(functools.partial(decode_loop, graphdef, layout=layout, kernel=kernel),

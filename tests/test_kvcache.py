@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from glm_jax.attention import PAD, cache_forward, init_state, normalized, ungroup
-from glm_jax.kvcache import cache_block, cache_ops, cache_order, quantize, score_budget
+from glm_jax.kvcache import cache_block, cache_ops, cache_order, prefill_kernel, quantize, score_budget
 from glm_jax.sharding import Layout, make_mesh
 
 B, HQ, G, D = 2, 8, 2, 16
@@ -103,6 +103,14 @@ def test_cache_block():
     assert cache_block(6144, 512 * 8, tpu) == 2048 and cache_block(131072, 4096 * 32, tpu) == 128
     assert cache_block(16384, 512 * 8, score_budget("cpu")) == 512
     assert cache_block(2560, 8 * 256, 8 * 256 * 1024) == 512 and cache_block(139264, 4096 * 32, gpu) == 2048
+
+
+def test_prefill_kernel_choice():
+    """"auto" takes cuDNN on GPUs only; explicit choices stand; anything else is refused."""
+    assert [prefill_kernel("auto", p) for p in ("gpu", "cpu", "tpu")] == ["cudnn", "xla", "xla"]
+    assert prefill_kernel("xla", "gpu") == "xla" and prefill_kernel("cudnn", "gpu") == "cudnn"
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'; choose from auto, xla, cudnn"):
+        prefill_kernel("flash", "gpu")
 
 
 @pytest.mark.parametrize("start", [0, 96, 200])
