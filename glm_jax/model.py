@@ -157,21 +157,42 @@ class GLM(nnx.Module):
         return self.embed.dtype
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attend: LayerAttend,
-                 *, hidden_states: bool = False, layout: Layout | None = None, last_only: bool = False):
+                 *, hidden_states: bool = False, layout: Layout | None = None, last_only: bool = False,
+                 head: bool = True, remat: str = "none"):
         """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype ([B, 1, V] with
-        last_only) and, with hidden_states, the embedding and every layer's output [L + 1, B, T, H].
-        With a layout, activations are constrained to its logical shardings."""
+        last_only; without `head`, the final-normed hidden state [B, T, H] instead) and, with
+        hidden_states, the embedding and every layer's output [L + 1, B, T, H].
+        With a layout, activations are constrained to its logical shardings. `remat` (see REMAT):
+        what each block keeps for the backward pass."""
         x = self.embed[...][tokens]                                         # [B, T, H]
         cos, sin = rope_tables(positions, self.config, x.dtype)
         hidden = [x]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, functools.partial(attend, i), layout)
+            x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat)
             if hidden_states:
                 hidden.append(x)
         if last_only:
             x = x[:, -1:]
-        logits = dense("bte,ve->btv", self.final_norm(x), self.lm_head[...])
-        return (logits, jnp.stack(hidden)) if hidden_states else logits
+        out = self.final_norm(x)
+        if head:
+            out = dense("bte,ve->btv", out, self.lm_head[...])
+        return (out, jnp.stack(hidden)) if hidden_states else out
+
+
+# What a block keeps for its backward pass: "none" everything, "dots" the matmul outputs (the rest
+# is recomputed), "full" only its input (the whole block is recomputed).
+REMAT = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+         "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def _block(layer: Block, x, cos, sin, attend, layout: Layout | None, remat: str):
+    if remat not in REMAT:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT)}")
+    if remat == "none":
+        return layer(x, cos, sin, attend, layout)
+    graphdef, state = nnx.split(layer)
+    run = lambda state, x: nnx.merge(graphdef, state)(x, cos, sin, attend, layout)
+    return jax.checkpoint(run, policy=REMAT[remat])(state, x)
 
 
 def self_attend(attention: str | AttentionFn) -> LayerAttend:
@@ -186,6 +207,22 @@ def self_attend(attention: str | AttentionFn) -> LayerAttend:
     return attend
 
 
+def device_order_call(model: GLM, tokens: jax.Array, positions: jax.Array, layout: Layout, *,
+                      strategy: str = "ring", **kwargs) -> tuple[np.ndarray, jax.Array]:
+    """The model on tokens [B, T] laid out zigzag over the `sequence` axis (padded to fit), every
+    activation sharded on it, attention context-parallel. Returns `order` [T'] (the token index of
+    each laid-out slot; >= T for padding) and the model's outputs in that order (kwargs: GLM's)."""
+    b, t = tokens.shape
+    order, _ = token_order(t, layout.size("sequence"))
+    real = order < t
+    take = np.where(real, order, 0)
+    q_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, -1), jnp.int32), (b, len(order)))
+    k_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, PAD), jnp.int32), (b, len(order)))
+    attend_cp = context_parallel(layout, strategy=strategy)
+    return order, model(tokens[:, take], positions[:, take], lambda i, q, k, v: attend_cp(q, k, v, q_index, k_index),
+                        layout=layout, **kwargs)
+
+
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
             *, attention: str | AttentionFn = "auto", hidden_states: bool = False,
             layout: Layout | None = None, strategy: str = "ring"):
@@ -198,16 +235,9 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positio
     if layout is None:
         out = model(tokens, positions, self_attend(attention), hidden_states=hidden_states)
     else:
-        b, t = tokens.shape
-        order, _ = token_order(t, layout.size("sequence"))
-        real = order < t
-        take = np.where(real, order, 0)
-        q_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, -1), jnp.int32), (b, len(order)))
-        k_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, PAD), jnp.int32), (b, len(order)))
-        attend_cp = context_parallel(layout, strategy=strategy)
-        out = model(tokens[:, take], positions[:, take], lambda i, q, k, v: attend_cp(q, k, v, q_index, k_index),
-                    hidden_states=hidden_states, layout=layout)
-        inverse = np.argsort(order)[:t]
+        order, out = device_order_call(model, tokens, positions, layout, strategy=strategy,
+                                       hidden_states=hidden_states)
+        inverse = np.argsort(order)[:tokens.shape[1]]
         out = (out[0][:, inverse], out[1][:, :, inverse]) if hidden_states else out[:, inverse]
     if hidden_states:
         return out[0].astype(jnp.float32), out[1].astype(jnp.float32)

@@ -107,3 +107,8 @@ def load_params(path: pathlib.Path, specs: Mapping[str, ParamSpec],
                      for name, spec in specs.items()})
     restored = unnest(ocp.load(path, nest(abstract)))
     return {name: restored[name] for name in specs}
+
+
+def flat_params(state: nnx.State) -> dict[str, jax.Array]:
+    """The arrays of a split model's state by flat name (the inverse of `split_model`)."""
+    return {_name(path): var[...] for path, var in nnx.to_flat_state(state)}

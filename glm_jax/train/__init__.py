@@ -1,0 +1,1 @@
+"""Training: loss, step, optimizer, data, checkpoints."""

@@ -1,0 +1,143 @@
+"""The train step: a pure function of the train state and one global batch, under `jax.jit`.
+
+Parameters travel as a flat dict {"layers.3.attn.q_proj": array, ...} (params.py's names), so the
+optimizer state and checkpoints are plain trees of named arrays. Mixed precision: a bf16 model
+trains float32 master weights (and float32 optimizer state) and runs its forward on bf16 copies;
+a float32 model trains in float32. The loss is the mean over every counted target of the global
+batch, gradient accumulation included (sums over micro-batches, one division at the end), as
+transformers counts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ..config import GLMConfig
+from ..model import device_order_call
+from ..params import split_model
+from ..sharding import Layout
+from .loss import IGNORE, cross_entropy, shift_labels
+
+Params = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """What `make_optimizer` builds (the CLI's flags)."""
+
+    learning_rate: float = 1e-5
+    steps: int = 1000                 # total optimizer steps: the cosine decays over them
+    warmup_steps: int = 0             # linear warmup from 0
+    schedule: str = "cosine"          # "cosine" (to final_lr_ratio x the peak) or "constant"
+    final_lr_ratio: float = 0.1
+    optimizer: str = "adamw"          # "adamw" or "sgd" (plain SGD, no momentum)
+    weight_decay: float = 0.0         # AdamW's decoupled decay, never on norms and biases
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0     # global gradient-norm clipping (None: off)
+
+
+SCHEDULES, OPTIMIZERS = ("cosine", "constant"), ("adamw", "sgd")
+
+
+def schedule(c: OptimizerConfig) -> optax.Schedule:
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {c.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if c.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, c.warmup_steps, max(c.steps, c.warmup_steps + 1),
+                                                  end_value=c.learning_rate * c.final_lr_ratio)
+    if c.warmup_steps == 0:
+        return optax.constant_schedule(c.learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps),
+                                 optax.constant_schedule(c.learning_rate)], [c.warmup_steps])
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to matrices and embeddings, never to norms and biases."""
+    leaf = name.rsplit(".", 1)[-1]
+    return not (leaf.endswith("bias") or "norm" in name)
+
+
+def make_optimizer(c: OptimizerConfig, names) -> optax.GradientTransformation:
+    if c.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {c.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    lr = schedule(c)
+    if c.optimizer == "sgd":
+        core = optax.sgd(lr)
+    else:
+        mask = {name: decays(name) for name in names}
+        core = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm), core) if c.clip_norm else core
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One global batch, split into `accum` micro-batches: every array [accum, B, T] int32.
+    labels are aligned with tokens (transformers' convention; IGNORE where nothing counts)."""
+
+    tokens: Any
+    labels: Any
+    positions: Any
+
+
+jax.tree_util.register_dataclass(Batch, data_fields=["tokens", "labels", "positions"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The compiled pieces of one training run: the model structure, its layout and precision."""
+
+    config: GLMConfig
+    layout: Layout
+    dtype: Any                        # the forward's dtype (the model's)
+    optimizer: optax.GradientTransformation
+    remat: str = "full"
+    loss_chunk: int = 1024
+    strategy: str = "ring"
+
+    def loss(self, params: Mapping[str, jax.Array], tokens, labels, positions) -> tuple[jax.Array, jax.Array]:
+        """(summed float32 loss, counted targets) of one micro-batch [B, T]."""
+        graphdef, state = split_model(self.config, self.dtype, {k: v.astype(self.dtype) for k, v in params.items()})
+        model = nnx.merge(graphdef, state)
+        order, hidden = device_order_call(model, tokens, positions, self.layout, strategy=self.strategy,
+                                          head=False, remat=self.remat)                  # [B, T', H]
+        t = tokens.shape[1]
+        targets = shift_labels(labels)[:, np.minimum(order, t - 1)]                      # [B, T']
+        targets = jnp.where(jnp.asarray(order < t)[None], targets, IGNORE)
+        return cross_entropy(hidden, model.lm_head[...], targets, self.layout, chunk=self.loss_chunk)
+
+    def gradients(self, params: Params, batch: Batch) -> tuple[Params, jax.Array, jax.Array]:
+        """(mean gradient, mean loss, counted targets) over every micro-batch of `batch`."""
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+
+        def micro(carry, mb):
+            grads, loss, count = carry
+            (l, c), g = grad_fn(params, mb.tokens, mb.labels, mb.positions)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, count + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), batch)
+        scale = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+        return jax.tree.map(lambda g: g * scale, grads), loss * scale, count
+
+    def step(self, state: dict, batch: Batch) -> tuple[dict, dict]:
+        """One optimizer step. state: {"params", "opt_state", "step"}; returns it updated and the
+        metrics (loss, grad_norm, counted tokens)."""
+        grads, loss, count = self.gradients(state["params"], batch)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def init(self, params: Params) -> dict:
+        """The train state of `params` (float32 master copies of bf16 weights)."""
+        master = {k: v.astype(jnp.float32) for k, v in params.items()}
+        return {"params": master, "opt_state": self.optimizer.init(master), "step": jnp.int32(0)}

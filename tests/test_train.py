@@ -1,0 +1,146 @@
+"""The train step: loss and gradients against transformers' GlmForCausalLM in float32, on one device
+and on sequence-parallel meshes; the chunked vocab-parallel loss against float64 numpy; remat and
+gradient accumulation change nothing; the optimizer's schedule and weight-decay mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import glm_jax
+from glm_jax.params import flat_params
+from glm_jax.sharding import Layout, make_mesh
+from glm_jax.train.loss import IGNORE, cross_entropy, shift_labels
+from glm_jax.train.step import Batch, OptimizerConfig, Trainer, decays, make_optimizer, schedule
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+from test_model_parity import random_glm  # noqa: E402  (tests/ is on sys.path)
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def one_device():
+    return make_mesh("sequence=1", jax.devices()[:1])
+
+
+def trainer_for(model, **kwargs) -> Trainer:
+    return Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig(optimizer="sgd"), []),
+                   **kwargs)
+
+
+def batch_of(*arrays, accum=1) -> Batch:
+    """[B, T] arrays -> a Batch of `accum` micro-batches of B / accum rows."""
+    return Batch(*(jnp.asarray(np.stack(np.split(np.asarray(a), accum)), jnp.int32) for a in arrays))
+
+
+def torch_loss_and_grads(torch_model, ids, labels):
+    torch_model.zero_grad()
+    out = torch_model(torch.from_numpy(ids), labels=torch.from_numpy(labels))
+    out.loss.backward()
+    return float(out.loss.detach()), {n: p.grad.numpy().copy() for n, p in torch_model.named_parameters()}
+
+
+def hf_grads(model, grads):
+    from glm_jax.convert.hf import hf_tensor_from
+    from glm_jax.convert.layout import GLM, hf_tensors
+
+    return {t.name: hf_tensor_from(t, lambda n: np.asarray(grads[n])) for t in hf_tensors(model.config, GLM)}
+
+
+@pytest.mark.parametrize("mesh, heads, kv_heads, seq, batch", [
+    (None, 8, 2, 37, 2),                      # GQA 4, odd length, 1 device
+    ("sequence=8", 4, 4, 29, 3),              # no GQA, 29 tokens over 8 devices (padded zigzag)
+    ("tensor=2,sequence=4", 16, 2, 45, 2),    # GQA 8, heads and vocab split on tensor
+    ("fsdp=2,sequence=4", 8, 4, 53, 2),       # weights split on fsdp, batch on fsdp
+])
+def test_loss_and_gradients_match_transformers(tmp_path, mesh, heads, kv_heads, seq, batch):
+    torch_model = random_glm(tmp_path, heads=heads, kv_heads=kv_heads, rope_theta=1e4)
+    rng = np.random.default_rng(seq)
+    ids = rng.integers(0, 300, (batch, seq))
+    labels = ids.copy()
+    labels[0, : seq // 3] = IGNORE                                  # a prompt that does not count
+    labels[-1, -4:] = IGNORE
+    want_loss, want = torch_loss_and_grads(torch_model, ids, labels)
+
+    model = glm_jax.load(tmp_path, mesh=mesh or one_device())
+    positions = np.broadcast_to(np.arange(seq), ids.shape)
+    grads, loss, count = jax.jit(trainer_for(model, remat="full", loss_chunk=16).gradients)(
+        flat_params(model.state), batch_of(ids, labels, positions))
+    assert int(count) == int((shift_labels(jnp.asarray(labels)) != IGNORE).sum())
+    assert abs(float(loss) - want_loss) <= 1e-6 * want_loss
+    got = hf_grads(model, grads)
+    assert set(got) == set(want)
+    for name in want:
+        assert rel(got[name], want[name]) <= 1e-4, name
+
+
+def test_accumulation_and_remat_change_nothing(tmp_path):
+    """Two micro-batches of one row give the loss and gradients of one batch of two rows (the mean
+    over all counted targets, not a mean of means), with every remat policy."""
+    random_glm(tmp_path, heads=4, kv_heads=2, rope_theta=1e4)
+    model = glm_jax.load(tmp_path, mesh=one_device())
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 300, (2, 24))
+    labels = ids.copy()
+    labels[0, :18] = IGNORE                                         # rows count 6 and 23 targets
+    positions = np.broadcast_to(np.arange(24), ids.shape)
+    params = flat_params(model.state)
+    runs = {(accum, remat): jax.jit(trainer_for(model, remat=remat).gradients)(
+        params, batch_of(ids, labels, positions, accum=accum)) for accum in (1, 2) for remat in ("none", "dots", "full")}
+    base_grads, base_loss, base_count = runs[(1, "none")]
+    assert int(base_count) == 29
+    for key, (grads, loss, count) in runs.items():
+        assert int(count) == 29 and float(loss) == pytest.approx(float(base_loss), rel=1e-6), key
+        for name in grads:
+            np.testing.assert_allclose(grads[name], base_grads[name], rtol=1e-5, atol=1e-7, err_msg=f"{key} {name}")
+
+
+def numpy_cross_entropy(h, w, y):
+    logits = np.einsum("bth,vh->btv", h.astype(np.float64), w.astype(np.float64))
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    target = np.take_along_axis(logits, np.clip(y, 0, w.shape[0] - 1)[..., None], -1)[..., 0]
+    counted = y != IGNORE
+    return ((lse - target) * counted).sum(), counted.sum()
+
+
+@pytest.mark.parametrize("spec", ["sequence=8", "tensor=2,sequence=4", "data=2,fsdp=2,tensor=2", "tensor=8"])
+def test_chunked_vocab_parallel_loss(spec):
+    """Chunks that do not divide the tokens, a vocab split over tensor, batch over data/fsdp: the
+    float64 loss, and the same gradients as one device."""
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((4, 48, 16)).astype(np.float32)
+    w = rng.standard_normal((40, 16)).astype(np.float32)
+    y = rng.integers(0, 40, (4, 48))
+    y[0, :7] = IGNORE
+    want_loss, want_count = numpy_cross_entropy(h, w, y)
+    layout, single = Layout(make_mesh(spec)), Layout(one_device())
+    loss, count = jax.jit(lambda h, w, y: cross_entropy(h, w, y, layout, chunk=5))(h, w, y)
+    assert int(count) == want_count and float(loss) == pytest.approx(want_loss, rel=1e-6)
+    grad = lambda lay, chunk: jax.grad(lambda h, w: cross_entropy(h, w, y, lay, chunk=chunk)[0], argnums=(0, 1))(h, w)
+    for got, ref in zip(grad(layout, 5), grad(single, 48)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_schedule_and_weight_decay_mask():
+    c = OptimizerConfig(learning_rate=1e-3, steps=100, warmup_steps=10, final_lr_ratio=0.1)
+    lr = schedule(c)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-4) and float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(100)) == pytest.approx(1e-4) and float(lr(55)) == pytest.approx(5.5e-4)
+    constant = schedule(OptimizerConfig(learning_rate=1e-3, schedule="constant"))
+    assert float(constant(0)) == float(constant(999)) == pytest.approx(1e-3)
+    assert decays("layers.0.attn.q_proj") and decays("embed") and decays("lm_head")
+    assert not any(decays(n) for n in ("layers.0.attn.q_bias", "layers.3.input_norm.weight", "final_norm.weight"))
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+        make_optimizer(OptimizerConfig(optimizer="lion"), [])
+    # decoupled decay: a zero gradient still shrinks a matrix, never a bias
+    opt = make_optimizer(OptimizerConfig(learning_rate=0.1, schedule="constant", weight_decay=0.5, clip_norm=None),
+                         ["w_proj", "b_bias"])
+    params = {"w_proj": jnp.ones(3), "b_bias": jnp.ones(3)}
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert np.allclose(new["w_proj"], 0.95) and np.allclose(new["b_bias"], 1.0)
