@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -214,6 +215,26 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
                         f"'off' disables it (default: ${COMPILE_CACHE_ENV}, else ~/.cache/glm-jax/jax)")
 
 
+def _finetune(args) -> int:
+    from glm_jax.train.run import FinetuneConfig, finetune
+
+    _use_compile_cache(compile_cache_dir(args.compile_cache))
+    config = FinetuneConfig(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, grad_accum=args.grad_accum, learning_rate=args.lr, optimizer=args.optimizer,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm, mesh=args.mesh, remat=args.remat, loss_chunk=args.loss_chunk,
+        save_every=args.save_every, keep=args.keep, resume=args.resume, seed=args.seed, shuffle=not args.no_shuffle,
+        truncate=args.truncate, progress=not args.quiet)
+    summary = finetune(config)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"trained steps {summary['first_step'] + 1}-{summary['steps']} in {summary['seconds']:.1f} s, "
+              f"last loss {summary.get('loss', float('nan')):.4f}; model folder {summary['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-jax", description="GLM-4-9B in JAX: convert, check parity, run.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -293,6 +314,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also shard weights over the sequence axis (default: per topology)")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per program")
     p.set_defaults(run=_compile_report)
+
+    p = sub.add_parser("finetune", help="train a model folder on a JSONL file (full fine-tuning)",
+                       description="Fine-tune on JSONL data, one example a line: {\"messages\": [...]} (chat; loss "
+                                   "on assistant turns), {\"text\": ...} (loss on every token) or "
+                                   "{\"input_ids\": [...], \"labels\": [...]} (labels aligned with the ids, -100 "
+                                   "ignored). Tokens are laid out over the mesh's sequence axis (ring attention), "
+                                   "the loss is computed in chunks without [T, vocab] logits. OUT gets "
+                                   "checkpoints/, metrics.jsonl, loss.png and, at the end, the model folder.")
+    p.add_argument("--model", type=pathlib.Path, required=True, help="source: a glm-jax or Hugging Face model folder")
+    p.add_argument("--data", type=pathlib.Path, required=True, help="JSONL training data")
+    p.add_argument("--out", type=pathlib.Path, required=True, help="output folder (new or empty; or --resume)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="default adamw")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="after the warmup: cosine decay to 10%% of --lr, or constant (default cosine)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default 10%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW decoupled weight decay, never on norms and biases (default 0)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping, 0 = off (default 1)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. 'sequence=8' or 'fsdp=2,sequence=4' (default: one device)")
+    p.add_argument("--remat", choices=("full", "dots", "none"), default="full",
+                   help="per block: recompute everything (full), keep matmul outputs (dots), keep all (default full)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per cross-entropy chunk (default 1024)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the file's order")
+    p.add_argument("--truncate", action="store_true", help="cut examples longer than --seq-len instead of failing")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help=f"JAX's persistent compilation cache ('off': none; default ${COMPILE_CACHE_ENV}, "
+                        "else ~/.cache/glm-jax/jax)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_finetune)
     return parser
 
 

@@ -15,8 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..model import dense
 from ..sharding import Layout
-
-IGNORE = -100  # a target that does not count (transformers' ignore_index)
+from .data import IGNORE  # -100: a target that does not count (transformers' ignore_index)
 
 
 def shift_labels(labels: jax.Array) -> jax.Array:

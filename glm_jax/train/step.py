@@ -134,7 +134,7 @@ class Trainer:
         grads, loss, count = self.gradients(state["params"], batch)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def init(self, params: Params) -> dict:

@@ -1,0 +1,196 @@
+"""`glm-jax finetune`: a whole training run, from a model folder and a JSONL file to a model folder.
+
+OUT receives, as the run goes: checkpoints/ (the train state every --save-every steps and at the
+end), metrics.jsonl (a line per step); at the end it is a glm-jax model folder (config.json,
+params/, the tokenizer and generation files of the source) with loss.png. Bad input is found
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+
+import numpy as np
+
+SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json", "hf_source.json",
+              "hf_extra.safetensors")
+REMATS = ("full", "dots", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    model: pathlib.Path
+    data: pathlib.Path
+    out: pathlib.Path
+    steps: int = 100
+    batch_size: int = 1
+    seq_len: int = 2048
+    grad_accum: int = 1
+    learning_rate: float = 1e-5
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    warmup_steps: int | None = None      # default: 10% of the steps
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0               # 0: off
+    mesh: str | None = None
+    remat: str = "full"
+    loss_chunk: int = 1024
+    save_every: int = 0                  # 0: only at the end
+    keep: int = 2
+    resume: bool = False
+    seed: int = 0
+    shuffle: bool = True
+    truncate: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--seq-len": self.seq_len,
+                    "--grad-accum": self.grad_accum, "--keep": self.keep, "--loss-chunk": self.loss_chunk}
+        for flag, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--lr must be positive, got {self.learning_rate:g}")
+        if self.save_every < 0 or self.clip_norm < 0 or self.weight_decay < 0:
+            raise ValueError("--save-every, --clip-norm and --weight-decay must not be negative")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < max(self.steps, 1) + 1:
+            raise ValueError(f"--warmup-steps must be in [0, {self.steps}], got {self.warmup_steps}")
+        if self.remat not in REMATS:
+            raise ValueError(f"--remat must be one of {', '.join(REMATS)}, got {self.remat!r}")
+        if not (self.model / "config.json").is_file():
+            raise ValueError(f"{self.model}: no config.json (expected a glm-jax or Hugging Face model folder)")
+        if self.resume:
+            if not (self.out / "checkpoints").is_dir():
+                raise ValueError(f"--resume: {self.out} holds no checkpoints")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise ValueError(f"{self.out} is not empty (use --resume to continue its run, or another folder)")
+
+
+def optimizer_config(c: FinetuneConfig):
+    from .step import OptimizerConfig
+
+    warmup = c.steps // 10 if c.warmup_steps is None else c.warmup_steps
+    return OptimizerConfig(learning_rate=c.learning_rate, steps=c.steps, warmup_steps=warmup, schedule=c.schedule,
+                           optimizer=c.optimizer, weight_decay=c.weight_decay, clip_norm=c.clip_norm or None)
+
+
+def finetune(c: FinetuneConfig) -> dict:
+    """Runs the training; returns a summary (steps, last loss, seconds, where the model is)."""
+    import jax
+    import jax.numpy as jnp
+
+    import glm_jax
+    from glm_jax.params import PARAMS_DIR, flat_params, save_params
+    from glm_jax.sharding import Layout, make_mesh
+    from glm_jax.tokenizer import Tokenizer
+
+    from .checkpoint import Checkpoints
+    from .data import Batches, read_examples
+    from .step import Batch, Trainer, make_optimizer, schedule
+
+    c.check()
+    opt = optimizer_config(c)
+    make_optimizer(opt, [])                                      # a bad --optimizer / --schedule stops here
+    tokenizer = Tokenizer.from_file(c.model / "tokenizer.model") if (c.model / "tokenizer.model").is_file() else None
+    model = glm_jax.load(c.model, mesh=c.mesh if c.mesh else make_mesh("sequence=1", jax.devices()[:1]))
+    config, layout = model.config, model.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
+    examples = read_examples(c.data, tokenizer, seq_len=c.seq_len, truncate=c.truncate, vocab_size=config.vocab_size)
+    params = flat_params(model.state)
+    dtype = model.dtype
+    trainer = Trainer(config, layout, dtype, make_optimizer(opt, list(params)), remat=c.remat,
+                      loss_chunk=c.loss_chunk)
+    batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,
+                      seed=c.seed, shuffle=c.shuffle)
+    record = {"model": config.to_dict(), "lora": None, "seq_len": c.seq_len, "batch_size": c.batch_size,
+              "grad_accum": c.grad_accum}
+
+    state = trainer.init(params)
+    del params, model
+    ckpt = Checkpoints(c.out, keep=c.keep, create=not c.resume)
+    start = 0
+    if c.resume:
+        start = ckpt.latest()
+        if start is None:
+            raise ValueError(f"--resume: {c.out / 'checkpoints'} holds no finished checkpoint")
+        saved = ckpt.record(start)
+        for key in ("model", "lora", "seq_len", "batch_size", "grad_accum"):
+            if saved.get(key) != record[key]:
+                raise ValueError(f"--resume: the checkpoint was made with another {key.replace('_', ' ')} "
+                                 f"({saved.get(key)!r}, now {record[key]!r})")
+        state = ckpt.restore(start, state)
+        batches.restore(saved["data"])
+
+    step_fn = jax.jit(trainer.step, donate_argnums=0)
+    lr = schedule(opt)
+    metrics_path = c.out / "metrics.jsonl"
+    if c.resume and metrics_path.is_file():   # steps after the checkpoint are run again: their lines go
+        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    metrics_file = metrics_path.open("a")
+    summary = {"first_step": start, "steps": c.steps}
+    began = time.perf_counter()
+    from glm_jax.progress import Progress
+    with Progress("finetune", c.steps - start, unit="steps", scale=1, enabled=c.progress) as bar:
+        for step in range(start, c.steps):
+            parts = [next(batches) for _ in range(c.grad_accum)]
+            batch = Batch(*(jnp.asarray(np.stack([getattr(p, f) for p in parts]), jnp.int32)
+                            for f in ("tokens", "labels", "positions")))
+            tic = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - tic
+            tokens = int(sum((p.segment_ids > 0).sum() for p in parts))
+            line = {"step": step + 1, "loss": metrics["loss"], "lr": float(lr(step)), "grad_norm": metrics["grad_norm"],
+                    "tokens": tokens, "counted_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / seconds,
+                    "seconds": seconds}
+            metrics_file.write(json.dumps(line) + "\n")
+            metrics_file.flush()
+            bar.desc = f"finetune loss {line['loss']:.4f} {line['tokens_per_s']:,.0f} tok/s"
+            bar.update(1)
+            if c.save_every and (step + 1) % c.save_every == 0 or step + 1 == c.steps:
+                ckpt.save(step + 1, state, {**record, "data": batches.state()})
+            summary["loss"] = line["loss"]
+    metrics_file.close()
+    ckpt.close()
+    summary["seconds"] = time.perf_counter() - began
+
+    final = {k: v.astype(dtype) for k, v in state["params"].items()}
+    tmp = c.out / ".final.tmp"                       # written whole, then renamed into place
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_params(tmp / PARAMS_DIR, [final])
+    shutil.rmtree(c.out / PARAMS_DIR, ignore_errors=True)
+    (tmp / PARAMS_DIR).rename(c.out / PARAMS_DIR)
+    tmp.rmdir()
+    config.replace(dtype=jnp.dtype(dtype).name).save(c.out / "config.json")
+    for name in SIDE_FILES:
+        if (c.model / name).is_file() and c.model.resolve() != c.out.resolve():
+            shutil.copy2(c.model / name, c.out / name)
+    summary["plot"] = plot_losses(c.out / "metrics.jsonl", c.out / "loss.png")
+    summary["out"] = str(c.out)
+    return summary
+
+
+def plot_losses(metrics: pathlib.Path, png: pathlib.Path) -> str | None:
+    """The loss curve of metrics.jsonl as a PNG (None when matplotlib is not installed)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over counted tokens)")
+    ax.set_title(f"{png.parent.name}: loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return str(png)

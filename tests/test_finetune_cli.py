@@ -1,0 +1,128 @@
+"""`glm-jax finetune` end to end: one SGD step equals torch's, the output folder loads, generates and
+exports to a folder transformers runs; resume is bit-identical; bad input exits 2 writing nothing."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import glm_jax
+from glm_jax.cli import main
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from test_model_parity import random_glm  # noqa: E402  (tests/ is on sys.path)
+
+SEQ = 24
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def id_rows(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        ids = rng.integers(1, 300, int(rng.integers(15, SEQ + 1))).tolist()
+        labels = [-100] * 5 + ids[5:] if i % 2 else ids
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def finetune(*args):
+    return main(["finetune", "--seq-len", str(SEQ), "--quiet", "--compile-cache", "off", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    random_glm(path, heads=4, kv_heads=2, rope_theta=1e4)
+    return path
+
+
+def test_one_sgd_step_equals_torch(tmp_path, hf):
+    rows = id_rows(2)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", "--steps", 1, "--batch-size", 2,
+                    "--optimizer", "sgd", "--lr", 0.5, "--schedule", "constant", "--warmup-steps", 0,
+                    "--clip-norm", 0, "--no-shuffle") == 0
+
+    torch_model = transformers.GlmForCausalLM.from_pretrained(hf).eval()
+    before = {n: p.detach().clone() for n, p in torch_model.named_parameters()}
+    ids = torch.zeros((2, SEQ), dtype=torch.long)                 # right-padded with id 0, as the batcher pads
+    labels = torch.full((2, SEQ), -100)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
+    opt = torch.optim.SGD(torch_model.parameters(), lr=0.5)
+    torch_model(ids, labels=labels).loss.backward()
+    opt.step()
+
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["lr"] == 0.5
+    assert metrics[0]["counted_tokens"] == int((labels[:, 1:] != -100).sum())
+    # the output folder is a model: exported to the HF layout, transformers loads it; the update
+    # (new - old weights) is torch's
+    assert main(["export", str(tmp_path / "out"), str(tmp_path / "hf-out"), "--layout", "glm", "--quiet"]) == 0
+    trained = transformers.GlmForCausalLM.from_pretrained(tmp_path / "hf-out").eval()
+    for name, p in trained.named_parameters():
+        want = dict(torch_model.named_parameters())[name].detach() - before[name]
+        got = p.detach() - before[name]
+        assert float((got - want).norm() / want.norm()) <= 1e-4, name
+    model = glm_jax.load(tmp_path / "out")
+    assert len(model.generate([rows[0]["input_ids"][:5]], max_new_tokens=3, temperature=0)[0]) == 3
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
+
+
+def test_resume_is_bit_identical(tmp_path, hf):
+    """A run stopped after its step-2 checkpoint (its later checkpoint removed) and resumed ends
+    with the very bytes of an uninterrupted run: same data order, same optimizer state."""
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(6, seed=1))
+    args = ("--model", hf, "--data", data, "--steps", 4, "--save-every", 2, "--lr", 1e-2, "--keep", 3)
+    assert finetune(*args, "--out", tmp_path / "a") == 0
+    assert finetune(*args, "--out", tmp_path / "b") == 0
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+    shutil.rmtree(tmp_path / "b" / "params")
+    assert finetune(*args, "--out", tmp_path / "b", "--resume") == 0
+    a, b = (glm_jax.load(tmp_path / x) for x in ("a", "b"))
+    from glm_jax.params import flat_params
+
+    fa, fb = flat_params(a.state), flat_params(b.state)
+    assert all(np.array_equal(np.asarray(fa[n]), np.asarray(fb[n])) for n in fa)
+    lines = lambda x: [json.loads(line) for line in (tmp_path / x / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines("b")] == [1, 2, 3, 4]
+    assert [m["loss"] for m in lines("a")] == [m["loss"] for m in lines("b")]
+    assert lines("a")[0]["loss"] > lines("a")[-1]["loss"] > 0
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    (['{"input_ids": [1, 2, 3]'], (), r"data\.jsonl:1: "),
+    ([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2], "colour": 1}], (), r"data\.jsonl:2: .*colour"),
+    ([{"input_ids": list(range(1, 40))}], (), r"data\.jsonl:1: .*39.*24"),
+    ([{"input_ids": [1, 2, 3]}], ("--steps", 0), r"--steps must be at least 1, got 0"),
+    ([{"input_ids": [1, 2, 3]}], ("--resume",), r"--resume: .* holds no checkpoints"),
+])
+def test_bad_input_exits_2_writing_nothing(tmp_path, hf, capsys, rows, extra, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("glm-jax finetune: error: ")
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_used_folder_and_another_models_checkpoint(tmp_path, hf, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(2))
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", "--steps", 1) == 0
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", "--steps", 2) == 2
+    assert "is not empty (use --resume" in capsys.readouterr().err
+    other = tmp_path / "other"
+    random_glm(other, heads=4, kv_heads=4, rope_theta=1e4)
+    assert finetune("--model", other, "--data", data, "--out", tmp_path / "out", "--steps", 2, "--resume") == 2
+    assert "--resume: the checkpoint was made with another model" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
