@@ -224,6 +224,7 @@ def _finetune(args) -> int:
         seq_len=args.seq_len, grad_accum=args.grad_accum, learning_rate=args.lr, optimizer=args.optimizer,
         schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         clip_norm=args.clip_norm, mesh=args.mesh, remat=args.remat, loss_chunk=args.loss_chunk,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
         save_every=args.save_every, keep=args.keep, resume=args.resume, seed=args.seed, shuffle=not args.no_shuffle,
         truncate=args.truncate, progress=not args.quiet)
     summary = finetune(config)
@@ -315,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON list, one object per program")
     p.set_defaults(run=_compile_report)
 
-    p = sub.add_parser("finetune", help="train a model folder on a JSONL file (full fine-tuning)",
-                       description="Fine-tune on JSONL data, one example a line: {\"messages\": [...]} (chat; loss "
+    p = sub.add_parser("finetune", help="fine-tune a model folder on a JSONL file (full or LoRA)",
+                       description="Fine-tune (every weight, or LoRA adapters) on JSONL data, one example a line: {\"messages\": [...]} (chat; loss "
                                    "on assistant turns), {\"text\": ...} (loss on every token) or "
                                    "{\"input_ids\": [...], \"labels\": [...]} (labels aligned with the ids, -100 "
                                    "ignored). Tokens are laid out over the mesh's sequence axis (ring attention), "
@@ -341,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=("full", "dots", "none"), default="full",
                    help="per block: recompute everything (full), keep matmul outputs (dots), keep all (default full)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per cross-entropy chunk (default 1024)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank instead of every weight (base frozen; OUT gets the "
+                        "merged model and adapters/)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator: scale = alpha / rank "
+                                                                     "(default 2 x rank)")
+    p.add_argument("--lora-targets", default=None, metavar="REGEX",
+                   help="weights to adapt, matched against names like layers.3.attn.q_proj (default: every "
+                        "attention and MLP projection; never the embedding, norms or output layer)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint")

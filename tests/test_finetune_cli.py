@@ -126,3 +126,42 @@ def test_refuses_a_used_folder_and_another_models_checkpoint(tmp_path, hf, capsy
     assert finetune("--model", other, "--data", data, "--out", tmp_path / "out", "--steps", 2, "--resume") == 2
     assert "--resume: the checkpoint was made with another model" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_lora_trains_adapters_only(tmp_path, hf):
+    """LoRA: only the adapted projections change, by exactly scale x B A of the saved adapters;
+    embedding, norms and output layer stay bit for bit; a resume with another LoRA setup is refused."""
+    from orbax.checkpoint import v1 as ocp
+
+    from glm_jax.params import PARAMS_DIR, flat_params, unnest
+
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(4, seed=2))
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", "--steps", 3, "--lr", 5e-2,
+                    "--lora-rank", 2, "--lora-alpha", 8, "--lora-targets", r"\.(q|down)_proj$") == 0
+    base, tuned = (flat_params(glm_jax.load(p).state) for p in (hf, tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "adapters" / "adapter_config.json").read_text())
+    assert config["rank"] == 2 and config["scale"] == 4.0
+    adapters = unnest(ocp.load(tmp_path / "out" / "adapters" / PARAMS_DIR))
+    targets = sorted(n for n in base if n.endswith(("attn.q_proj", "mlp.down_proj")))
+    assert sorted(adapters) == sorted(f"{n}.lora_{x}" for n in targets for x in "ab")
+    changed = sorted(n for n in base if not np.array_equal(np.asarray(base[n]), np.asarray(tuned[n])))
+    assert changed == targets
+    for n in targets:
+        a, b = np.asarray(adapters[f"{n}.lora_a"]), np.asarray(adapters[f"{n}.lora_b"])
+        assert np.abs(b).max() > 0                                   # B left zero: it trained
+        want = np.asarray(base[n]) + 4.0 * np.tensordot(b, a, axes=([-1], [0]))
+        np.testing.assert_allclose(np.asarray(tuned[n]), want, rtol=1e-5, atol=1e-6)
+    assert main(["finetune", "--model", str(hf), "--data", str(data), "--out", str(tmp_path / "out"), "--seq-len",
+                 str(SEQ), "--steps", "4", "--resume", "--lora-rank", "4", "--quiet", "--compile-cache", "off"]) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--lora-rank", 0), "--lora-rank must be positive, got 0"),
+    (("--lora-alpha", 4), "--lora-alpha and --lora-targets need --lora-rank"),
+    (("--lora-rank", 2, "--lora-targets", "embed"), "--lora-targets 'embed' matches no projection weight"),
+])
+def test_bad_lora_setups(tmp_path, hf, capsys, extra, message):
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(2))
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", *extra) == 2
+    assert capsys.readouterr().err.strip() == f"glm-jax finetune: error: {message}"
+    assert not (tmp_path / "out").exists()

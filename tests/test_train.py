@@ -69,7 +69,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, mesh, heads, kv_heads, 
     model = glm_jax.load(tmp_path, mesh=mesh or one_device())
     positions = np.broadcast_to(np.arange(seq), ids.shape)
     grads, loss, count = jax.jit(trainer_for(model, remat="full", loss_chunk=16).gradients)(
-        flat_params(model.state), batch_of(ids, labels, positions))
+        flat_params(model.state), {}, batch_of(ids, labels, positions))
     assert int(count) == int((shift_labels(jnp.asarray(labels)) != IGNORE).sum())
     assert abs(float(loss) - want_loss) <= 1e-6 * want_loss
     got = hf_grads(model, grads)
@@ -90,7 +90,7 @@ def test_accumulation_and_remat_change_nothing(tmp_path):
     positions = np.broadcast_to(np.arange(24), ids.shape)
     params = flat_params(model.state)
     runs = {(accum, remat): jax.jit(trainer_for(model, remat=remat).gradients)(
-        params, batch_of(ids, labels, positions, accum=accum)) for accum in (1, 2) for remat in ("none", "dots", "full")}
+        params, {}, batch_of(ids, labels, positions, accum=accum)) for accum in (1, 2) for remat in ("none", "dots", "full")}
     base_grads, base_loss, base_count = runs[(1, "none")]
     assert int(base_count) == 29
     for key, (grads, loss, count) in runs.items():
@@ -144,3 +144,39 @@ def test_schedule_and_weight_decay_mask():
     updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     new = optax.apply_updates(params, updates)
     assert np.allclose(new["w_proj"], 0.95) and np.allclose(new["b_bias"], 1.0)
+
+
+def test_lora_gradients_follow_the_chain_rule(tmp_path):
+    """With adapters (B non-zero), the loss is the merged model's and the adapter gradients are
+    scale * B^T dW and scale * dW A^T of the full gradient dW at the merged weights."""
+    from glm_jax.params import param_specs
+    from glm_jax.train.lora import LoRAConfig, init_adapters, merge, out_dims
+
+    random_glm(tmp_path, heads=4, kv_heads=2, rope_theta=1e4)
+    model = glm_jax.load(tmp_path, mesh=one_device())
+    lora = LoRAConfig(rank=3, alpha=6.0)
+    specs = param_specs(model.config, model.dtype)
+    adapters = init_adapters(lora, specs, jax.random.key(0))
+    adapters = {k: v + 0.05 * jax.random.normal(jax.random.key(len(k)), v.shape) if k.endswith("lora_b") else v
+                for k, v in adapters.items()}
+    assert len(adapters) == 2 * 7 * model.config.num_layers
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 300, (2, 20))
+    batch = batch_of(ids, ids, np.broadcast_to(np.arange(20), ids.shape))
+    base = flat_params(model.state)
+    with_lora = Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig(), []), lora=lora)
+    grads, loss, _ = jax.jit(with_lora.gradients)(adapters, base, batch)
+    merged = merge(lora, base, adapters)
+    full_grads, full_loss, _ = jax.jit(trainer_for(model).gradients)(merged, {}, batch)
+    assert float(loss) == pytest.approx(float(full_loss), rel=1e-6)
+    for name, spec in specs.items():
+        if f"{name}.lora_a" not in adapters:
+            continue
+        a, b, dw = (np.asarray(x, np.float64) for x in (adapters[f"{name}.lora_a"], adapters[f"{name}.lora_b"],
+                                                         full_grads[name]))
+        k = out_dims(spec)
+        out_axes, in_axes = list(range(k)), list(range(k, dw.ndim))
+        want_a = lora.scale * np.tensordot(b, dw, axes=(out_axes, out_axes))                   # [r, *in]
+        want_b = lora.scale * np.tensordot(dw, a, axes=(in_axes, [i - k + 1 for i in in_axes]))  # [*out, r]
+        np.testing.assert_allclose(grads[f"{name}.lora_a"], want_a, rtol=1e-4, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(grads[f"{name}.lora_b"], want_b, rtol=1e-4, atol=1e-7, err_msg=name)

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+ADAPTERS = "adapters"   # LoRA runs: the adapters alone (Orbax, float32) and adapter_config.json
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json", "hf_source.json",
               "hf_extra.safetensors")
 REMATS = ("full", "dots", "none")
@@ -39,6 +40,9 @@ class FinetuneConfig:
     mesh: str | None = None
     remat: str = "full"
     loss_chunk: int = 1024
+    lora_rank: int | None = None         # None: full fine-tuning
+    lora_alpha: float | None = None      # default 2 x rank
+    lora_targets: str | None = None      # default: every attention and MLP projection
     save_every: int = 0                  # 0: only at the end
     keep: int = 2
     resume: bool = False
@@ -59,6 +63,7 @@ class FinetuneConfig:
             raise ValueError("--save-every, --clip-norm and --weight-decay must not be negative")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < max(self.steps, 1) + 1:
             raise ValueError(f"--warmup-steps must be in [0, {self.steps}], got {self.warmup_steps}")
+        self.lora()                                              # a bad LoRA setup stops here
         if self.remat not in REMATS:
             raise ValueError(f"--remat must be one of {', '.join(REMATS)}, got {self.remat!r}")
         if not (self.model / "config.json").is_file():
@@ -68,6 +73,17 @@ class FinetuneConfig:
                 raise ValueError(f"--resume: {self.out} holds no checkpoints")
         elif self.out.exists() and any(self.out.iterdir()):
             raise ValueError(f"{self.out} is not empty (use --resume to continue its run, or another folder)")
+
+
+    def lora(self):
+        from .lora import DEFAULT_TARGETS, LoRAConfig
+
+        if self.lora_rank is None:
+            if self.lora_alpha is not None or self.lora_targets is not None:
+                raise ValueError("--lora-alpha and --lora-targets need --lora-rank")
+            return None
+        return LoRAConfig(self.lora_rank, 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha,
+                          self.lora_targets or DEFAULT_TARGETS)
 
 
 def optimizer_config(c: FinetuneConfig):
@@ -84,12 +100,13 @@ def finetune(c: FinetuneConfig) -> dict:
     import jax.numpy as jnp
 
     import glm_jax
-    from glm_jax.params import PARAMS_DIR, flat_params, save_params
+    from glm_jax.params import PARAMS_DIR, flat_params, param_specs, save_params
     from glm_jax.sharding import Layout, make_mesh
     from glm_jax.tokenizer import Tokenizer
 
     from .checkpoint import Checkpoints
     from .data import Batches, read_examples
+    from .lora import init_adapters
     from .step import Batch, Trainer, make_optimizer, schedule
 
     c.check()
@@ -101,15 +118,22 @@ def finetune(c: FinetuneConfig) -> dict:
     examples = read_examples(c.data, tokenizer, seq_len=c.seq_len, truncate=c.truncate, vocab_size=config.vocab_size)
     params = flat_params(model.state)
     dtype = model.dtype
-    trainer = Trainer(config, layout, dtype, make_optimizer(opt, list(params)), remat=c.remat,
-                      loss_chunk=c.loss_chunk)
+    lora = c.lora()
+    if lora:   # the adapters train (made on the weights' devices, replicated); the base stays as it is
+        trainable = jax.device_put(init_adapters(lora, param_specs(config, dtype), jax.random.key(c.seed)),
+                                   jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec()))
+        frozen = params
+    else:
+        trainable, frozen = params, {}
+    trainer = Trainer(config, layout, dtype, make_optimizer(opt, list(trainable)), remat=c.remat,
+                      loss_chunk=c.loss_chunk, lora=lora)
     batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,
                       seed=c.seed, shuffle=c.shuffle)
-    record = {"model": config.to_dict(), "lora": None, "seq_len": c.seq_len, "batch_size": c.batch_size,
-              "grad_accum": c.grad_accum}
+    record = {"model": config.to_dict(), "lora": lora and lora.to_dict(), "seq_len": c.seq_len,
+              "batch_size": c.batch_size, "grad_accum": c.grad_accum}
 
-    state = trainer.init(params)
-    del params, model
+    state = trainer.init(trainable)
+    del params, trainable, model
     ckpt = Checkpoints(c.out, keep=c.keep, create=not c.resume)
     start = 0
     if c.resume:
@@ -140,7 +164,7 @@ def finetune(c: FinetuneConfig) -> dict:
             batch = Batch(*(jnp.asarray(np.stack([getattr(p, f) for p in parts]), jnp.int32)
                             for f in ("tokens", "labels", "positions")))
             tic = time.perf_counter()
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, frozen, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - tic
             tokens = int(sum((p.segment_ids > 0).sum() for p in parts))
@@ -158,12 +182,18 @@ def finetune(c: FinetuneConfig) -> dict:
     ckpt.close()
     summary["seconds"] = time.perf_counter() - began
 
-    final = {k: v.astype(dtype) for k, v in state["params"].items()}
     tmp = c.out / ".final.tmp"                       # written whole, then renamed into place
     shutil.rmtree(tmp, ignore_errors=True)
-    save_params(tmp / PARAMS_DIR, [final])
-    shutil.rmtree(c.out / PARAMS_DIR, ignore_errors=True)
-    (tmp / PARAMS_DIR).rename(c.out / PARAMS_DIR)
+    save_params(tmp / PARAMS_DIR, [trainer.weights(state["params"], frozen)])      # the (merged) model
+    written = [PARAMS_DIR]
+    if lora:                                        # adapters/: adapter_config.json and params/
+        save_params(tmp / ADAPTERS / PARAMS_DIR, [state["params"]])
+        (tmp / ADAPTERS / "adapter_config.json").write_text(json.dumps(
+            {**lora.to_dict(), "scale": lora.scale, "base_model": str(c.model), "dtype": "float32"}, indent=1) + "\n")
+        written.append(ADAPTERS)
+    for folder in written:
+        shutil.rmtree(c.out / folder, ignore_errors=True)
+        (tmp / folder).rename(c.out / folder)
     tmp.rmdir()
     config.replace(dtype=jnp.dtype(dtype).name).save(c.out / "config.json")
     for name in SIDE_FILES:

@@ -23,6 +23,7 @@ from ..config import GLMConfig
 from ..model import device_order_call
 from ..params import split_model
 from ..sharding import Layout
+from .lora import LoRAConfig, merge
 from .loss import IGNORE, cross_entropy, shift_labels
 
 Params = dict[str, jax.Array]
@@ -102,10 +103,18 @@ class Trainer:
     remat: str = "full"
     loss_chunk: int = 1024
     strategy: str = "ring"
+    lora: LoRAConfig | None = None    # None: every weight trains; else only the adapters
 
-    def loss(self, params: Mapping[str, jax.Array], tokens, labels, positions) -> tuple[jax.Array, jax.Array]:
+    def weights(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The model's weights in its dtype: the trained ones, or the frozen base merged with the
+        adapters."""
+        weights = merge(self.lora, frozen, params) if self.lora else params
+        return {k: v.astype(self.dtype) for k, v in weights.items()}
+
+    def loss(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array], tokens, labels,
+             positions) -> tuple[jax.Array, jax.Array]:
         """(summed float32 loss, counted targets) of one micro-batch [B, T]."""
-        graphdef, state = split_model(self.config, self.dtype, {k: v.astype(self.dtype) for k, v in params.items()})
+        graphdef, state = split_model(self.config, self.dtype, self.weights(params, frozen))
         model = nnx.merge(graphdef, state)
         order, hidden = device_order_call(model, tokens, positions, self.layout, strategy=self.strategy,
                                           head=False, remat=self.remat)                  # [B, T', H]
@@ -114,13 +123,13 @@ class Trainer:
         targets = jnp.where(jnp.asarray(order < t)[None], targets, IGNORE)
         return cross_entropy(hidden, model.lm_head[...], targets, self.layout, chunk=self.loss_chunk)
 
-    def gradients(self, params: Params, batch: Batch) -> tuple[Params, jax.Array, jax.Array]:
+    def gradients(self, params: Params, frozen: Params, batch: Batch) -> tuple[Params, jax.Array, jax.Array]:
         """(mean gradient, mean loss, counted targets) over every micro-batch of `batch`."""
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
 
         def micro(carry, mb):
             grads, loss, count = carry
-            (l, c), g = grad_fn(params, mb.tokens, mb.labels, mb.positions)
+            (l, c), g = grad_fn(params, frozen, mb.tokens, mb.labels, mb.positions)
             return (jax.tree.map(jnp.add, grads, g), loss + l, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -128,16 +137,17 @@ class Trainer:
         scale = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
         return jax.tree.map(lambda g: g * scale, grads), loss * scale, count
 
-    def step(self, state: dict, batch: Batch) -> tuple[dict, dict]:
-        """One optimizer step. state: {"params", "opt_state", "step"}; returns it updated and the
-        metrics (loss, grad_norm, counted tokens)."""
-        grads, loss, count = self.gradients(state["params"], batch)
+    def step(self, state: dict, frozen: Params, batch: Batch) -> tuple[dict, dict]:
+        """One optimizer step. state: {"params" (the trained weights or adapters), "opt_state",
+        "step"}; frozen: the base weights under LoRA (else empty). Returns the state updated and
+        the metrics (loss, grad_norm, counted tokens)."""
+        grads, loss, count = self.gradients(state["params"], frozen, batch)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def init(self, params: Params) -> dict:
-        """The train state of `params` (float32 master copies of bf16 weights)."""
+        """The train state of the trained `params` (weights or adapters; float32 master copies)."""
         master = {k: v.astype(jnp.float32) for k, v in params.items()}
         return {"params": master, "opt_state": self.optimizer.init(master), "step": jnp.int32(0)}
