@@ -157,15 +157,21 @@ def _compile_report(args) -> int:
     import dataclasses
     import json
 
-    from glm_jax.compile_report import compile_report
+    from glm_jax.compile_report import compile_report, train_report
     from glm_jax.config import GLMConfig
 
     over = {"auto": None, "yes": True, "no": False}[args.weights_over_sequence]
     config = GLMConfig.from_hf(args.config) if pathlib.Path(args.config).exists() else GLMConfig.preset(args.config)
+    if not args.train and (args.lora_rank is not None or args.remat is not None):
+        raise ValueError("--lora-rank and --remat need --train")
     try:
-        reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
-                                 batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
-                                 kv_cache_dtype=args.kv_cache_dtype)
+        if args.train:
+            reports = [train_report(config, topology=args.topology, seq_len=args.seq_len, batch=args.batch,
+                                    mesh=args.mesh, lora_rank=args.lora_rank, remat=args.remat or "full")]
+        else:
+            reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
+                                     batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
+                                     kv_cache_dtype=args.kv_cache_dtype)
     except Exception as e:   # XLA refuses, at compile time, a program larger than the chip's memory
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -296,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(run=_chat)
 
-    p = sub.add_parser("compile-report", help="compile prefill and decode for a TPU topology; report memory",
+    p = sub.add_parser("compile-report", help="compile prefill and decode (or a train step) for a TPU topology; "
+                                              "report memory",
                        description="Compile the prefill-chunk and decode programs of a preset at real size "
                                    "(abstract weights, nothing allocated) for a TPU topology on this machine "
                                    "(needs the [tpu] extra: libtpu), or for this process's devices with "
@@ -313,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_cache_flag(p)
     p.add_argument("--weights-over-sequence", choices=("auto", "yes", "no"), default="auto",
                    help="also shard weights over the sequence axis (default: per topology)")
+    p.add_argument("--train", action="store_true",
+                   help="compile one train step instead (AdamW; tokens and weights over every chip)")
+    p.add_argument("--lora-rank", type=int, default=None, help="with --train: LoRA adapters of this rank")
+    p.add_argument("--remat", choices=("full", "dots", "none"), default=None, help="with --train (default full)")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per program")
     p.set_defaults(run=_compile_report)
 

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the prefill and decode programs at real sizes, nothing allocated.
+"""Ahead-of-time compilation of the prefill and decode programs (or one train step) at real sizes,
+nothing allocated.
 
 Targets: a TPU topology ("v5e:2x4"; needs the `libtpu` wheel, extra `[tpu]`) compiled on this
 machine with `jax.experimental.topologies`, or this process's own devices ("local"). Per program:
@@ -180,3 +181,38 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
                            model_flops(config, batch, 1, seq_len)))
     return reports
 
+
+
+def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
+                 mesh: str | None = None, lora_rank: int | None = None, remat: str = "full",
+                 loss_chunk: int = 1024, dtype=jnp.bfloat16) -> ProgramReport:
+    """Compiles one train step (AdamW, gradient clipping) of `batch` sequences of `seq_len` tokens:
+    every weight with float32 master weights and optimizer state, or LoRA adapters of `lora_rank`
+    on the frozen weights. Default mesh: every chip on `sequence`, weights and optimizer state
+    sharded over all of them (FSDP-style); tokens zigzag over `sequence`, ring attention."""
+    from .train.lora import LoRAConfig, init_adapters
+    from .train.step import Batch, OptimizerConfig, Trainer, make_optimizer
+
+    layout, mesh_desc = layout_for(topology, mesh or "sequence=-1", True)
+    specs = param_specs(config, dtype)
+    weights = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.sharding(s.axes, s.shape))
+               for n, s in specs.items()}
+    lora = LoRAConfig(lora_rank, 2.0 * lora_rank) if lora_rank else None
+    if lora:
+        replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+        trainable = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for n, x in
+                     jax.eval_shape(lambda: init_adapters(lora, specs, jax.random.key(0))).items()}
+        frozen = weights
+    else:
+        trainable, frozen = weights, {}
+    trainer = Trainer(config, layout, dtype, make_optimizer(OptimizerConfig(), list(trainable)), remat=remat,
+                      loss_chunk=loss_chunk, lora=lora)
+    init = jax.jit(trainer.init).lower(trainable).compile()
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         jax.eval_shape(trainer.init, trainable), init.output_shardings)
+    tokens = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.int32)
+    step = jax.jit(trainer.step, donate_argnums=(0,))
+    compiled = step.lower(state, frozen, Batch(tokens, tokens, tokens)).compile()
+    kind = f"LoRA rank {lora_rank}" if lora else "full fine-tuning"
+    return _report(f"train step ({kind}, remat {remat})", compiled, topology, mesh_desc, seq_len, batch,
+                   chip_of(topology), layout, (), 3 * model_flops(config, batch, seq_len, (seq_len + 1) / 2))
