@@ -3,8 +3,9 @@
 Every attention here takes
   q [batch, time, q_heads, dim], k/v [batch, kv_time, kv_heads, dim],
   q_index [batch, time] and k_index [batch, kv_time]: int32 token-order indices.
-A key is visible to a query when `k_index <= q_index` (causal) and `k_index != PAD`; PAD marks empty
-cache slots, left padding and the padding blockwise/ring attention add. Indices are token order, not
+A key is visible to a query when `k_index <= q_index` (causal), both lie in the same segment (the
+bits above SEGMENT_SHIFT: packed training rows hold several examples) and `k_index != PAD`; PAD
+marks empty cache slots, left padding and the padding blockwise/ring attention add. Indices are token order, not
 RoPE positions: RoPE positions are the model's business (they may start at 1,000,000). Because
 masking goes by index, any permutation of the tokens (the ring's zigzag layout) is handled alike.
 KV heads are never repeated: query head h reads KV group h // (q_heads // kv_heads).
@@ -26,6 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 PAD = np.iinfo(np.int32).max  # index of a key that no query may see
+# Token indices stay below 2**SEGMENT_SHIFT (2,097,152); the bits above hold the segment (a packed
+# example) of a training row, so the indices the ring already moves carry segments too.
+SEGMENT_SHIFT = 21
+
+
+def segment_index(segments, index):
+    """Indices of tokens in `segments` (int, 0..1023): segment << SEGMENT_SHIFT | index."""
+    return (segments << SEGMENT_SHIFT) | index
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -69,10 +78,10 @@ def init_state(batch: int, time: int, kv_heads: int, q_per_kv: int, dim: int) ->
 
 def visible(q_index: jax.Array, k_index: jax.Array, causal: bool) -> jax.Array:
     """[B, T] x [B, S] -> bool [B, T, S]: which keys each query may attend to."""
-    k = jnp.asarray(k_index)[:, None, :]
-    mask = k != PAD
+    k, q = jnp.asarray(k_index)[:, None, :], jnp.asarray(q_index)[:, :, None]
+    mask = (k != PAD) & (k >> SEGMENT_SHIFT == q >> SEGMENT_SHIFT)
     if causal:
-        mask = mask & (k <= jnp.asarray(q_index)[:, :, None])
+        mask = mask & (k <= q)
     return mask
 
 

@@ -232,7 +232,7 @@ def _finetune(args) -> int:
         clip_norm=args.clip_norm, mesh=args.mesh, remat=args.remat, loss_chunk=args.loss_chunk,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
         save_every=args.save_every, keep=args.keep, resume=args.resume, seed=args.seed, shuffle=not args.no_shuffle,
-        truncate=args.truncate, progress=not args.quiet)
+        truncate=args.truncate, packing=args.packing, progress=not args.quiet)
     summary = finetune(config)
     if args.json:
         print(json.dumps(summary))
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the file's order")
     p.add_argument("--truncate", action="store_true", help="cut examples longer than --seq-len instead of failing")
+    p.add_argument("--packing", action="store_true",
+                   help="pack several examples into each sequence (attention kept within each example, "
+                        "positions restarting)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help=f"JAX's persistent compilation cache ('off': none; default ${COMPILE_CACHE_ENV}, "
                         "else ~/.cache/glm-jax/jax)")

@@ -212,7 +212,7 @@ def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, ba
                          jax.eval_shape(trainer.init, trainable), init.output_shardings)
     tokens = jax.ShapeDtypeStruct((1, batch, seq_len), jnp.int32)
     step = jax.jit(trainer.step, donate_argnums=(0,))
-    compiled = step.lower(state, frozen, Batch(tokens, tokens, tokens)).compile()
+    compiled = step.lower(state, frozen, Batch(tokens, tokens, tokens, tokens)).compile()
     kind = f"LoRA rank {lora_rank}" if lora else "full fine-tuning"
     return _report(f"train step ({kind}, remat {remat})", compiled, topology, mesh_desc, seq_len, batch,
                    chip_of(topology), layout, (), 3 * model_flops(config, batch, seq_len, (seq_len + 1) / 2))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import PAD, AttentionFn, get_attention, precision
+from .attention import PAD, AttentionFn, get_attention, precision, segment_index
 from .config import GLMConfig
 from .ring import context_parallel, token_order
 from .sharding import Layout
@@ -208,16 +208,21 @@ def self_attend(attention: str | AttentionFn) -> LayerAttend:
 
 
 def device_order_call(model: GLM, tokens: jax.Array, positions: jax.Array, layout: Layout, *,
-                      strategy: str = "ring", **kwargs) -> tuple[np.ndarray, jax.Array]:
+                      strategy: str = "ring", segments: jax.Array | None = None,
+                      **kwargs) -> tuple[np.ndarray, jax.Array]:
     """The model on tokens [B, T] laid out zigzag over the `sequence` axis (padded to fit), every
-    activation sharded on it, attention context-parallel. Returns `order` [T'] (the token index of
-    each laid-out slot; >= T for padding) and the model's outputs in that order (kwargs: GLM's)."""
+    activation sharded on it, attention context-parallel; with `segments` [B, T] (packed rows)
+    a token sees only the earlier tokens of its own segment. Returns `order` [T'] (the token index
+    of each laid-out slot; >= T for padding) and the model's outputs in that order (kwargs: GLM's)."""
     b, t = tokens.shape
     order, _ = token_order(t, layout.size("sequence"))
     real = order < t
     take = np.where(real, order, 0)
-    q_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, -1), jnp.int32), (b, len(order)))
-    k_index = jnp.broadcast_to(jnp.asarray(np.where(real, order, PAD), jnp.int32), (b, len(order)))
+    index = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (b, len(order)))
+    if segments is not None:
+        index = segment_index(segments[:, take], index)
+    q_index = jnp.where(real, index, -1)
+    k_index = jnp.where(real, index, PAD)
     attend_cp = context_parallel(layout, strategy=strategy)
     return order, model(tokens[:, take], positions[:, take], lambda i, q, k, v: attend_cp(q, k, v, q_index, k_index),
                         layout=layout, **kwargs)

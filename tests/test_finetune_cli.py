@@ -78,10 +78,10 @@ def test_one_sgd_step_equals_torch(tmp_path, hf):
 
 
 def test_resume_is_bit_identical(tmp_path, hf):
-    """A run stopped after its step-2 checkpoint (its later checkpoint removed) and resumed ends
+    """(Packed rows.) A run stopped after its step-2 checkpoint (its later checkpoint removed) and resumed ends
     with the very bytes of an uninterrupted run: same data order, same optimizer state."""
     data = write_jsonl(tmp_path / "data.jsonl", id_rows(6, seed=1))
-    args = ("--model", hf, "--data", data, "--steps", 4, "--save-every", 2, "--lr", 1e-2, "--keep", 3)
+    args = ("--model", hf, "--data", data, "--steps", 4, "--save-every", 2, "--lr", 1e-2, "--keep", 3, "--packing")
     assert finetune(*args, "--out", tmp_path / "a") == 0
     assert finetune(*args, "--out", tmp_path / "b") == 0
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")

@@ -32,9 +32,11 @@ def trainer_for(model, **kwargs) -> Trainer:
                    **kwargs)
 
 
-def batch_of(*arrays, accum=1) -> Batch:
-    """[B, T] arrays -> a Batch of `accum` micro-batches of B / accum rows."""
-    return Batch(*(jnp.asarray(np.stack(np.split(np.asarray(a), accum)), jnp.int32) for a in arrays))
+def batch_of(ids, labels, positions, segments=None, accum=1) -> Batch:
+    """[B, T] arrays -> a Batch of `accum` micro-batches of B / accum rows (one segment a row)."""
+    segments = np.ones_like(ids) if segments is None else segments
+    return Batch(*(jnp.asarray(np.stack(np.split(np.asarray(a), accum)), jnp.int32)
+                   for a in (ids, labels, positions, segments)))
 
 
 def torch_loss_and_grads(torch_model, ids, labels):
@@ -180,3 +182,36 @@ def test_lora_gradients_follow_the_chain_rule(tmp_path):
         want_b = lora.scale * np.tensordot(dw, a, axes=(in_axes, [i - k + 1 for i in in_axes]))  # [*out, r]
         np.testing.assert_allclose(grads[f"{name}.lora_a"], want_a, rtol=1e-4, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(grads[f"{name}.lora_b"], want_b, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("mesh", [None, "sequence=8"])
+def test_packing_equals_the_examples_run_separately(tmp_path, mesh):
+    """Three examples packed into one row (positions restarting, segments apart, each example's
+    first label masked as the batcher does) give the summed loss and gradients of the three run
+    one a row, on one device and through the ring."""
+    random_glm(tmp_path, heads=4, kv_heads=2, rope_theta=1e4)
+    model = glm_jax.load(tmp_path, mesh=mesh or one_device())
+    rng = np.random.default_rng(5)
+    lengths, row = (11, 7, 13), 36
+    examples = [rng.integers(1, 300, n) for n in lengths]
+    packed = np.zeros((1, row), np.int64)
+    labels, positions, segments = np.full((1, row), IGNORE), np.zeros((1, row)), np.zeros((1, row))
+    separate = [np.zeros((3, row), np.int64), np.full((3, row), IGNORE), np.zeros((3, row)), np.zeros((3, row))]
+    start = 0
+    for i, ex in enumerate(examples):
+        n = len(ex)
+        packed[0, start:start + n], labels[0, start + 1:start + n] = ex, ex[1:]
+        positions[0, start:start + n], segments[0, start:start + n] = np.arange(n), i + 1
+        separate[0][i, :n], separate[1][i, 1:n], separate[2][i, :n], separate[3][i, :n] = ex, ex[1:], np.arange(n), 1
+        start += n
+    trainer = trainer_for(model, remat="none")
+    params = flat_params(model.state)
+    got = jax.jit(trainer.gradients)(params, {}, batch_of(packed, labels, positions, segments))
+    want = jax.jit(trainer.gradients)(params, {}, batch_of(*separate))
+    assert int(got[2]) == int(want[2]) == sum(lengths) - 3
+    assert float(got[1]) == pytest.approx(float(want[1]), rel=1e-6)
+    for name in want[0]:
+        np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-4, atol=1e-7, err_msg=name)
+    # without the segments the examples see each other: a different loss
+    crossed = jax.jit(trainer.gradients)(params, {}, batch_of(packed, labels, positions))
+    assert abs(float(crossed[1]) - float(want[1])) > 1e-4

@@ -49,6 +49,7 @@ class FinetuneConfig:
     seed: int = 0
     shuffle: bool = True
     truncate: bool = False
+    packing: bool = False
     progress: bool = True
 
     def check(self) -> None:
@@ -128,9 +129,9 @@ def finetune(c: FinetuneConfig) -> dict:
     trainer = Trainer(config, layout, dtype, make_optimizer(opt, list(trainable)), remat=c.remat,
                       loss_chunk=c.loss_chunk, lora=lora)
     batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,
-                      seed=c.seed, shuffle=c.shuffle)
+                      seed=c.seed, shuffle=c.shuffle, packing=c.packing)
     record = {"model": config.to_dict(), "lora": lora and lora.to_dict(), "seq_len": c.seq_len,
-              "batch_size": c.batch_size, "grad_accum": c.grad_accum}
+              "batch_size": c.batch_size, "grad_accum": c.grad_accum, "packing": c.packing}
 
     state = trainer.init(trainable)
     del params, trainable, model
@@ -141,7 +142,7 @@ def finetune(c: FinetuneConfig) -> dict:
         if start is None:
             raise ValueError(f"--resume: {c.out / 'checkpoints'} holds no finished checkpoint")
         saved = ckpt.record(start)
-        for key in ("model", "lora", "seq_len", "batch_size", "grad_accum"):
+        for key in ("model", "lora", "seq_len", "batch_size", "grad_accum", "packing"):
             if saved.get(key) != record[key]:
                 raise ValueError(f"--resume: the checkpoint was made with another {key.replace('_', ' ')} "
                                  f"({saved.get(key)!r}, now {record[key]!r})")
@@ -162,7 +163,7 @@ def finetune(c: FinetuneConfig) -> dict:
         for step in range(start, c.steps):
             parts = [next(batches) for _ in range(c.grad_accum)]
             batch = Batch(*(jnp.asarray(np.stack([getattr(p, f) for p in parts]), jnp.int32)
-                            for f in ("tokens", "labels", "positions")))
+                            for f in ("tokens", "labels", "positions", "segment_ids")))
             tic = time.perf_counter()
             state, metrics = step_fn(state, frozen, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -82,14 +82,17 @@ def make_optimizer(c: OptimizerConfig, names) -> optax.GradientTransformation:
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """One global batch, split into `accum` micro-batches: every array [accum, B, T] int32.
-    labels are aligned with tokens (transformers' convention; IGNORE where nothing counts)."""
+    labels are aligned with tokens (transformers' convention; IGNORE where nothing counts);
+    positions are RoPE positions (restarting per packed example); segments tell packed examples
+    apart (a token attends only within its segment; 0 = padding)."""
 
     tokens: Any
     labels: Any
     positions: Any
+    segments: Any
 
 
-jax.tree_util.register_dataclass(Batch, data_fields=["tokens", "labels", "positions"], meta_fields=[])
+jax.tree_util.register_dataclass(Batch, data_fields=["tokens", "labels", "positions", "segments"], meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +115,12 @@ class Trainer:
         return {k: v.astype(self.dtype) for k, v in weights.items()}
 
     def loss(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array], tokens, labels,
-             positions) -> tuple[jax.Array, jax.Array]:
+             positions, segments) -> tuple[jax.Array, jax.Array]:
         """(summed float32 loss, counted targets) of one micro-batch [B, T]."""
         graphdef, state = split_model(self.config, self.dtype, self.weights(params, frozen))
         model = nnx.merge(graphdef, state)
         order, hidden = device_order_call(model, tokens, positions, self.layout, strategy=self.strategy,
-                                          head=False, remat=self.remat)                  # [B, T', H]
+                                          segments=segments, head=False, remat=self.remat)  # [B, T', H]
         t = tokens.shape[1]
         targets = shift_labels(labels)[:, np.minimum(order, t - 1)]                      # [B, T']
         targets = jnp.where(jnp.asarray(order < t)[None], targets, IGNORE)
@@ -129,7 +132,7 @@ class Trainer:
 
         def micro(carry, mb):
             grads, loss, count = carry
-            (l, c), g = grad_fn(params, frozen, mb.tokens, mb.labels, mb.positions)
+            (l, c), g = grad_fn(params, frozen, mb.tokens, mb.labels, mb.positions, mb.segments)
             return (jax.tree.map(jnp.add, grads, g), loss + l, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
