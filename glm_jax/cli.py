@@ -69,7 +69,7 @@ def _parity(args) -> int:
     from glm_jax.parity import run_parity
 
     report = run_parity(args.hf_dir, model_dir=args.model, dtype=args.dtype, seq_len=args.seq_len,
-                        batch=args.batch, seed=args.seed, tolerance=args.tolerance)
+                        batch=args.batch, seed=args.seed, tolerance=args.tolerance, grad=args.grad)
     print(report.to_json() if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max logits ‖Δ‖/‖ref‖ (default 1e-4 float32, 5e-2 bfloat16)")
+    p.add_argument("--grad", action="store_true",
+                   help="also compare the loss and every parameter's gradient (glm-jax's train step against "
+                        "PyTorch's backward on the same ids)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_parity)
 

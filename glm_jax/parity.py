@@ -17,6 +17,7 @@ import numpy as np
 from .config import GLMConfig
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # logits ‖Δ‖/‖ref‖
+GRAD_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1}  # --grad: the worst parameter's ‖Δ‖/‖ref‖
 
 
 @dataclasses.dataclass
@@ -31,10 +32,13 @@ class ParityReport:
     top1: float
     tolerance: float
     fp32_reference: dict | None    # bf16 only: both sides against a float32 PyTorch run
+    grad: dict | None = None       # --grad: loss and per-parameter gradient errors
 
     @property
     def ok(self) -> bool:
-        return self.logits_rel <= self.tolerance
+        grad_ok = self.grad is None or (self.grad["loss_rel"] <= self.grad["tolerance"]
+                                        and self.grad["max_rel"] <= self.grad["tolerance"])
+        return self.logits_rel <= self.tolerance and grad_ok
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), "ok": self.ok}, indent=2)
@@ -51,6 +55,13 @@ class ParityReport:
             lines += ["", "against PyTorch float32 on the same weights (bf16 rounding noise):",
                       f"  glm-jax bf16: logits rel {f['jax_rel']:.3e}, top-1 {100 * f['jax_top1']:.2f}%",
                       f"  PyTorch bf16: logits rel {f['torch_rel']:.3e}, top-1 {100 * f['torch_top1']:.2f}%"]
+        if self.grad:
+            g = self.grad
+            lines += ["", f"loss (next-token cross-entropy, every token counted): PyTorch {g['loss_torch']:.6f}, "
+                          f"glm-jax {g['loss_jax']:.6f}, rel error {g['loss_rel']:.3e}",
+                      f"{'gradient':<48}{'rel error':>12}"]
+            lines += [f"{row['name']:<48}{row['rel']:>12.3e}" for row in g["params"]]
+            lines += [f"worst gradient rel error {g['max_rel']:.3e} ({g['worst']}); tolerance {g['tolerance']:.1e}"]
         verdict = "PASS" if self.ok else "FAIL"
         lines += ["", f"{verdict}: logits rel error {self.logits_rel:.3e} "
                       f"{'<=' if self.ok else '>'} tolerance {self.tolerance:.1e}"]
@@ -110,8 +121,49 @@ def _torch_run(model, ids: np.ndarray):
     return out.logits.float().numpy(), hidden
 
 
+def grad_parity(torch_model, jax_model, ids: np.ndarray, dtype: str) -> dict:
+    """Loss (every next token counted) and the gradient of every parameter, PyTorch against
+    glm-jax's train step on the same ids; gradients compared in the reference's own tensor names."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from .convert.hf import hf_tensor_from
+    from .convert.layout import CHATGLM, GLM, hf_tensors
+    from .params import flat_params
+    from .sharding import Layout, make_mesh
+    from .train.step import Batch, OptimizerConfig, Trainer, make_optimizer
+
+    torch_model.zero_grad()
+    out = torch_model(torch.from_numpy(ids), labels=torch.from_numpy(ids))
+    out.loss.backward()
+    want = {n: p.grad.float().numpy() for n, p in torch_model.named_parameters() if p.grad is not None}
+    layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
+    trainer = Trainer(jax_model.config, layout, jax_model.dtype, make_optimizer(OptimizerConfig(optimizer="sgd"), []),
+                      remat="none")
+    params = {k: v.astype(jnp.float32) for k, v in flat_params(jax_model.state).items()}
+    as_batch = lambda x: jnp.asarray(x[None], jnp.int32)
+    batch = Batch(as_batch(ids), as_batch(ids), as_batch(np.broadcast_to(np.arange(ids.shape[1]), ids.shape)),
+                  as_batch(np.ones_like(ids)))
+    grads, loss, _ = jax.jit(trainer.gradients)(params, {}, batch)
+    layout_name = GLM if any(n.startswith("model.") for n in want) else CHATGLM
+    rows = []
+    for t in hf_tensors(jax_model.config, layout_name):
+        if t.name in want:
+            got = hf_tensor_from(t, lambda n: np.asarray(grads[n]))
+            rows.append({"name": t.name, "rel": _rel(got, want[t.name])})
+    missing = sorted(set(want) - {r["name"] for r in rows})
+    if missing:
+        raise ValueError(f"no glm-jax gradient maps to {', '.join(missing[:3])}")
+    worst = max(rows, key=lambda r: r["rel"])
+    loss_torch = float(out.loss.detach().float())
+    return {"loss_torch": loss_torch, "loss_jax": float(loss), "loss_rel": abs(float(loss) - loss_torch) / abs(loss_torch),
+            "params": rows, "max_rel": worst["rel"], "worst": worst["name"], "tolerance": GRAD_TOLERANCE[dtype]}
+
+
 def run_parity(hf_dir: str | pathlib.Path, *, model_dir: str | pathlib.Path | None = None, dtype: str = "float32",
-               seq_len: int = 64, batch: int = 2, seed: int = 0, tolerance: float | None = None) -> ParityReport:
+               seq_len: int = 64, batch: int = 2, seed: int = 0, tolerance: float | None = None,
+               grad: bool = False) -> ParityReport:
     from .api import load
 
     hf_dir = pathlib.Path(hf_dir)
@@ -132,6 +184,7 @@ def run_parity(hf_dir: str | pathlib.Path, *, model_dir: str | pathlib.Path | No
             ours = np.asarray(jax_model.final_norm(hidden[i]))
             name += " (+norm)"
         layers.append({"name": name, "rel": _rel(ours, ref), "max_abs": float(np.abs(ours - ref).max())})
+    grads = grad_parity(torch_model, jax_model, ids, dtype) if grad else None
     fp32 = None
     if dtype == "bfloat16":
         del torch_model
@@ -144,4 +197,5 @@ def run_parity(hf_dir: str | pathlib.Path, *, model_dir: str | pathlib.Path | No
     return ParityReport(reference=description, dtype=dtype, batch=batch, seq_len=seq_len, layers=layers,
                         logits_rel=_rel(logits, ref_logits), logits_max_abs=float(np.abs(logits - ref_logits).max()),
                         top1=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
-                        tolerance=TOLERANCE[dtype] if tolerance is None else tolerance, fp32_reference=fp32)
+                        tolerance=TOLERANCE[dtype] if tolerance is None else tolerance, fp32_reference=fp32,
+                        grad=grads)

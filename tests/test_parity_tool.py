@@ -27,3 +27,15 @@ def test_parity_bfloat16_reports_rounding_noise(reference, capsys):
     report = json.loads(capsys.readouterr().out)
     noise = report["fp32_reference"]
     assert report["logits_rel"] < 5e-2 and noise["jax_rel"] < 1.2 * noise["torch_rel"]
+
+
+def test_parity_grad_reports_loss_and_every_gradient(reference, capsys):
+    """--grad: glm-jax's train-step gradients against PyTorch's backward, every tensor named as the
+    reference names it; float32 within 1e-4."""
+    assert main(["parity", str(reference / "fixtures" / "glm-hf-f32"), "--json", "--seq-len", "23", "--grad"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    g = report["grad"]
+    assert report["ok"] and g["loss_rel"] < 1e-6 and 0 < g["max_rel"] < 1e-4
+    names = [row["name"] for row in g["params"]]
+    assert "lm_head.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
+    assert "model.embed_tokens.weight" in names and len(names) == len(set(names))
