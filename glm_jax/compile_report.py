@@ -205,7 +205,7 @@ def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, ba
         frozen = weights
     else:
         trainable, frozen = weights, {}
-    trainer = Trainer(config, layout, dtype, make_optimizer(OptimizerConfig(), list(trainable)), remat=remat,
+    trainer = Trainer(config, layout, dtype, make_optimizer(OptimizerConfig()), remat=remat,
                       loss_chunk=loss_chunk, lora=lora)
     init = jax.jit(trainer.init).lower(trainable).compile()
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -139,7 +139,7 @@ def grad_parity(torch_model, jax_model, ids: np.ndarray, dtype: str) -> dict:
     out.loss.backward()
     want = {n: p.grad.float().numpy() for n, p in torch_model.named_parameters() if p.grad is not None}
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
-    trainer = Trainer(jax_model.config, layout, jax_model.dtype, make_optimizer(OptimizerConfig(optimizer="sgd"), []),
+    trainer = Trainer(jax_model.config, layout, jax_model.dtype, make_optimizer(OptimizerConfig(optimizer="sgd")),
                       remat="none")
     params = {k: v.astype(jnp.float32) for k, v in flat_params(jax_model.state).items()}
     as_batch = lambda x: jnp.asarray(x[None], jnp.int32)

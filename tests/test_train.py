@@ -28,7 +28,7 @@ def one_device():
 
 
 def trainer_for(model, **kwargs) -> Trainer:
-    return Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig(optimizer="sgd"), []),
+    return Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig(optimizer="sgd")),
                    **kwargs)
 
 
@@ -138,10 +138,9 @@ def test_schedule_and_weight_decay_mask():
     assert decays("layers.0.attn.q_proj") and decays("embed") and decays("lm_head")
     assert not any(decays(n) for n in ("layers.0.attn.q_bias", "layers.3.input_norm.weight", "final_norm.weight"))
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
-        make_optimizer(OptimizerConfig(optimizer="lion"), [])
+        make_optimizer(OptimizerConfig(optimizer="lion"))
     # decoupled decay: a zero gradient still shrinks a matrix, never a bias
-    opt = make_optimizer(OptimizerConfig(learning_rate=0.1, schedule="constant", weight_decay=0.5, clip_norm=None),
-                         ["w_proj", "b_bias"])
+    opt = make_optimizer(OptimizerConfig(learning_rate=0.1, schedule="constant", weight_decay=0.5, clip_norm=None))
     params = {"w_proj": jnp.ones(3), "b_bias": jnp.ones(3)}
     updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -166,7 +165,7 @@ def test_lora_gradients_follow_the_chain_rule(tmp_path):
     ids = rng.integers(0, 300, (2, 20))
     batch = batch_of(ids, ids, np.broadcast_to(np.arange(20), ids.shape))
     base = flat_params(model.state)
-    with_lora = Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig(), []), lora=lora)
+    with_lora = Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig()), lora=lora)
     grads, loss, _ = jax.jit(with_lora.gradients)(adapters, base, batch)
     merged = merge(lora, base, adapters)
     full_grads, full_loss, _ = jax.jit(trainer_for(model).gradients)(merged, {}, batch)

@@ -112,7 +112,7 @@ def finetune(c: FinetuneConfig) -> dict:
 
     c.check()
     opt = optimizer_config(c)
-    make_optimizer(opt, [])                                      # a bad --optimizer / --schedule stops here
+    make_optimizer(opt)                                      # a bad --optimizer / --schedule stops here
     tokenizer = Tokenizer.from_file(c.model / "tokenizer.model") if (c.model / "tokenizer.model").is_file() else None
     model = glm_jax.load(c.model, mesh=c.mesh if c.mesh else make_mesh("sequence=1", jax.devices()[:1]))
     config, layout = model.config, model.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
@@ -126,7 +126,7 @@ def finetune(c: FinetuneConfig) -> dict:
         frozen = params
     else:
         trainable, frozen = params, {}
-    trainer = Trainer(config, layout, dtype, make_optimizer(opt, list(trainable)), remat=c.remat,
+    trainer = Trainer(config, layout, dtype, make_optimizer(opt), remat=c.remat,
                       loss_chunk=c.loss_chunk, lora=lora)
     batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,
                       seed=c.seed, shuffle=c.shuffle, packing=c.packing)

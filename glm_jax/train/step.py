@@ -67,14 +67,15 @@ def decays(name: str) -> bool:
     return not (leaf.endswith("bias") or "norm" in name)
 
 
-def make_optimizer(c: OptimizerConfig, names) -> optax.GradientTransformation:
+def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
+    """The optimizer of a flat {name: array} tree of trained weights (or adapters)."""
     if c.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {c.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = schedule(c)
     if c.optimizer == "sgd":
         core = optax.sgd(lr)
     else:
-        mask = {name: decays(name) for name in names}
+        mask = lambda params: {name: decays(name) for name in params}
         core = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
     return optax.chain(optax.clip_by_global_norm(c.clip_norm), core) if c.clip_norm else core
 
@@ -151,6 +152,7 @@ class Trainer:
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def init(self, params: Params) -> dict:
-        """The train state of the trained `params` (weights or adapters; float32 master copies)."""
-        master = {k: v.astype(jnp.float32) for k, v in params.items()}
+        """The train state of the trained `params` (weights or adapters): float32 copies, never the
+        caller's arrays (the step donates its state)."""
+        master = {k: jnp.array(v, jnp.float32, copy=True) for k, v in params.items()}
         return {"params": master, "opt_state": self.optimizer.init(master), "step": jnp.int32(0)}
