@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
@@ -71,12 +72,19 @@ class Model:
     def logits(self, input_ids, positions=None) -> np.ndarray:
         """input_ids int [B, T] (positions default to 0..T-1) -> float32 numpy [B, T, V]
         (on every process of a multi-host run)."""
-        return to_host(self._forward(self.state, *self._inputs(input_ids, positions)))
+        with self._own_mesh():
+            return to_host(self._forward(self.state, *self._inputs(input_ids, positions)))
 
     def hidden_states(self, input_ids, positions=None) -> tuple[np.ndarray, np.ndarray]:
         """(logits [B, T, V], hidden states [num_layers + 1, B, T, H]: embedding, then each layer)."""
-        logits, hidden = self._forward(self.state, *self._inputs(input_ids, positions), hidden_states=True)
-        return to_host(logits), to_host(hidden)
+        with self._own_mesh():
+            logits, hidden = self._forward(self.state, *self._inputs(input_ids, positions), hidden_states=True)
+            return to_host(logits), to_host(hidden)
+
+    def _own_mesh(self):
+        """The model's own (Auto-axes) mesh as the context mesh while it runs, so a caller inside
+        `jax.set_mesh` of an Explicit mesh (the same devices) does not clash with its programs."""
+        return jax.set_mesh(self.layout.mesh) if self.layout is not None else contextlib.nullcontext()
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer | None:
@@ -137,9 +145,10 @@ class Model:
             return [[] for _ in prompts]
         if len(sampling["stop_ids"]) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(sampling['stop_ids'])}")
-        return self._generator.generate(prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                        pad_id=self.generation_defaults.pad_id % vocab, on_token=on_token,
-                                        progress=progress, **sampling)
+        with self._own_mesh():
+            return self._generator.generate(prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                            pad_id=self.generation_defaults.pad_id % vocab, on_token=on_token,
+                                            progress=progress, **sampling)
 
     def final_norm(self, hidden) -> np.ndarray:
         """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""

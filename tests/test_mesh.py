@@ -144,6 +144,10 @@ def test_load_logits_and_generate_on_user_meshes(string_mesh_results, shape, nam
     assert rel(model.logits(ids), want_logits) <= 1e-6
     assert model.generate([ids[0].tolist()], max_new_tokens=8, temperature=0) == want_tokens
     assert model.mesh.axis_names == names and model.mesh.axis_types == (AxisType.Auto,) * len(names)
+    if kind == AxisType.Explicit:   # also called inside `jax.set_mesh` of the user's Explicit mesh
+        with jax.set_mesh(user_mesh(shape, names, kind)):
+            assert rel(model.logits(ids), want_logits) <= 1e-6
+            assert model.generate([ids[0].tolist()], max_new_tokens=8, temperature=0) == want_tokens
 
 
 def test_compile_report_on_an_explicit_mesh(reference):
