@@ -16,6 +16,7 @@ Numerics, as the original PyTorch code does them:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -33,9 +34,41 @@ from .sharding import Layout
 LayerAttend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def dense(eq: str, x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """einsum with float32 accumulation, optional bias, rounded once to x's dtype."""
-    y = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, precision=precision(x, w))
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """A weight plus a LoRA adapter, as a Param may hold it in training: base [*out, *in],
+    a [r, *in], b [*out, r]; it multiplies as base + scale * b a, without forming that sum."""
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float
+
+    def __getitem__(self, index):   # `param[...]` as for an array Param
+        return self
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+
+jax.tree_util.register_dataclass(LowRank, data_fields=["base", "a", "b"], meta_fields=["scale"])
+
+
+def dense(eq: str, x: jax.Array, w: jax.Array | LowRank, b: jax.Array | None = None) -> jax.Array:
+    """einsum with float32 accumulation, optional bias, rounded once to x's dtype. A LowRank
+    weight adds scale * (x a) b: x's contracted dims against a, then b's rank dim."""
+    if isinstance(w, LowRank):
+        (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
+        inner, outer = "".join(c for c in ws if c in xs), "".join(c for c in ws if c not in xs)
+        kept = "".join(c for c in xs if c not in inner)
+        y = jnp.einsum(eq, x, w.base, preferred_element_type=jnp.float32, precision=precision(x, w.base))
+        xa = jnp.einsum(f"{xs},z{inner}->{kept}z", x, w.a, preferred_element_type=jnp.float32,
+                        precision=precision(x, w.a)).astype(x.dtype)                       # [..., r]
+        y = y + w.scale * jnp.einsum(f"{kept}z,{outer}z->{out}", xa, w.b, preferred_element_type=jnp.float32,
+                                     precision=precision(xa, w.b))
+    else:
+        y = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, precision=precision(x, w))
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)

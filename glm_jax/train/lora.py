@@ -3,8 +3,9 @@
 A weight W keeps torch's [out, in] orientation with its dims split (q_proj [Hq, D, H], o_proj
 [H, Hq, D], gate_proj [F, H], ...). Its adapter is A [r, *in] and B [*out, r]; the weight the
 forward uses is W + (alpha / r) * B A. A starts random (std 1 / sqrt(in features)), B at zero, so
-training starts from the base model exactly. The embedding, the norms and the output layer are
-never adapted, whatever the pattern says.
+training starts from the base model exactly. Training multiplies through the adapter (`attach`:
+x W + scale (x A) B, as PEFT does); the output folder gets the merged weights (`merge`). The
+embedding, the norms and the output layer are never adapted, whatever the pattern says.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from ..model import LowRank
 from ..params import ParamSpec
 
 DEFAULT_TARGETS = r"\.(q|k|v|o|gate|up|down)_proj$"
@@ -71,6 +73,18 @@ def init_adapters(c: LoRAConfig, specs: Mapping[str, ParamSpec], key: jax.Array)
                                                        jnp.float32) / math.sqrt(fan_in)
         adapters[f"{name}.lora_b"] = jnp.zeros((*shape[:k], c.rank), jnp.float32)
     return adapters
+
+
+def attach(c: LoRAConfig, base: Mapping[str, jax.Array], adapters: Mapping[str, jax.Array], dtype) -> dict:
+    """The weights the training forward uses: every adapted W as a LowRank (W, A, B in `dtype`),
+    multiplied without forming W + scale * B A (no full-size merged weight or its gradient)."""
+    weights = {k: v.astype(dtype) for k, v in base.items()}
+    for key in adapters:
+        if key.endswith(".lora_a"):
+            name = key[: -len(".lora_a")]
+            weights[name] = LowRank(weights[name], adapters[key].astype(dtype),
+                                    adapters[f"{name}.lora_b"].astype(dtype), c.scale)
+    return weights
 
 
 def merge(c: LoRAConfig, base: Mapping[str, jax.Array], adapters: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

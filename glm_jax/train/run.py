@@ -185,7 +185,7 @@ def finetune(c: FinetuneConfig) -> dict:
 
     tmp = c.out / ".final.tmp"                       # written whole, then renamed into place
     shutil.rmtree(tmp, ignore_errors=True)
-    save_params(tmp / PARAMS_DIR, [trainer.weights(state["params"], frozen)])      # the (merged) model
+    save_params(tmp / PARAMS_DIR, [trainer.merged(state["params"], frozen)])       # the (merged) model
     written = [PARAMS_DIR]
     if lora:                                        # adapters/: adapter_config.json and params/
         save_params(tmp / ADAPTERS / PARAMS_DIR, [state["params"]])

@@ -23,7 +23,7 @@ from ..config import GLMConfig
 from ..model import device_order_call
 from ..params import split_model
 from ..sharding import Layout
-from .lora import LoRAConfig, merge
+from .lora import LoRAConfig, attach, merge
 from .loss import IGNORE, cross_entropy, shift_labels
 
 Params = dict[str, jax.Array]
@@ -109,9 +109,15 @@ class Trainer:
     strategy: str = "ring"
     lora: LoRAConfig | None = None    # None: every weight trains; else only the adapters
 
-    def weights(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """The model's weights in its dtype: the trained ones, or the frozen base merged with the
-        adapters."""
+    def weights(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict:
+        """The forward's weights in the model's dtype: the trained ones, or the frozen base with
+        the adapters attached."""
+        if self.lora:
+            return attach(self.lora, frozen, params, self.dtype)
+        return {k: v.astype(self.dtype) for k, v in params.items()}
+
+    def merged(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The weights to save, in the model's dtype (LoRA: base + scale * B A)."""
         weights = merge(self.lora, frozen, params) if self.lora else params
         return {k: v.astype(self.dtype) for k, v in weights.items()}
 
