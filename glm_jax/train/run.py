@@ -102,6 +102,7 @@ def finetune(c: FinetuneConfig) -> dict:
 
     import glm_jax
     from glm_jax.params import PARAMS_DIR, flat_params, param_specs, save_params
+    from glm_jax.progress import Progress
     from glm_jax.sharding import Layout, make_mesh
     from glm_jax.tokenizer import Tokenizer
 
@@ -158,7 +159,6 @@ def finetune(c: FinetuneConfig) -> dict:
     metrics_file = metrics_path.open("a")
     summary = {"first_step": start, "steps": c.steps}
     began = time.perf_counter()
-    from glm_jax.progress import Progress
     with Progress("finetune", c.steps - start, unit="steps", scale=1, enabled=c.progress) as bar:
         for step in range(start, c.steps):
             parts = [next(batches) for _ in range(c.grad_accum)]
