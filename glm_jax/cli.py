@@ -184,6 +184,23 @@ def _compile_report(args) -> int:
     return 0 if all(r.fits is not False for r in reports) else 1
 
 
+def _needle(args) -> int:
+    from glm_jax.evals import needle
+
+    config = needle.NeedleConfig(
+        model=args.model, out=args.out,
+        lengths=needle.parse_lengths(args.lengths, args.min_length, args.max_length, args.num_lengths),
+        depths=needle.parse_depths(args.depths, args.num_depths), haystack=args.haystack,
+        repeat_haystack=args.repeat_haystack, samples=args.samples, seed=args.seed, multi_needle=args.multi_needle,
+        instruction=needle.INSTRUCTION if args.instruction is None else args.instruction,
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, mesh=args.mesh, prefill_chunk=args.prefill_chunk,
+        kv_cache_dtype=args.kv_cache_dtype, force=args.force, progress=not args.quiet)
+    _use_compile_cache(compile_cache_dir(args.compile_cache))
+    summary = needle.run(config)
+    print(json.dumps(summary) if args.json else needle.format_summary(summary))
+    return 0
+
+
 def _add_kv_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("int8",), default=None,
                    help="KV cache storage: int8 (per-token scales; half the bytes of bf16) "
@@ -329,6 +346,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=("full", "dots", "none"), default=None, help="with --train (default full)")
     p.add_argument("--json", action="store_true", help="a JSON list, one object per program")
     p.set_defaults(run=_compile_report)
+
+    p = sub.add_parser("needle", help="needle in a haystack: retrieval accuracy over context length x depth, "
+                                      "with its heatmap",
+                       description="The needle-in-a-haystack test (LWM's protocol, in the model's chat format): "
+                                   "`The special magic {city} number is: {7-digit number}.` inserted at a "
+                                   "sentence boundary at each depth of a haystack cut so that the whole prompt "
+                                   "(template, haystack, needle, question) is each context length in the model's "
+                                   "tokens, never over; then `What is the special magic {city} number?` and a "
+                                   "greedy answer, correct when it contains the number. OUT gets results.jsonl "
+                                   "(a line per cell as it finishes: a rerun of the same command skips finished "
+                                   "cells), summary.json and heatmap.png.")
+    p.add_argument("--model", type=pathlib.Path, required=True,
+                   help="glm-jax (or HF) model folder with tokenizer.model")
+    p.add_argument("--out", type=pathlib.Path, required=True,
+                   help="output folder (new, or a run of the same arguments to resume)")
+    p.add_argument("--lengths", default=None, metavar="N,N,...",
+                   help="context lengths in tokens, the whole prompt counted, e.g. 1000,8000,128000")
+    p.add_argument("--min-length", "--min", type=int, default=None, help="with --max-length, --num-lengths: "
+                                                                         "evenly spaced lengths from this")
+    p.add_argument("--max-length", "--max", type=int, default=None, help="the longest of the evenly spaced lengths")
+    p.add_argument("--num-lengths", "--num", type=int, default=None, help="how many evenly spaced lengths")
+    p.add_argument("--depths", default=None, metavar="D,D,...",
+                   help="needle depths in percent of the haystack, 0 (start) to 100 (end) (default 0,25,50,75,100)")
+    p.add_argument("--num-depths", type=int, default=None, help="this many depths spread from 0 to 100 instead")
+    p.add_argument("--haystack", type=pathlib.Path, default=None, metavar="FILE",
+                   help="haystack text: a plain text file, a .jsonl file with a 'text' field per line (e.g. PG-19), "
+                        "or a folder of .txt files (e.g. Paul Graham's essays) (default: the built-in filler "
+                        "'The grass is green. The sky is blue. ...', no download)")
+    p.add_argument("--repeat-haystack", action="store_true",
+                   help="repeat the haystack when it is shorter than the longest length")
+    p.add_argument("--samples", type=int, default=1,
+                   help="prompts per cell, each with other cities, numbers and haystack offsets (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cities, numbers and offsets (default 0)")
+    p.add_argument("--multi-needle", type=int, default=1, metavar="K",
+                   help="K needles (different cities) spread over the haystack, one at the cell's depth; each "
+                        "asked in turn and scored separately (default 1)")
+    p.add_argument("--instruction", default=None,
+                   help="text after the question (default LWM's: \"Don't give information outside the document "
+                        "or repeat your findings. Keep your response short and direct.\"; a model trained by "
+                        "scripts/bench_finetune.py expects \"Answer with the number only.\")")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget in tokens (default 32)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. 'sequence=8' or 'tensor=2,sequence=4'")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the stored weights')")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
+    _add_kv_cache_flag(p)
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help=f"JAX's persistent compilation cache ('off': none; default ${COMPILE_CACHE_ENV}, "
+                        "else ~/.cache/glm-jax/jax)")
+    p.add_argument("--force", action="store_true", help="start afresh in an OUT that holds another run")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.set_defaults(run=_needle)
 
     p = sub.add_parser("finetune", help="fine-tune a model folder on a JSONL file (full or LoRA)",
                        description="Fine-tune (every weight, or LoRA adapters) on JSONL data, one example a line: {\"messages\": [...]} (chat; loss "

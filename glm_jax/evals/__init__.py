@@ -1,0 +1,1 @@
+"""Evaluations of a model folder: `needle` (needle in a haystack, LWM's protocol in the chat format)."""
