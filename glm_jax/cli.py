@@ -201,6 +201,12 @@ def _needle(args) -> int:
     return 0
 
 
+def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache: a second run on the same model compiles nothing; "
+                        f"'off' disables it (default: ${COMPILE_CACHE_ENV}, else ~/.cache/glm-jax/jax)")
+
+
 def _add_kv_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=("int8",), default=None,
                    help="KV cache storage: int8 (per-token scales; half the bytes of bf16) "
@@ -233,9 +239,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the stored weights')")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
     _add_kv_cache_flag(p)
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="JAX's persistent compilation cache: a second run on the same model compiles nothing; "
-                        f"'off' disables it (default: ${COMPILE_CACHE_ENV}, else ~/.cache/glm-jax/jax)")
+    _add_compile_cache_flag(p)
 
 
 def _finetune(args) -> int:
@@ -391,9 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the stored weights')")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
     _add_kv_cache_flag(p)
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help=f"JAX's persistent compilation cache ('off': none; default ${COMPILE_CACHE_ENV}, "
-                        "else ~/.cache/glm-jax/jax)")
+    _add_compile_cache_flag(p)
     p.add_argument("--force", action="store_true", help="start afresh in an OUT that holds another run")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
@@ -442,9 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", action="store_true",
                    help="pack several examples into each sequence (attention kept within each example, "
                         "positions restarting)")
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help=f"JAX's persistent compilation cache ('off': none; default ${COMPILE_CACHE_ENV}, "
-                        "else ~/.cache/glm-jax/jax)")
+    _add_compile_cache_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_finetune)
