@@ -150,7 +150,11 @@ def finetune(c: FinetuneConfig) -> dict:
         state = ckpt.restore(start, state)
         batches.restore(saved["data"])
 
-    step_fn = jax.jit(trainer.step, donate_argnums=0)
+    # the state comes back with the shardings it went in with: one compile, not a second at step 2
+    replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+    state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                         else jax.device_put(x, replicated), state)              # the step and Adam's count
+    step_fn = jax.jit(trainer.step, donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     lr = schedule(opt)
     metrics_path = c.out / "metrics.jsonl"
     if c.resume and metrics_path.is_file():   # steps after the checkpoint are run again: their lines go
