@@ -10,6 +10,9 @@ from glm_jax.compile_report import compile_report, model_flops
 from glm_jax.config import GLMConfig, PRESETS
 
 
+# TPU topologies start libtpu, which one process at a time may hold: these tests share one worker.
+pytestmark = pytest.mark.xdist_group("libtpu")
+
 def test_local_report_fields_and_arithmetic(reference):
     config = GLMConfig.from_hf(reference / "fixtures" / "chatglm-f32")
     reports = compile_report(config, topology="local", seq_len=4096, batch=2, mesh="tensor=2,sequence=4", chunk=256)
