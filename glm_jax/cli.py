@@ -13,6 +13,9 @@ DTYPES = ("bfloat16", "float32")
 COMPILE_CACHE_ENV = "GLM_JAX_COMPILE_CACHE"
 # Device nodes of the accelerators JAX finds on its own: TPU (accel driver, vfio driver), NVIDIA, AMD, WSL2 GPUs.
 ACCELERATOR_NODES = ("accel*", "vfio", "nvidia*", "kfd", "dxg")
+# `glm-jax serve`'s default context per request (at most the model's): the KV cache holds
+# max_batch x this many slots, allocated at start (8 x 8,192 tokens of GLM-4-9B in bf16: 2.7 GB).
+SERVE_MAX_MODEL_LEN = 8192
 
 
 def default_platforms(dev: pathlib.Path = pathlib.Path("/dev")) -> str | None:
@@ -201,6 +204,59 @@ def _needle(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import logging
+    import signal
+    import socket
+
+    try:
+        import uvicorn
+
+        from glm_jax.serve import create_app
+    except ImportError as e:
+        raise ValueError(f"needs the serve extra (pip install 'glm-jax[serve]'): {e}") from None
+    for flag in ("max_batch", "max_queue", "steps_per_call", "max_model_len", "prefill_chunk"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    try:   # before loading the model, so that a taken port fails at once
+        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
+                                    else socket.AF_INET)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    model = _load_for_generation(args)
+    context = model.config.max_seq_len
+    max_model_len = args.max_model_len or min(context, SERVE_MAX_MODEL_LEN)
+    if max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context length {context}")
+    engine = model.engine(max_batch=args.max_batch, max_model_len=max_model_len, steps_per_call=args.steps_per_call,
+                          max_queue=args.max_queue)
+    name = args.served_model_name or args.model.resolve().name
+    app = create_app(model, engine, served_model_name=name, max_model_len=max_model_len)
+    log = logging.getLogger("glm_jax.serve")
+    log.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    # uvicorn handles SIGTERM (stops accepting, waits for the requests in flight), then raises it
+    # again once it has shut down; this handler takes that second delivery, so the engine drains
+    # and the command exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    host, port = sock.getsockname()[:2]
+    engine.start()
+    print(f"glm-jax serve: {name} on http://{host}:{port} (max_batch {args.max_batch}, "
+          f"max_model_len {max_model_len})", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.shutdown(timeout=args.shutdown_timeout)
+    return 0
+
+
 def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache: a second run on the same model compiles nothing; "
@@ -325,6 +381,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/reset forgets the conversation.")
     _add_generation_flags(p)
     p.set_defaults(run=_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, completions)",
+                       description="Serve the model over HTTP with the OpenAI API: /v1/chat/completions, "
+                                   "/v1/completions (streaming too), /v1/models, /health, /metrics "
+                                   "(Prometheus). Requests share a continuous-batching engine. SIGTERM stops "
+                                   "accepting, lets the requests in flight finish (up to --shutdown-timeout) "
+                                   "and exits 0. Needs the serve extra.")
+    p.add_argument("--model", type=pathlib.Path, required=True, help="glm-jax (or HF) model folder with tokenizer.model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--served-model-name", default=None, help="the `model` requests name (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together: KV cache rows (default 8)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + generated tokens per request, the length of each cache row (default: the "
+                        f"model's context length, at most {SERVE_MAX_MODEL_LEN})")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a row; more get HTTP 429 (default 64)")
+    p.add_argument("--steps-per-call", type=int, default=4,
+                   help="tokens per decode burst on the device between host round trips (default 4)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for the requests in flight before aborting them (default 30)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. 'tensor=2' or 'sequence=8'")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the stored weights')")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
+    _add_kv_cache_flag(p)
+    _add_compile_cache_flag(p)
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("compile-report", help="compile prefill and decode (or a train step) for a TPU topology; "
                                               "report memory",
