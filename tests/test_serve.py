@@ -33,6 +33,9 @@ from glm_jax.serve.output import ChatText, StopText
 from glm_jax.serve.prompts import ChatPrompt, glm_messages
 from glm_jax.serve.protocol import ChatMessage, Tool
 
+# One worker runs the whole file: its module fixtures (a server, an engine, their compiled programs) once.
+pytestmark = pytest.mark.xdist_group("serve")
+
 MAX_MODEL_LEN = 256
 NAME = "tiny"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -533,9 +536,11 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_chat_model, tmp
                                                 seed=1, stream=True)
         first = next(stream)
         os.kill(proc.pid, signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(ConnectionRefusedError):                                # no longer accepting
-            socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(url).port), timeout=5)
+        deadline = time.monotonic() + 10
+        with pytest.raises(ConnectionRefusedError):                                # soon no longer accepting
+            while time.monotonic() < deadline:
+                socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(url).port), timeout=5).close()
+                time.sleep(0.05)
         rest = list(stream)
         assert proc.wait(timeout=60) == 0
     finally:
