@@ -17,7 +17,7 @@ from .config import GLMConfig
 from .model import forward
 from .chat import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
-from .generate import Generator, to_host
+from .generate import Engine, to_host
 from .kvcache import cache_dtype
 from .sampling import MAX_STOP_IDS
 from .sharding import Layout, make_mesh
@@ -98,11 +98,26 @@ class Model:
         """Sampling defaults and stop ids of `generate` (and the CLI): the folder's generation_config.json."""
         return GenerationDefaults.from_folder(self.path) if self.path is not None else GenerationDefaults()
 
+    def engine(self, *, max_batch: int = 8, max_model_len: int | None = None, steps_per_call: int = 8,
+               max_queue: int | None = None) -> Engine:
+        """A continuous-batching engine on this model's weights (for a server or a chat): a cache of
+        `max_batch` rows of `max_model_len` slots (default: the config's context length), allocated
+        now. Call `start()` to run it on a thread, then `submit` requests."""
+        engine = Engine(self.config, self.graphdef, self.state, self._layout(), prefill_chunk=self.prefill_chunk,
+                        kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype, steps_per_call=steps_per_call,
+                        max_queue=max_queue)
+        with self._own_mesh():
+            engine.reserve(max_batch, max_model_len or self.config.max_seq_len, fixed=True)
+        return engine
+
+    def _layout(self) -> Layout:
+        return self.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
+
     @functools.cached_property
-    def _generator(self) -> Generator:
-        layout = self.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
-        return Generator(self.config, self.graphdef, self.state, layout, prefill_chunk=self.prefill_chunk,
-                         kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype)
+    def _engine(self) -> Engine:
+        """The engine `generate` runs on (its cache sized to each call)."""
+        return Engine(self.config, self.graphdef, self.state, self._layout(), prefill_chunk=self.prefill_chunk,
+                      kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype)
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False):
@@ -146,9 +161,8 @@ class Model:
         if len(sampling["stop_ids"]) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(sampling['stop_ids'])}")
         with self._own_mesh():
-            return self._generator.generate(prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                            pad_id=self.generation_defaults.pad_id % vocab, on_token=on_token,
-                                            progress=progress, **sampling)
+            return self._engine.generate(prompts, max_new_tokens=max_new_tokens, seed=seed, on_token=on_token,
+                                         progress=progress, **sampling)
 
     def final_norm(self, hidden) -> np.ndarray:
         """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""

@@ -196,7 +196,7 @@ def live_slots(k_index: jax.Array) -> jax.Array:
 
 
 def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale=None, *, block_k: int,
-                  kv_layout: str = "bsgd") -> State:
+                  kv_layout: str = "bsgd", row: jax.Array | None = None) -> State:
     """Folds a KV cache (or one device's part of it) into the state, causal by index.
 
     q [B,C,G,R,D] (C new tokens); k/v [B,S,G,D] (or [B,G,S,D], see `update`); k_index [B,S].
@@ -204,17 +204,28 @@ def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale
     Several (a prefill chunk): [C, block_k] score tiles over the filled slots only (a loop that
     stops at `live_slots`), every query of the chunk at once; S % block_k == 0.
     int8 k/v: with their scales ([B,S,G] or [B,G,S]), see `update`.
+    row (int32 scalar): q and k_index are of one row (B = 1) of a larger k/v, sliced tile by tile
+    (no copy of the row).
     """
     seq = kv_layout.index("s")
-    if q.shape[1] == 1 or k.shape[seq] <= block_k:
-        return update(state, q, k, v, visible(q_index, k_index, True), kv_layout, k_scale, v_scale)
     scale_seq = kv_layout.replace("d", "").index("s")
+
+    def part(x, start, size, axis):  # [1 or B, ..., size (at axis), ...]
+        if x is None:
+            return None
+        if row is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, row, 1, 0)
+        return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+    if q.shape[1] == 1 or k.shape[seq] <= block_k:
+        s = k.shape[seq]
+        return update(state, q, part(k, 0, s, seq), part(v, 0, s, seq), visible(q_index, k_index, True), kv_layout,
+                      part(k_scale, 0, s, scale_seq), part(v_scale, 0, s, scale_seq))
 
     def step(i, st):
         start = i * block_k
-        k_t, v_t = (jax.lax.dynamic_slice_in_dim(x, start, block_k, seq) for x in (k, v))
-        scales = [None if x is None else jax.lax.dynamic_slice_in_dim(x, start, block_k, scale_seq)
-                  for x in (k_scale, v_scale)]
+        k_t, v_t = (part(x, start, block_k, seq) for x in (k, v))
+        scales = [part(x, start, block_k, scale_seq) for x in (k_scale, v_scale)]
         ki_t = jax.lax.dynamic_slice_in_dim(k_index, start, block_k, 1)
         return update(st, q, k_t, v_t, visible(q_index, ki_t, True), kv_layout, *scales)
 

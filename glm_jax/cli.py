@@ -16,6 +16,7 @@ ACCELERATOR_NODES = ("accel*", "vfio", "nvidia*", "kfd", "dxg")
 # `glm-jax serve`'s default context per request (at most the model's): the KV cache holds
 # max_batch x this many slots, allocated at start (8 x 8,192 tokens of GLM-4-9B in bf16: 2.7 GB).
 SERVE_MAX_MODEL_LEN = 8192
+CHAT_MAX_MODEL_LEN = 32768
 
 
 def default_platforms(dev: pathlib.Path = pathlib.Path("/dev")) -> str | None:
@@ -94,12 +95,13 @@ def _sampling(args, model) -> dict:
             "seed": args.seed, "max_new_tokens": args.max_new_tokens}
 
 
-def _stream(model, prompt_ids: list[int], sampling: dict) -> list[int]:
-    """Generates for one prompt, printing text as it becomes complete UTF-8."""
+def _stream(model, prompt_ids: list[int], sampling: dict, engine=None) -> list[int]:
+    """Generates for one prompt (on `engine` when given, else the model's own), printing text as
+    it becomes complete UTF-8."""
     out = sys.stdout
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
-    ids = model.generate([prompt_ids], on_token=lambda row, token: (out.write(decoder.push(_text_ids(model, [token]))),
-                                                                      out.flush()), **sampling)[0]
+    on_token = lambda row, token: (out.write(decoder.push(_text_ids(model, [token]))), out.flush())
+    ids = (engine or model).generate([prompt_ids], on_token=on_token, **sampling)[0]
     out.write(decoder.flush())
     out.flush()
     return ids
@@ -133,6 +135,9 @@ def _generate(args) -> int:
 def _chat(args) -> int:
     model = _load_for_generation(args)
     tok = model.tokenizer
+    # one cache row kept across turns: each turn prefills only what follows the kept conversation
+    engine = model.engine(max_batch=1, max_model_len=args.max_model_len or min(model.config.max_seq_len,
+                                                                                CHAT_MAX_MODEL_LEN))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     sampling = _sampling(args, model)
     print("glm-jax chat: empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
@@ -149,7 +154,7 @@ def _chat(args) -> int:
             continue
         messages.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
-        ids = _stream(model, tok.apply_chat_template(messages, split_special_tokens=True), sampling)
+        ids = _stream(model, tok.apply_chat_template(messages, split_special_tokens=True), sampling, engine)
         print()
         reply = tok.parse_response(tok.decode(_text_ids(model, ids), skip_special_tokens=True))
         messages.append({k: v for k, v in reply.items() if k in ("role", "content", "metadata")})
@@ -378,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat",
                        description="An interactive chat using the model folder's chat template; sampling "
                                    "defaults come from generation_config.json. Empty line or Ctrl-D quits, "
-                                   "/reset forgets the conversation.")
+                                   "/reset forgets the conversation. The conversation's KV cache is kept "
+                                   "between turns: a turn prefills only its new tokens.")
     _add_generation_flags(p)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the whole conversation's tokens at most, the KV cache's length (default: the model's "
+                        f"context length, at most {CHAT_MAX_MODEL_LEN})")
     p.set_defaults(run=_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, completions)",

@@ -22,9 +22,8 @@ from flax import nnx
 from .config import GLMConfig
 from .model import abstract_model
 from .params import param_specs
-from .generate import DecodeState, decode_loop
-from .kvcache import abstract_cache, cache_dtype, model_step
-from .sampling import MAX_STOP_IDS
+from .generate import decode_burst, init_rows, prefill_row
+from .kvcache import abstract_cache, cache_dtype
 from .sharding import Layout, make_mesh
 
 GiB = 1 << 30
@@ -157,7 +156,8 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
                    mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
                    weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None) -> list[ProgramReport]:
-    """Compiles one prefill chunk against a `seq_len` cache and the decode loop; reports both.
+    """Compiles the engine's programs on a `batch`-row cache of `seq_len` slots: one prefill chunk
+    (of one row, as the engine prefills) and one decode step of every row; reports both.
     kv_cache_dtype: None (the weights' dtype) or "int8".
 
     The prefill of a `seq_len` prompt is seq_len / chunk runs of the first program, so its
@@ -166,17 +166,14 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
     chip = chip_of(topology)
     graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    prefill = jax.jit(functools.partial(model_step, graphdef, layout=layout), donate_argnums=(1,))
-    compiled = prefill.lower(state, cache, i32(batch, chunk), i32(batch, chunk), i32(chunk),
-                             jax.ShapeDtypeStruct((batch, chunk), jnp.bool_)).compile()
+    prefill = jax.jit(functools.partial(prefill_row, graphdef, layout=layout), donate_argnums=(1,))
+    compiled = prefill.lower(state, cache, i32(), i32(1, chunk), i32(1, chunk),
+                             jax.ShapeDtypeStruct((1, chunk), jnp.bool_)).compile()
     reports = [_report(f"prefill chunk ({chunk} tokens)", compiled, topology, mesh_desc, seq_len, batch, chip,
-                       layout, cache, model_flops(config, batch, chunk, seq_len))]
-    st = DecodeState(cache=cache, logits=jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32),
-                     tokens=i32(batch, seq_len), positions=i32(batch), step=i32(), done=jax.ShapeDtypeStruct((batch,), jnp.bool_))
-    decode = jax.jit(functools.partial(decode_loop, graphdef, layout=layout), donate_argnums=(1,))
-    f32 = jax.ShapeDtypeStruct((), jnp.float32)
-    compiled = decode.lower(state, st, i32(), i32(), jax.eval_shape(lambda: jax.random.key(0)), f32, i32(), f32,
-                            i32(MAX_STOP_IDS), i32()).compile()
+                       layout, cache, model_flops(config, 1, chunk, seq_len))]
+    rows = jax.eval_shape(lambda: init_rows(batch, config.vocab_size))
+    decode = jax.jit(functools.partial(decode_burst, graphdef, steps=1, layout=layout), donate_argnums=(1, 2))
+    compiled = decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_)).compile()
     reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
                            model_flops(config, batch, 1, seq_len)))
     return reports

@@ -198,37 +198,55 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
     or "auto" (cudnn on a GPU, xla elsewhere).
     `budget`: float32 values per prefill score tile (default: `score_budget` of the mesh's chips).
 
-    write(cache_part, values, slots) -> cache_part with the slots set: K/V take values [B,C,G,D]
-    (as the model makes them), int8 scales [B,C,G], the index [B,S] takes [B,C].
-    attend(q [B,C,Hq,D], q_index [B,C], k, v, k_index [B,S], k_scale, v_scale) -> [B,C,Hq,D]
+    write(cache_part, values, slots, row=None) -> cache_part with the slots set: K/V take values
+    [b,C,G,D] (as the model makes them), int8 scales [b,C,G], the index [B,S] takes [b,C]; slots
+    [C] (shared by the rows) or [b,C]; slots no device owns (DROP) are skipped.
+    attend(q [b,C,Hq,D], q_index [b,C], k, v, k_index [B,S], k_scale, v_scale, row=None) -> [b,C,Hq,D]
     (scales None unless the cache is int8: dequantized tile by tile inside the attention).
+    b is the cache's batch B, or 1 with `row` (int32 scalar): one row of the cache, written and
+    attended in place (no copy of it), so a new request can be prefilled beside running ones.
     """
     kernel = prefill_kernel(kernel, layout.mesh.devices.flat[0].platform)
     n = layout.size(axis)
     seq, heads_dim = order.index("s"), order.index("g")
 
-    def write(cache_part, values, slots):
+    def write(cache_part, values, slots, row=None):
         part_order = {4: order, 3: order.replace("d", ""), 2: "bs"}[cache_part.ndim]
         spec, at = _spec(layout, part_order, cache_part.shape), part_order.index("s")
-        values = jnp.einsum(f"{'bsgd'[:cache_part.ndim]}->{part_order}", values)
-        value_spec = P(*(None if i == at else a for i, a in enumerate(spec)))
+        batch_axes, one_row = spec[0], row is not None
+        slots = jnp.broadcast_to(slots, values.shape[:2])                       # [b, C]
 
-        def local(part, vals, slots):
-            where = (slice(None),) * at + (_local_slots(slots, part.shape[at], axis),)
+        def local(part, vals, slots, row):
+            if one_row:                                                         # [1, 1]: the owner's local row
+                offset = jax.lax.axis_index(batch_axes) * part.shape[0] if batch_axes else 0
+                mine = (row >= offset) & (row < offset + part.shape[0])
+                rows = jnp.where(mine, row - offset, part.shape[0])[None, None]
+            else:
+                rows = jnp.arange(part.shape[0])[:, None]                       # [Bl, 1]
+            # vals keep the model's [b, C, ...] order: numpy indexing by batch and slot indices
+            # (adjacent or not) puts their [b, C] dims first either way
+            where = (rows,) + (slice(None),) * (at - 1) + (_local_slots(slots, part.shape[at], axis),)
             return part.at[where].set(vals, mode="drop")
 
-        return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, value_spec, P()),
-                             out_specs=spec, check_vma=False)(cache_part, values, slots)
+        # values [b, C, G, D]: heads split as the cache's, batch too unless one row is written
+        batch_spec = None if one_row else batch_axes
+        value_spec = P(*(batch_spec if c == "b" else None if c == "s" else spec[part_order.index(c)]
+                         for c in "bsgd"[:cache_part.ndim]))
+        return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, value_spec, P(batch_spec, None), P()),
+                             out_specs=spec, check_vma=False)(cache_part, values, slots,
+                                                              jnp.int32(0) if row is None else row)
 
-    def attend(q, q_index, k, v, k_index, k_scale=None, v_scale=None):
+    def attend(q, q_index, k, v, k_index, k_scale=None, v_scale=None, row=None):
         b, c, hq, d = q.shape
         g, s = k.shape[heads_dim], k.shape[seq]
         kv_spec = list(_spec(layout, order, k.shape))
         if layout.mesh_axes("q_heads", hq) != layout.mesh_axes("kv_heads", g):
             kv_spec[heads_dim] = None                       # heads not split alike: keep them whole
         kv_spec = P(*kv_spec)
-        q_spec = P(kv_spec[0], None, kv_spec[heads_dim], None)
-        idx_spec = P(kv_spec[0], kv_spec[seq])
+        batch_axes, one_row = kv_spec[0], row is not None
+        batch_spec = None if one_row else batch_axes
+        q_spec = P(batch_spec, None, kv_spec[heads_dim], None)
+        idx_spec = P(batch_axes, kv_spec[seq])
         split = kv_spec[heads_dim] or ()
         local_heads = hq // math.prod(layout.size(a) for a in ((split,) if isinstance(split, str) else split))
         platform = layout.mesh.devices.flat[0].platform
@@ -236,14 +254,22 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
         use_cudnn = kernel == "cudnn" and n == 1 and order == "bsgd" and c > 1 and k_scale is None
         scale_spec = P(*(a for i, a in enumerate(kv_spec) if i != order.index("d")))
 
-        def local(q, qi, k, v, ki, *scales):
+        def local(q, qi, row, k, v, ki, *scales):
+            mine = True
+            if one_row:  # only the device holding the row attends; others add zeros below
+                offset = jax.lax.axis_index(batch_axes) * k.shape[0] if batch_axes else 0
+                mine = (row >= offset) & (row < offset + k.shape[0])
+                row = jnp.clip(row - offset, 0, k.shape[0] - 1)
+                ki = jax.lax.dynamic_slice_in_dim(ki, row, 1, 0)
             qg = group_queries(q, k.shape[heads_dim])
             empty = init_state(*qg.shape[:2], *qg.shape[2:])
-            xla = lambda: cache_forward(empty, qg, k, v, qi, ki, *scales, block_k=bk, kv_layout=order)
+            xla = lambda: cache_forward(empty, qg, k, v, qi, ki, *scales, block_k=bk, kv_layout=order,
+                                        row=row if one_row else None)
             if use_cudnn:  # whole rows only: cuDNN masks by lengths, not by the index
                 start = qi.max() - (c - 1)
                 whole = jnp.all(qi >= 0) & ((start == 0) | jnp.all(ki[:, 0] != PAD))
-                state = jax.lax.cond(whole, lambda: cudnn_chunk(q, k, v, start), xla)
+                kr, vr = (jax.lax.dynamic_slice_in_dim(x, row, 1, 0) if one_row else x for x in (k, v))
+                state = jax.lax.cond(whole, lambda: cudnn_chunk(q, kr, vr, start), xla)
             else:
                 state = xla()
             if n > 1:  # log-sum-exp merge of the partial states across the sequence axis
@@ -252,34 +278,47 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
                 scale = jnp.exp(state.m - m_safe)
                 state = dataclasses.replace(state, m=m, l=jax.lax.psum(state.l * scale, axis),
                                             acc=jax.lax.psum(state.acc * scale[..., None], axis))
-            return ungroup(normalized(state), q.dtype)
+            out = normalized(state)
+            if one_row and batch_axes:
+                out = jax.lax.psum(jnp.where(mine, out, 0.0), batch_axes)
+            return ungroup(out, q.dtype)
 
         scales = () if k_scale is None else (k_scale, v_scale)
         return jax.shard_map(local, mesh=layout.mesh,
-                             in_specs=(q_spec, P(kv_spec[0], None), kv_spec, kv_spec, idx_spec) + (scale_spec,) * len(scales),
-                             out_specs=q_spec, check_vma=False)(q, q_index, k, v, k_index, *scales)
+                             in_specs=(q_spec, P(batch_spec, None), P(), kv_spec, kv_spec, idx_spec)
+                             + (scale_spec,) * len(scales),
+                             out_specs=q_spec, check_vma=False)(q, q_index, jnp.int32(0) if row is None else row,
+                                                                k, v, k_index, *scales)
 
     return write, attend
 
 
+DROP = 1 << 30  # a slot no device owns: writes to it are dropped
+
+
 def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
                positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
-               last_only: bool = True, kernel: str = "auto") -> tuple[jax.Array, KVCache]:
-    """Runs tokens [B, C] at cache slots [C] (valid [B, C] False for left padding), writing their
-    K/V; returns float32 logits ([B, V] with last_only, else [B, C, V]) and the new cache."""
+               last_only: bool = True, kernel: str = "auto", row: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Runs tokens [b, C] at cache slots ([C] shared by the rows, or [b, C] per row), writing their
+    K/V (tokens with valid [b, C] False write nothing and see nothing); returns float32 logits ([b, V]
+    with last_only, else [b, C, V]) and the new cache. b is the cache's batch, or 1 with `row`
+    (an int32 scalar): the tokens then go to that row of the cache and attend to it alone."""
     model = nnx.merge(graphdef, state)
     write, attend = cache_ops(layout, cache.order, kernel=kernel)
-    q_index = jnp.where(valid, slots[None], -1)
-    index = write(cache.index, jnp.where(valid, slots[None], PAD), slots)
+    slots = jnp.broadcast_to(slots, tokens.shape)
+    q_index = jnp.where(valid, slots, -1)
+    slots = jnp.where(valid, slots, DROP)
+    index = write(cache.index, slots, slots, row)
     ks, vs, k_scales, v_scales = list(cache.k), list(cache.v), list(cache.k_scale), list(cache.v_scale)
 
     def attend_layer(i, q, k, v):
         if cache.quantized:
             (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
-            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots), write(v_scales[i], v_scale, slots)
-        ks[i], vs[i] = write(ks[i], k.astype(ks[i].dtype), slots), write(vs[i], v.astype(vs[i].dtype), slots)
+            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots, row), write(v_scales[i], v_scale, slots, row)
+        ks[i] = write(ks[i], k.astype(ks[i].dtype), slots, row)
+        vs[i] = write(vs[i], v.astype(vs[i].dtype), slots, row)
         scales = (k_scales[i], v_scales[i]) if cache.quantized else ()
-        return attend(q, q_index, ks[i], vs[i], index, *scales)
+        return attend(q, q_index, ks[i], vs[i], index, *scales, row=row)
 
     logits = model(tokens, positions, attend_layer, layout=layout, last_only=last_only).astype(jnp.float32)
     cache = KVCache(tuple(ks), tuple(vs), index, tuple(k_scales), tuple(v_scales), cache.order)

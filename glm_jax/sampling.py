@@ -18,37 +18,46 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
 
     In transformers' order: divide by the temperature, keep the top_k largest (and any tied with the
     k-th), then the most likely of those whose probability mass reaches top_p (and any tied with the
-    last one). All parameters are traced scalars: changing them never recompiles. Only the branch the
-    parameters need runs: no truncation samples without sorting, top_k <= TOP_K_MAX takes
-    `lax.top_k`, anything else sorts the vocabulary. Each finds the smallest kept value; the draw
-    is over the whole vocabulary below it masked, so ties with the k-th past TOP_K_MAX stay."""
-    v = logits.shape[-1]
+    last one). The parameters are traced scalars, or [B] arrays (one request a row: mixed requests
+    share one compiled step); `key` is one key for the batch or [B] keys, one a row (a row's draws
+    then do not depend on the other rows). Only the branch the parameters need runs: no truncation
+    samples without sorting, top_k <= TOP_K_MAX takes `lax.top_k`, anything else sorts the
+    vocabulary (the costliest branch any row needs serves every row). Each finds the smallest kept
+    value; the draw is over the whole vocabulary below it masked, so ties with the k-th past
+    TOP_K_MAX stay."""
+    b, v = logits.shape
     k_max = min(TOP_K_MAX, v)
+    column = lambda x, dtype: jnp.broadcast_to(jnp.asarray(x, dtype), (b,))[:, None]     # [B, 1]
+    temperature, top_p = column(temperature, jnp.float32), column(top_p, jnp.float32)
+    top_k = column(top_k, jnp.int32)
     top_k = jnp.where(top_k >= v, 0, top_k)                                  # keeps everything: off
+    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def greedy(_):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(_):
-        x = logits / temperature                                                  # [B, V]
-        branch = jnp.where((top_k == 0) & (top_p >= 1), 0, jnp.where((top_k > 0) & (top_k <= k_max), 1, 2))
-        floor = jax.lax.switch(branch, [
-            lambda: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype),
+    def draw():
+        x = logits / jnp.where(temperature == 0, 1.0, temperature)                # [B, V]
+        row_branch = jnp.where((top_k == 0) & (top_p >= 1), 0, jnp.where((top_k > 0) & (top_k <= k_max), 1, 2))
+        floor = jax.lax.switch(row_branch.max(), [
+            lambda: jnp.full((b, 1), -jnp.inf, x.dtype),
             # the barrier keeps XLA from folding slices of the result into the top-k, which turns it
             # back into a sort of the whole vocabulary
             lambda: _floor(x, jax.lax.optimization_barrier(jax.lax.top_k(x, k_max)[0]), top_k, top_p),
             lambda: _floor(x, -jnp.sort(-x, axis=-1), top_k, top_p),
         ])
-        return jax.random.categorical(key, jnp.where(x < floor, -jnp.inf, x), axis=-1).astype(jnp.int32)
+        masked = jnp.where((x < floor) & (row_branch > 0), -jnp.inf, x)        # rows truncating nothing keep all
+        if jnp.ndim(key) == 0:
+            drawn = jax.random.categorical(key, masked, axis=-1)
+        else:
+            drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, masked)
+        return jnp.where(temperature[:, 0] == 0, greedy(), drawn.astype(jnp.int32))
 
-    return jax.lax.cond(temperature == 0, greedy, draw, None)
+    return jax.lax.cond(jnp.all(temperature == 0), greedy, draw)
 
 
-def _floor(x: jax.Array, desc: jax.Array, top_k, top_p) -> jax.Array:
-    """The smallest value that top-k then top-p keep: [B, 1]. x [B, V]; desc [B, n]: the n largest
+def _floor(x: jax.Array, desc: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The smallest value that top-k then top-p ([B, 1] each) keep: [B, 1]. x [B, V]; desc [B, n]: the n largest
     values of each row of x in descending order, n >= top_k. Values tied with the k-th may lie past
     n: their mass comes from x itself."""
-    kth = jnp.take(desc, jnp.clip(top_k - 1, 0, desc.shape[-1] - 1), axis=-1)[:, None]
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, desc.shape[-1] - 1), axis=-1)   # [B, 1]
     cut = jnp.where(top_k > 0, kth, -jnp.inf)                                     # [B, 1] top-k floor
     top = desc[:, :1]
     mass = jnp.where(desc >= cut, jnp.exp(desc - top), 0)                        # [B, n] unnormalised

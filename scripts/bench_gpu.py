@@ -14,7 +14,7 @@ try/except (a failure is recorded as {"error": ...}) and the JSON is rewritten a
   figures of known chips; jax's memory_stats (JAX may grow its pool to 95% of the GPU's memory).
 - model: every weight of glm-4-9b-chat-1m made on the device by a jitted fill (std 0.02 like the
   model's own init, but uniform, from a hash; RMSNorm weights 1), bf16, on the one-device layout.
-- context_1k, context_8k, context_32k: glm-jax Generator (greedy, no stop ids, batch 1, random
+- context_1k, context_8k, context_32k: glm-jax Engine (greedy, no stop ids, batch 1, random
   prompt ids). t(n) = best of 3 calls of generate(max_new_tokens=n) after a compiling call.
   decode s/token = (t(N) - t(1)) / (N - 1). glm-jax's t(1) holds the prefill and one decode step
   (its loop runs the model on token 1 before stopping), so prefill s = t(1) - one step.
@@ -90,7 +90,7 @@ sys.path.insert(1, str(ROOT))   # this checkout's glm_jax, installed or not (a G
 START = time.perf_counter()
 GiB = 1 << 30
 
-# The prefill attention kernel of every Generator this script makes (--kernel): "auto" (the
+# The prefill attention kernel of every Engine this script makes (--kernel): "auto" (the
 # library's default: cudnn on a GPU), "xla" (portable) or "cudnn" (cuDNN flash attention for prefill
 # chunks); section accuracy measures both against a float32 reference.
 DEFAULT_KERNEL = "auto"
@@ -222,10 +222,10 @@ class Bench:
 
 
 def make_generator(bench: Bench):
-    from glm_jax.generate import Generator
+    from glm_jax.generate import Engine
 
-    return Generator(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
-                     kernel=bench.args.kernel)
+    return Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
+                  kernel=bench.args.kernel)
 
 
 def section_device(bench: Bench) -> dict:
@@ -693,11 +693,11 @@ def section_prefill_128k(bench: Bench) -> dict:
 def section_int8_32k(bench: Bench) -> dict:
     """The int8 KV cache at the 32K context: decode and prefill speed against the bf16 cache's
     (context_32k), and how many of the bf16 cache's greedy tokens it reproduces."""
-    from glm_jax.generate import Generator
+    from glm_jax.generate import Engine
 
     bench.need_model()
-    gen = Generator(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
-                    kernel=bench.args.kernel, kv_cache_dtype="int8")
+    gen = Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
+                 kernel=bench.args.kernel, kv_cache_dtype="int8")
     prompt, new = bench.scale.contexts["context_32k"]
     new = min(new, 32)
     ids = random_ids(bench.config.vocab_size, prompt)
@@ -799,7 +799,7 @@ def parse_args(argv=None):
                         help="skip optional sections once this many seconds are nearly spent (default 420)")
     parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill step (default 4096; 128 with --small)")
     parser.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNEL_CHOICES,
-                        help="prefill attention kernel of the timed Generators (default auto: cudnn on a GPU)")
+                        help="prefill attention kernel of the timed Engines (default auto: cudnn on a GPU)")
     parser.add_argument("--sections", help=f"optional sections to run, comma-separated (default all: "
                                            f"{','.join(OPTIONAL)})")
     parser.add_argument("--profile", metavar="DIR",

@@ -141,6 +141,24 @@ def test_cli_generate_json_and_streaming(tiny_chat_model, capsys):
     assert streamed == model.tokenizer.decode(ids, skip_special_tokens=True) + "\n"
 
 
+def test_cli_chat_reuses_the_conversation_cache(tiny_chat_model, capsys, monkeypatch):
+    """The second turn prefills only what follows the kept first turn, and answers as a fresh
+    prefill of the whole conversation does."""
+    from glm_jax.generate import Engine
+
+    requests, submit = [], Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, *a, **k: requests.append(submit(self, *a, **k)) or requests[-1])
+    lines = iter(["hello", "tell me more", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(tiny_chat_model), "--max-new-tokens", "5", "--temperature", "0",
+                 "--max-model-len", "300"]) == 0
+    first, second = requests
+    assert first.cached == 0 and second.cached >= first.prompt_len
+    model = glm_jax.load(tiny_chat_model)
+    assert second.output == model.generate([second.prompt], max_new_tokens=5, temperature=0)[0]
+    assert capsys.readouterr().out.count("assistant> ") == 2
+
+
 def test_cli_generate_bad_input(tiny_chat_model, capsys):
     assert main(["generate", "--model", str(tiny_chat_model), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p must lie in (0, 1]" in capsys.readouterr().err

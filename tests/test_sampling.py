@@ -1,4 +1,5 @@
-"""sample() against a float64 numpy reference of the truncated distribution; filler rows of a padded batch."""
+"""sample() against a float64 numpy reference of the truncated distribution; per-row parameters and keys;
+the engine's decode bursts."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 from flax import nnx
 
 from glm_jax import GLM, GLMConfig, Layout, make_mesh
-from glm_jax.generate import Generator
+from glm_jax.generate import Engine, SamplingParams
 from glm_jax.sampling import TOP_K_MAX, sample
 
 SAMPLE = jax.jit(sample)
@@ -116,42 +117,63 @@ def test_greedy_and_keys():
     assert (a != draw(logits, 1.0, 50, 0.9, seed=6)).any()
 
 
-PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]             # a batch of 4: one filler row
+def test_per_row_parameters_and_keys():
+    """Mixed rows in one call: each row draws as it would alone (its own parameters and key)."""
+    logits = np.tile(LOGITS, (4, 1))
+    temperature, top_k, top_p = np.float32([0.0, 1.0, 0.7, 1.3]), np.int32([0, 0, 5, 0]), np.float32([1.0, 1.0, 1.0, 0.6])
+    keys = jax.random.split(jax.random.key(4), 4)
+    together = np.asarray(SAMPLE(jnp.asarray(logits), keys, temperature, top_k, top_p))
+    for row in range(4):
+        alone = SAMPLE(jnp.asarray(logits[row:row + 1]), keys[row:row + 1], temperature[row], top_k[row], top_p[row])
+        assert together[row] == int(alone[0])
+    assert together[0] == LOGITS.argmax()
+    # a row that truncates nothing keeps its whole distribution beside rows that take the top-k branch
+    n = 20000
+    rows = np.asarray(SAMPLE(jnp.tile(jnp.asarray(LOGITS), (n, 1)), jax.random.split(jax.random.key(5), n),
+                             np.float32(1.0), np.where(np.arange(n) % 2, 5, 0).astype(np.int32), np.float32(1.0)))
+    free = np.bincount(rows[::2], minlength=V) / (n // 2)
+    want = reference(LOGITS, 1.0, 0, 1.0)
+    assert (np.abs(free - want) <= 5 * np.sqrt(want * (1 - want) / (n // 2)) + 2 / n).all()
+    assert set(rows[1::2]) <= set(np.argsort(LOGITS)[-5:])
+
+
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]             # 3 requests in a 4-row cache
 
 
 @pytest.fixture(scope="module")
-def generator():
+def engine():
     """A random one-layer GLM with a 16-token vocabulary; near-uniform next-token distributions."""
     config = GLMConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                        num_kv_heads=2, head_dim=8, max_seq_len=1024, dtype="float32")
     graphdef, shapes = nnx.split(nnx.eval_shape(lambda: GLM(config, dtype=jnp.float32)))
     rng = np.random.default_rng(0)                          # numpy: eager nnx init compiles every op
     state = jax.tree.map(lambda a: jnp.asarray(rng.normal(scale=0.02, size=a.shape), a.dtype), shapes)
-    return Generator(config, graphdef, state, Layout(make_mesh("sequence=1", jax.devices()[:1])), prefill_chunk=8)
+    return Engine(config, graphdef, state, Layout(make_mesh("sequence=1", jax.devices()[:1])), prefill_chunk=8,
+                  steps_per_call=4)
 
 
-def test_filler_rows_start_done(generator, monkeypatch):
-    """3 prompts run as a batch of 4: the decode loop ends when the 3 real rows have stopped,
-    whatever the filler row (a copy of row 0 with its own random draws) would still produce."""
-    steps, decode = [], generator._decode
+def test_rows_stop_on_their_own(engine):
+    """Each row ends at its first stop id or its own max_tokens; seeded rows give the same tokens
+    whatever else runs beside them."""
+    stops = (1, 2, 3, 4)                                    # about 1/4 of the mass: a few steps each
+    engine.reserve(4, 128)
+    alone = []
+    for seed, prompt in enumerate(PROMPTS):
+        alone.append(engine.generate([prompt], max_new_tokens=64, temperature=1.0, seed=seed, stop_ids=stops)[0])
+    engine.reserve(4, 128)
+    mixed = [engine.submit(p, SamplingParams(64 if i else 3, 1.0, 1.0, 0, i, stops)) for i, p in enumerate(PROMPTS)]
+    while engine.step():
+        pass
+    for i, (request, want) in enumerate(zip(mixed, alone)):
+        assert request.output == (want[:3] if i == 0 else want), i
+        assert request.finish_reason == ("length" if i == 0 and len(want) > 3 else "stop")
+        assert request.output[-1] in stops or request.finish_reason == "length"
 
-    def recording(*args):
-        st = decode(*args)
-        steps.append(int(st.step))
-        return st
 
-    monkeypatch.setattr(generator, "_decode", recording)
-    stops = [1, 2, 3, 4]                                    # about 1/4 of the mass: a few steps each
-    for seed in range(16):                                  # the filler row would outlast in 4 of these
-        out = generator.generate(PROMPTS, max_new_tokens=64, temperature=1.0, seed=seed, stop_ids=stops)
-        assert all(row[-1] in stops for row in out)
-        assert steps[-1] == max(map(len, out)), f"seed {seed}"
-
-
-def test_sampling_parameters_never_recompile(generator):
-    """One decode program for every branch; temperature=0 as an int (as callers write it) too."""
+def test_sampling_parameters_never_recompile(engine):
+    """One decode program for every branch and mix of them; temperature=0 as an int too."""
     sizes = []
     for temperature, top_k, top_p in [(0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 0.9), (0.7, 0, 0.5), (1.2, 100, 1.0)]:
-        generator.generate(PROMPTS, max_new_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p)
-        sizes.append(generator._decode._cache_size())
+        engine.generate(PROMPTS, max_new_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p)
+        sizes.append(engine._programs(4, engine.cache.length).decode._cache_size())
     assert len(set(sizes)) == 1

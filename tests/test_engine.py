@@ -1,0 +1,146 @@
+"""The decode engine: continuous batching, per-row prefill on sharded caches, KV reuse, cancel, LRU."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import glm_jax
+from glm_jax.generate import QueueFull, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def f32(reference):
+    folder = reference / "fixtures" / "chatglm-f32"
+    return folder, np.load(folder / "reference.npz")
+
+
+def greedy(n, stops=()):
+    return SamplingParams(max_tokens=n, temperature=0.0, stop_ids=tuple(stops))
+
+
+def run(engine):
+    while engine.step():
+        pass
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2,sequence=2,tensor=2", "fsdp=2,sequence=4"])
+def test_staggered_requests_each_equal_the_original(f32, mesh):
+    """Requests arriving while others decode (one prefilled chunk by chunk meanwhile) give the
+    original PyTorch model's greedy tokens; on meshes whose batch axis splits the cache rows."""
+    folder, ref = f32
+    model = glm_jax.load(folder, mesh=mesh, prefill_chunk=8)
+    engine = model.engine(max_batch=4, max_model_len=64, steps_per_call=2)
+    prompt = ref["input_ids"][0].tolist()                                   # 24 tokens: 3 chunks
+    want = ref["greedy_ids"][0, len(prompt):].tolist()
+    events = []
+    log = lambda name: (lambda r, ids: events.append((name, len(ids))))
+    first = engine.submit(prompt, greedy(16), log("first"))
+    for _ in range(4):                                                      # 3 prefill chunks, then decoding
+        engine.step()
+    second = engine.submit(prompt, greedy(16), log("second"))
+    third = engine.submit(prompt[5:], greedy(8), log("third"))
+    run(engine)
+    assert first.output == want and second.output == want
+    assert third.output == model.generate([prompt[5:]], max_new_tokens=8, temperature=0)[0]
+    # the first request kept decoding while the second was prefilled (one chunk per step)
+    second_start = events.index(("second", 2))
+    assert sum(1 for name, n in events[:second_start] if name == "first" and n) >= 4
+    assert [r.finish_reason for r in (first, second, third)] == ["length"] * 3
+    assert engine.stats()["running"] == 0
+
+
+def test_kv_reuse_prefills_only_the_new_turn(f32):
+    """The next turn extends the kept conversation: only its new tokens are prefilled, and the
+    answer equals a fresh prefill of the whole prompt."""
+    folder, ref = f32
+    model = glm_jax.load(folder, prefill_chunk=8)
+    engine = model.engine(max_batch=2, max_model_len=96, steps_per_call=4)
+    turn1 = ref["input_ids"][0].tolist()
+    a = engine.submit(turn1, greedy(10))
+    run(engine)
+    turn2 = turn1 + a.output + ref["input_ids"][1][:7].tolist()
+    b = engine.submit(turn2, greedy(10))
+    run(engine)
+    assert b.cached == len(turn1) + len(a.output) - 1                     # all but the never-fed last token
+    assert b.output == model.generate([turn2], max_new_tokens=10, temperature=0)[0]
+    # a prompt that parts from the kept one early reuses only the shared prefix
+    c = engine.submit(turn1[:6] + [7, 8, 9], greedy(4))
+    run(engine)
+    assert c.cached == 6
+    assert c.output == model.generate([turn1[:6] + [7, 8, 9]], max_new_tokens=4, temperature=0)[0]
+
+
+def test_cancel_frees_the_row_and_lru_eviction(f32):
+    folder, ref = f32
+    model = glm_jax.load(folder, prefill_chunk=8)
+    engine = model.engine(max_batch=2, max_model_len=64, steps_per_call=1)
+    p = ref["input_ids"][0].tolist()
+    seen = []
+    long = engine.submit(p, greedy(40), lambda r, ids: seen.append(list(ids)))
+    for _ in range(5):
+        engine.step()
+    engine.cancel(long)
+    assert not engine.step()
+    assert long.finish_reason == "abort" and long.done.is_set() and seen[-1] == []
+    assert engine.stats()["running"] == 0 and 0 < len(long.output) < 40
+    # two conversations fill both rows; a third evicts the least recently used one
+    x = engine.submit(p[:10], greedy(2))
+    run(engine)
+    y = engine.submit(p[3:15], greedy(2))
+    run(engine)
+    engine.submit(p[:10] + x.output, greedy(2))                            # touches x's row again
+    run(engine)
+    z = engine.submit([1, 2, 3], greedy(2))                                # evicts y's row
+    run(engine)
+    again = engine.submit(p[:10] + x.output, greedy(1))
+    run(engine)
+    assert again.cached >= 10                                              # x was kept
+    again = engine.submit(p[3:15] + y.output, greedy(1))
+    run(engine)
+    assert again.cached == 0                                               # y was evicted
+    assert z.finish_reason == "length"
+
+
+def test_bad_requests_and_a_full_queue(f32):
+    folder, _ = f32
+    engine = glm_jax.load(folder).engine(max_batch=1, max_model_len=64, max_queue=2)
+    length = engine.max_model_len
+    with pytest.raises(ValueError, match=f"60 tokens.*max_tokens \\(10\\).*{length}"):
+        engine.submit([5] * 60, greedy(10))
+    for bad in ([], [-1], [10**9]):
+        with pytest.raises(ValueError):
+            engine.submit(bad, greedy(1))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit([5], greedy(0))
+    engine.submit([5], greedy(1))
+    engine.submit([6], greedy(1))
+    with pytest.raises(QueueFull):
+        engine.submit([7], greedy(1))
+
+
+def test_threaded_engine_serves_concurrent_submissions_and_drains_on_shutdown(f32):
+    folder, ref = f32
+    model = glm_jax.load(folder, prefill_chunk=8)
+    prompts = [ref["input_ids"][i % 2][: 6 + i].tolist() for i in range(6)]
+    alone = model.generate(prompts, max_new_tokens=6, temperature=0)
+    engine = model.engine(max_batch=4, max_model_len=64, steps_per_call=2)
+    engine.start()
+    results = [None] * len(prompts)
+
+    def client(i):
+        request = engine.submit(prompts[i], greedy(6))
+        request.done.wait(60)
+        results[i] = request.output
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    late = engine.submit(prompts[0], greedy(20))
+    engine.shutdown(timeout=60)
+    assert late.finish_reason == "length" and len(late.output) == 20      # in-flight work finished
+    with pytest.raises(QueueFull):
+        engine.submit(prompts[0], greedy(1))
