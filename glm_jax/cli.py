@@ -225,16 +225,20 @@ def _serve(args) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if _distributed(args) > 0:  # not process 0: run the rounds process 0 plans, serve nothing
+        model = _load_for_generation(args)
+        engine = model.engine(max_batch=args.max_batch, max_model_len=_serve_length(args, model),
+                              steps_per_call=args.steps_per_call)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)   # process 0 decides when to stop
+        engine.follow()
+        return 0
     try:   # before loading the model, so that a taken port fails at once
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                     else socket.AF_INET)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     model = _load_for_generation(args)
-    context = model.config.max_seq_len
-    max_model_len = args.max_model_len or min(context, SERVE_MAX_MODEL_LEN)
-    if max_model_len > context:
-        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context length {context}")
+    max_model_len = _serve_length(args, model)
     engine = model.engine(max_batch=args.max_batch, max_model_len=max_model_len, steps_per_call=args.steps_per_call,
                           max_queue=args.max_queue)
     name = args.served_model_name or args.model.resolve().name
@@ -260,6 +264,33 @@ def _serve(args) -> int:
     finally:
         engine.shutdown(timeout=args.shutdown_timeout)
     return 0
+
+
+def _serve_length(args, model) -> int:
+    context = model.config.max_seq_len
+    max_model_len = args.max_model_len or min(context, SERVE_MAX_MODEL_LEN)
+    if max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context length {context}")
+    return max_model_len
+
+
+def _distributed(args) -> int:
+    """Joins a multi-process JAX run when --coordinator (or --distributed) asks; this process's index."""
+    if not (args.coordinator or args.distributed):
+        return 0
+    import jax
+
+    if args.coordinator and (args.num_processes is None or args.process_id is None):
+        raise ValueError("--coordinator needs --num-processes and --process-id")
+    if args.mesh is None:
+        raise ValueError("several processes need a --mesh over all their devices")
+    if jax.config.jax_platforms == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    else:
+        jax.distributed.initialize()   # TPU pods and clusters: found from the environment
+    return jax.process_index()
 
 
 def _add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
@@ -416,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (default 512)")
     _add_kv_cache_flag(p)
     _add_compile_cache_flag(p)
+    dist = p.add_argument_group("several hosts (process 0 serves HTTP; the others run its engine rounds)")
+    dist.add_argument("--distributed", action="store_true",
+                      help="join a multi-host JAX run found from the environment (TPU pods: jax.distributed)")
+    dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator (with the next two)")
+    dist.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    dist.add_argument("--process-id", type=int, default=None, help="this process's index, 0 serves HTTP")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("compile-report", help="compile prefill and decode (or a train step) for a TPU topology; "
