@@ -451,6 +451,15 @@ def test_request_aborted_by_the_server_is_503(model):
             list(client(url).chat.completions.create(model=NAME, messages=USER, stream=True))
 
 
+def test_health_is_503_once_the_engine_died(model):
+    engine = ScriptedEngine([])
+    with serving(create_app(model, engine, served_model_name=NAME, max_model_len=MAX_MODEL_LEN)) as url:
+        assert request(url, "/health", method="GET")[0] == 200
+        engine.error = RuntimeError("device lost")
+        status, body = request(url, "/health", method="GET")
+        assert status == 503 and "device lost" in body["error"]["message"]
+
+
 # ---- the pieces, without a server ---------------------------------------------------------------------
 
 def test_stop_text_pieces_equal_the_whole(model):

@@ -281,6 +281,9 @@ class _Service:
         return ModelList(data=[ModelCard(id=self.name, created=self.created, max_model_len=self.max_model_len)])
 
     async def health(self) -> dict[str, str]:
+        error = getattr(self.engine, "error", None)
+        if error is not None:  # the engine's thread died: every request would fail
+            raise APIError(503, f"the engine stopped: {type(error).__name__}: {error}", type="server_error")
         return {"status": "ok"}
 
     async def metrics_text(self) -> Response:

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""`glm-jax serve` under load, against the same requests one by one and against `transformers serve`.
+
+  python scripts/bench_serve.py [--requests 32 --new 32 --concurrency 1,4,16 --history 1024,8192,32768]
+                                [--skip-transformers] [--out FILE]
+
+Model: a random GLM-4 in Hugging Face's layout (GlmForCausalLM), 2 layers, hidden 512, 8 query / 2
+KV heads of dim 128, ffn 1408, the real 151,552-token vocabulary and tokenizer, float32. Both
+servers load the same folder (glm-jax converts it in memory; transformers reads it as is, with a
+tokenizer.json built from the same tiktoken ranks and checked to encode alike).
+
+Sections (each server is a subprocess started the way a user starts it; requests go through the
+`openai` client, streaming, temperature 0, max_tokens --new, on random English-word prompts of
+48-400 tokens, the same for every server and concurrency):
+- throughput: the --requests requests, `c` at a time for each c in --concurrency; output tokens
+  per second over the whole run and time to first token (p50/p99). c=1 is "one by one"; the
+  ratio at the highest c against c=1 is the continuous-batching gain (target >= 8x at 16).
+- kv_reuse (glm-jax only): a conversation of H tokens (H in --history) is answered once, then a
+  follow-up turn (the history, the answer, 32 new tokens) is sent; the follow-up's time to first
+  token against the first turn's. With KV reuse the follow-up prefills only its new tokens, so
+  its time should stay flat as H grows.
+- transformers: `transformers serve` (its continuous batching on) on the same folder and load,
+  where it runs here.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+WORDS = ("time year people way day man thing woman life child world school state family student group country "
+         "problem hand part place case week company system program question work government number night point "
+         "home water room mother area money story fact month lot right study book eye job word business issue "
+         "side kind head house service friend father power hour game line end member law car city community name "
+         "president team minute idea kid body information back parent face others level office door health person "
+         "art war history party result change morning reason research girl guy moment air teacher force education").split()
+
+
+def make_model(folder: pathlib.Path) -> pathlib.Path:
+    """The random HF-layout checkpoint with the GLM-4 tokenizer (ours and a transformers one)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_random_checkpoint import make
+
+    from glm_jax.config import PRESETS
+    from glm_jax.convert.layout import GLM
+
+    config = PRESETS["glm-4-9b-chat-1m"].replace(hidden_size=512, intermediate_size=1408, num_layers=2, num_heads=8,
+                                                num_kv_heads=2, head_dim=128, dtype="float32")
+    model = folder / "model"
+    make(config, model, layout=GLM, num_shards=1, progress=False)
+    shutil.copy(DATA / "tokenizer.model", model)
+    shutil.copy(DATA / "models" / "glm-4-9b-chat-1m" / "generation_config.json", model)
+    hf_tokenizer(model)
+    return model
+
+
+def hf_tokenizer(folder: pathlib.Path) -> None:
+    """tokenizer.json + tokenizer_config.json for transformers, from the tiktoken ranks; checked to
+    encode a few strings exactly as glm-jax's tokenizer does."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from glm_jax.tokenizer import SPLIT_PATTERN, Tokenizer
+
+    ours = Tokenizer.from_file(folder)
+    fast = TikTokenConverter(vocab_file=str(folder / "tokenizer.model"), pattern=SPLIT_PATTERN,
+                             extra_special_tokens=list(ours.special_tokens)).converted()
+    hf = PreTrainedTokenizerFast(tokenizer_object=fast, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    hf.chat_template = json.loads((DATA / "models" / "glm-4-9b-chat-1m" / "tokenizer_config.json").read_text())[
+        "chat_template"]
+    hf.save_pretrained(folder)
+    again = AutoTokenizer.from_pretrained(folder)
+    for text in ("Hello world, 你好！ 123456", "<|user|>\nhi there", " ".join(WORDS[:50])):
+        assert again.encode(text, add_special_tokens=False) == ours.encode(text), text
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(48, 400)))) for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess; `url` once it answers /v1/models."""
+
+    def __init__(self, cmd: list[str], port: int, log: pathlib.Path, env: dict | None = None):
+        self.cmd, self.url = cmd, f"http://127.0.0.1:{port}"
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); see {log}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"server did not start in 600 s; see {log}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def one(client, model: str, prompt, new: int) -> dict:
+    """One streamed completion: time to first token, output tokens, seconds."""
+    start = time.perf_counter()
+    first, text, tokens, cached = None, "", None, None
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text and first is None:
+            first = time.perf_counter() - start
+        if chunk.choices:
+            text += chunk.choices[0].text or ""
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+            details = chunk.usage.prompt_tokens_details
+            cached = details.cached_tokens if details is not None else None
+    return {"ttft": first, "tokens": tokens, "seconds": time.perf_counter() - start, "text": text, "cached": cached}
+
+
+def load(url: str, model: str, texts: list[str], new: int, concurrency: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=3600, max_retries=0)
+    one(client, model, texts[0], 2)                                       # warm-up: compiles
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda t: one(client, model, t, new), texts))
+    wall = time.perf_counter() - start
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    tokens = sum(r["tokens"] or 0 for r in results)
+    return {"concurrency": concurrency, "requests": len(texts), "output_tokens": tokens, "wall_s": wall,
+            "output_tokens_per_s": tokens / wall, "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p99_s": float(np.percentile(ttft, 99)), "texts": [r["text"] for r in results]}
+
+
+def kv_reuse(url: str, model: str, histories: list[int], new: int) -> list[dict]:
+    """Per history length H: the first turn's and the follow-up's time to first token."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=3600, max_retries=0)
+    rng = np.random.default_rng(1)
+    out = []
+    for h, timed in [(min(histories), False)] + [(h, True) for h in histories]:   # a first, untimed round compiles
+        history = rng.integers(1000, 150000, size=h).tolist()             # token ids: exactly H tokens
+        first = one(client, model, history, new)
+        reply = client.completions.create(model=model, prompt=history, max_tokens=new, temperature=0)
+        follow_up = history + tokenize(reply.choices[0].text) + rng.integers(1000, 150000, size=32).tolist()
+        again = one(client, model, follow_up, new)
+        if not timed:
+            continue
+        out.append({"history_tokens": h, "first_turn_ttft_s": first["ttft"], "follow_up_ttft_s": again["ttft"],
+                    "follow_up_prompt_tokens": len(follow_up), "follow_up_cached_tokens": again["cached"]})
+        print(f"  history {h}: first turn {first['ttft']:.2f} s to the first token, follow-up {again['ttft']:.3f} s",
+              file=sys.stderr)
+    return out
+
+
+def tokenize(text: str) -> list[int]:
+    from glm_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(DATA).encode(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default 32)")
+    parser.add_argument("--new", type=int, default=32, help="max_tokens of each request (default 32)")
+    parser.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    parser.add_argument("--history", default="1024,8192,32768",
+                        help="conversation lengths of the KV-reuse section (default 1024,8192,32768; '' skips it)")
+    parser.add_argument("--skip-transformers", action="store_true", help="glm-jax only")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="write the JSON results here too")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    histories = [int(h) for h in args.history.split(",") if h]
+    texts = prompts(args.requests)
+    results = {"command": shlex.join([sys.executable, *sys.argv]), "date": datetime.date.today().isoformat(),
+               "cpu_count": os.cpu_count(), "requests": args.requests, "max_tokens": args.new}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        model = make_model(tmp)
+        def glm(max_batch: int, max_model_len: int, log: str) -> Server:
+            port = free_port()
+            return Server([sys.executable, "-m", "glm_jax.cli", "serve", "--model", str(model), "--served-model-name",
+                           "bench", "--max-batch", str(max_batch), "--max-model-len", str(max_model_len),
+                           "--steps-per-call", "4", "--prefill-chunk", "512", "--port", str(port)], port, tmp / log)
+
+        server = glm(max(levels), 1024, "glm.log")
+        try:
+            results["glm_jax"] = [load(server.url, "bench", texts, args.new, c) for c in levels]
+        finally:
+            server.stop()
+        for r in results["glm_jax"]:
+            print(f"glm-jax      c={r['concurrency']:>2}: {r['output_tokens_per_s']:7.1f} tok/s, "
+                  f"ttft p50 {r['ttft_p50_s']:.2f} s p99 {r['ttft_p99_s']:.2f} s", file=sys.stderr)
+        base = results["glm_jax"][0]["output_tokens_per_s"]
+        results["glm_jax_gain_over_one_by_one"] = {r["concurrency"]: r["output_tokens_per_s"] / base
+                                                   for r in results["glm_jax"]}
+        if histories:
+            server = glm(1, max(histories) + 96, "glm-reuse.log")
+            try:
+                results["kv_reuse"] = kv_reuse(server.url, "bench", histories, 8)
+            finally:
+                server.stop()
+        if not args.skip_transformers:
+            port = free_port()
+            cmd = [str(pathlib.Path(sys.executable).with_name("transformers")), "serve", str(model), "--port",
+                   str(port), "--continuous-batching", "--dtype", "float32"]
+            try:
+                server = Server(cmd, port, tmp / "transformers.log")
+            except RuntimeError as e:
+                results["transformers"] = {"error": str(e), "log": (tmp / "transformers.log").read_text()[-3000:]}
+            else:
+                try:
+                    name = str(model)
+                    results["transformers"] = [load(server.url, name, texts, args.new, c) for c in levels]
+                finally:
+                    server.stop()
+                for ours, theirs in zip(results["glm_jax"], results["transformers"]):
+                    print(f"transformers c={theirs['concurrency']:>2}: {theirs['output_tokens_per_s']:7.1f} tok/s, "
+                          f"ttft p50 {theirs['ttft_p50_s']:.2f} s; glm-jax is "
+                          f"{ours['output_tokens_per_s'] / theirs['output_tokens_per_s']:.2f}x", file=sys.stderr)
+                    ours["same_texts_as_transformers"] = sum(a == b for a, b in zip(ours["texts"], theirs["texts"]))
+    for section in ("glm_jax", "transformers"):
+        for r in results.get(section, []) if isinstance(results.get(section), list) else []:
+            r.pop("texts")
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
