@@ -196,7 +196,7 @@ def live_slots(k_index: jax.Array) -> jax.Array:
 
 
 def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale=None, *, block_k: int,
-                  kv_layout: str = "bsgd", row: jax.Array | None = None) -> State:
+                  kv_layout: str = "bsgd", rows: jax.Array | None = None) -> State:
     """Folds a KV cache (or one device's part of it) into the state, causal by index.
 
     q [B,C,G,R,D] (C new tokens); k/v [B,S,G,D] (or [B,G,S,D], see `update`); k_index [B,S].
@@ -204,8 +204,8 @@ def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale
     Several (a prefill chunk): [C, block_k] score tiles over the filled slots only (a loop that
     stops at `live_slots`), every query of the chunk at once; S % block_k == 0.
     int8 k/v: with their scales ([B,S,G] or [B,G,S]), see `update`.
-    row (int32 scalar): q and k_index are of one row (B = 1) of a larger k/v, sliced tile by tile
-    (no copy of the row).
+    rows (int32 [b]): q and k_index are of these rows of a larger k/v: one row is sliced tile by
+    tile (no copy of it), several are gathered.
     """
     seq = kv_layout.index("s")
     scale_seq = kv_layout.replace("d", "").index("s")
@@ -213,8 +213,8 @@ def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale
     def part(x, start, size, axis):  # [1 or B, ..., size (at axis), ...]
         if x is None:
             return None
-        if row is not None:
-            x = jax.lax.dynamic_slice_in_dim(x, row, 1, 0)
+        if rows is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, rows[0], 1, 0) if rows.shape[0] == 1 else x[rows]
         return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
     if q.shape[1] == 1 or k.shape[seq] <= block_k:

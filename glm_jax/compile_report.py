@@ -173,7 +173,7 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
                        layout, cache, model_flops(config, 1, chunk, seq_len))]
     rows = jax.eval_shape(lambda: init_rows(batch, config.vocab_size))
     decode = jax.jit(functools.partial(decode_burst, graphdef, steps=1, layout=layout), donate_argnums=(1, 2))
-    compiled = decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_)).compile()
+    compiled = decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), i32(batch)).compile()
     reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
                            model_flops(config, batch, 1, seq_len)))
     return reports

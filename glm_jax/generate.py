@@ -2,17 +2,19 @@
 `chat` and the server.
 
 The cache has `max_batch` rows of `length` slots; a request owns one row while it runs. Its prompt
-is prefilled into that row alone (`model_step(row=...)`), chunk by chunk between decode bursts, so
+is prefilled into that row alone (`model_step(rows=...)`), chunk by chunk between decode bursts, so
 a long prompt holds the running rows up by one chunk at a time; then the row joins the batch. A
-decode burst runs up to `steps_per_call` tokens for every row on device (one host round trip),
-with per-row sampling parameters, keys, stop ids and token budgets as arrays: mixed requests share
-one compiled step. A finished row frees at once; its K/V stay, and a later prompt that extends
+decode burst runs up to `steps_per_call` tokens of the active rows only (gathered into a
+power-of-two bucket) on device, one host round trip, with per-row sampling parameters, keys, stop
+ids and token budgets as arrays: mixed requests share one compiled step. A burst right after an
+admission runs one step, so the new request's first token comes back at once. A finished row frees at once; its K/V stay, and a later prompt that extends
 what the row holds (the next chat turn) prefills only the new tokens. Free rows are handed out by
 longest shared prefix, else least recently used.
 
 A token's slot is its position in its row (slot p holds position p). Stale slots past what a row
 holds are never visible: a query at slot q sees only slots <= q, all written by its own request.
-Compiled programs: one prefill per chunk size, one decode burst and one admission per cache shape.
+Compiled programs per cache shape: one prefill per chunk size, one admission, and a decode burst
+per (row bucket, 1 or `steps_per_call` steps).
 """
 
 from __future__ import annotations
@@ -77,37 +79,44 @@ def prefill_row(graphdef, params, cache: KVCache, row, tokens, positions, valid,
     """One prefill chunk of row `row` (int32): tokens, positions, valid [1, C], written at slots =
     positions. Returns the last token's logits [1, V] and the cache."""
     return model_step(graphdef, params, cache, tokens, positions, positions, valid, layout=layout, kernel=kernel,
-                      row=row)
+                      rows=row[None])
 
 
-def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, *, steps: int, layout: Layout,
+def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected, *, steps: int, layout: Layout,
                  kernel: str = "auto") -> tuple[KVCache, Rows, jax.Array]:
-    """Up to `steps` tokens for every active row (fewer once none is active), all on device.
-    cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens [B, steps]
-    (-1 where a row drew nothing). A row stops after a stop id or its last allowed token; those
-    final tokens are not fed back (their K/V are never needed)."""
+    """Up to `steps` tokens for each active row among `selected` (int32 [b], cache rows; entries
+    >= B pad the bucket; b = B means every row, in order), all on device; fewer once none is
+    active. Only those b rows are computed. cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens
+    [b, steps] (-1 where a row drew nothing). A row stops after a stop id or its last allowed
+    token; those final tokens are not fed back (their K/V are never needed)."""
+    batch = rows.active.shape[0]
+    every = selected.shape[0] == batch     # then selected is 0..B-1 (see Engine._plan): no gathers
     rows = dataclasses.replace(rows, active=rows.active & ~cancel)
-    out = jnp.full((rows.active.shape[0], steps), -1, jnp.int32)
+    sub = jax.tree.map(lambda x: x[jnp.minimum(selected, batch - 1)], rows)           # [b] of each field
+    sub = dataclasses.replace(sub, active=sub.active & (selected < batch))
+    out = jnp.full((selected.shape[0], steps), -1, jnp.int32)
 
     def cond(carry):
-        i, _, rows, _ = carry
-        return (i < steps) & jnp.any(rows.active)
+        i, _, sub, _ = carry
+        return (i < steps) & jnp.any(sub.active)
 
     def body(carry):
-        i, cache, rows, out = carry
-        keys = jax.vmap(jax.random.fold_in)(rows.key, rows.count)
-        token = sample(rows.logits, keys, rows.temperature, rows.top_k, rows.top_p)      # [B]
-        drawn = rows.active
-        stop = jnp.any(token[:, None] == rows.stop_ids, axis=-1) | (rows.remaining <= 1)
+        i, cache, sub, out = carry
+        keys = jax.vmap(jax.random.fold_in)(sub.key, sub.count)
+        token = sample(sub.logits, keys, sub.temperature, sub.top_k, sub.top_p)          # [b]
+        drawn = sub.active
+        stop = jnp.any(token[:, None] == sub.stop_ids, axis=-1) | (sub.remaining <= 1)
         feed = drawn & ~stop
-        logits, cache = model_step(graphdef, params, cache, token[:, None], rows.position[:, None],
-                                   rows.position[:, None], feed[:, None], layout=layout, kernel=kernel)
-        rows = dataclasses.replace(rows, logits=jnp.where(feed[:, None], logits, rows.logits),
-                                   position=rows.position + feed, active=feed, count=rows.count + drawn,
-                                   remaining=rows.remaining - drawn)
-        return i + 1, cache, rows, out.at[:, i].set(jnp.where(drawn, token, -1))
+        logits, cache = model_step(graphdef, params, cache, token[:, None], sub.position[:, None],
+                                   sub.position[:, None], feed[:, None], layout=layout, kernel=kernel,
+                                   rows=None if every else selected)
+        sub = dataclasses.replace(sub, logits=jnp.where(feed[:, None], logits, sub.logits),
+                                  position=sub.position + feed, active=feed, count=sub.count + drawn,
+                                  remaining=sub.remaining - drawn)
+        return i + 1, cache, sub, out.at[:, i].set(jnp.where(drawn, token, -1))
 
-    _, cache, rows, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, rows, out))
+    _, cache, sub, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, sub, out))
+    rows = jax.tree.map(lambda full, part: full.at[selected].set(part, mode="drop"), rows, sub)
     return cache, rows, out
 
 
@@ -185,25 +194,29 @@ _CHUNK_HEAD = 10 + MAX_STOP_IDS   # row, size, start, real, admit?, max_tokens, 
 
 @dataclasses.dataclass
 class Plan:
-    """One scheduler round, as every process runs it: rows to cancel [B], prefill chunks, decode?"""
+    """One scheduler round, as every process runs it: rows to cancel [B], prefill chunks, then a
+    burst of `steps` tokens for the rows in `decode` (cache rows [b], padded with B), if any."""
     cancel: np.ndarray
     chunks: list[Chunk]
-    decode: bool
+    decode: np.ndarray
+    steps: int = 0
     stop: bool = False
 
     @classmethod
     def stopping(cls, batch: int) -> "Plan":
-        return cls(np.zeros(batch, bool), [], False, stop=True)
+        return cls(np.zeros(batch, bool), [], np.zeros(0, np.int32), stop=True)
 
     @staticmethod
     def encoded_size(batch: int, prefill_chunk: int) -> int:
-        return 3 + batch + batch * (_CHUNK_HEAD + prefill_chunk)
+        return 4 + 2 * batch + batch * (_CHUNK_HEAD + prefill_chunk)
 
     def encode(self, size: int) -> np.ndarray:
         out = np.zeros(size, np.int32)
-        out[:3] = self.stop, self.decode, len(self.chunks)
-        out[3:3 + len(self.cancel)] = self.cancel
-        at = 3 + len(self.cancel)
+        batch = len(self.cancel)
+        out[:4] = self.stop, self.steps, len(self.chunks), len(self.decode)
+        out[4:4 + batch] = self.cancel
+        out[4 + batch:4 + batch + len(self.decode)] = self.decode
+        at = 4 + 2 * batch
         as_int = lambda x: int(np.float32(x).view(np.int32))
         for c in self.chunks:
             p = c.admit or SamplingParams(0)
@@ -217,9 +230,9 @@ class Plan:
         return out
 
     @classmethod
-    def decode(cls, data: np.ndarray, batch: int) -> "Plan":
+    def decoded(cls, data: np.ndarray, batch: int) -> "Plan":
         as_float = lambda x: float(np.int32(x).view(np.float32))
-        chunks, at = [], 3 + batch
+        chunks, at = [], 4 + 2 * batch
         for _ in range(int(data[2])):
             row, size, start, real, admit, max_tokens, seed, top_k, temperature, top_p = map(int, data[at:at + 10])
             stops = tuple(int(t) for t in data[at + 10:at + _CHUNK_HEAD] if t >= 0)
@@ -228,7 +241,8 @@ class Plan:
             chunks.append(Chunk(row, data[at + _CHUNK_HEAD:at + _CHUNK_HEAD + size].copy(), start, real,
                                 params if admit else None))
             at += _CHUNK_HEAD + size
-        return cls(data[3:3 + batch].astype(bool), chunks, bool(data[1]), stop=bool(data[0]))
+        decode = data[4 + batch:4 + batch + int(data[3])].copy()
+        return cls(data[4:4 + batch].astype(bool), chunks, decode, steps=int(data[1]), stop=bool(data[0]))
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -269,8 +283,7 @@ class Engine:
     # -- compiled programs --------------------------------------------------------------------
 
     def _programs(self, batch: int, length: int):
-        return _programs(self.config, self.graphdef, self.layout, self.kernel, batch, length, self.cache_dtype,
-                         self.steps_per_call)
+        return _programs(self.config, self.graphdef, self.layout, self.kernel, batch, length, self.cache_dtype)
 
     def reserve(self, max_batch: int, max_model_len: int, *, fixed: bool = False) -> None:
         """Allocates the cache: `max_batch` rows of at least `max_model_len` slots (a bucket of
@@ -344,7 +357,7 @@ class Engine:
         plan = self._share(self._plan())
         tokens = self._execute(plan)
         if tokens is not None:
-            self._collect(tokens)
+            self._collect(plan.decode, tokens)
         return bool(self._waiting) or any(r.request is not None for r in self._rows)
 
     def _plan(self) -> Plan:
@@ -354,7 +367,7 @@ class Engine:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
             cancels, self._cancels = list(self._cancels.values()), {}
-        plan = Plan(cancel=np.zeros(len(self._rows), bool), chunks=[], decode=False)
+        plan = Plan(cancel=np.zeros(len(self._rows), bool), chunks=[], decode=np.zeros(0, np.int32))
         for request, reason in cancels:
             if request.finish_reason is not None:
                 continue
@@ -377,8 +390,17 @@ class Engine:
                 break
             plan.chunks.append(self._next_chunk(i))
             budget -= len(plan.chunks[-1].tokens)
-        plan.decode = plan.cancel.any() or any(r.request is not None and r.request.prefilled == r.request.prompt_len
-                                               for r in self._rows)
+        decoding = [i for i, r in enumerate(self._rows) if r.request is not None
+                    and r.request.prefilled == r.request.prompt_len]
+        if decoding or plan.cancel.any():
+            # the active rows only, in a power-of-two bucket; one token at first, so that a new
+            # request's first token comes back after its prefill and a single step
+            # (a full bucket takes every row in order: rows not decoding are inactive on device)
+            bucket = min(1 << (max(len(decoding), 1) - 1).bit_length(), len(self._rows))
+            pad = [len(self._rows)] * (bucket - len(decoding))
+            plan.decode = np.array(range(bucket) if bucket == len(self._rows) else decoding + pad, np.int32)
+            fresh = any(not self._rows[i].request.output for i in decoding)
+            plan.steps = 1 if fresh else self.steps_per_call
         return plan
 
     def _assign(self, request: Request) -> int | None:
@@ -422,19 +444,22 @@ class Engine:
                 self.rows = programs.admit(self.rows, jnp.int32(chunk.row), logits, jnp.int32(chunk.start + chunk.real),
                                            jnp.int32(p.max_tokens), jnp.uint32(p.seed % 2**32),
                                            jnp.float32(p.temperature), jnp.int32(p.top_k), jnp.float32(p.top_p), stops)
-        if not plan.decode:
+        if not len(plan.decode):
             return None
-        self.cache, self.rows, tokens = programs.decode(self.state, self.cache, self.rows, plan.cancel)
+        self.cache, self.rows, tokens = programs.decode(self.state, self.cache, self.rows, plan.cancel, plan.decode,
+                                                        steps=plan.steps)
         return to_host(tokens)                                            # the round's one sync
 
-    def _collect(self, tokens: np.ndarray) -> None:
-        """Hands a burst's tokens [B, steps] (-1: none) to their requests; ends finished ones."""
+    def _collect(self, selected: np.ndarray, tokens: np.ndarray) -> None:
+        """Hands a burst's tokens [b, steps] (-1: none) of rows `selected` [b] to their requests;
+        ends finished ones."""
         now = time.perf_counter()
-        for i, row in enumerate(self._rows):
-            request = row.request
-            if request is None or request.prefilled < request.prompt_len:
+        for i, row_tokens in zip(selected, tokens):
+            row = self._rows[i] if i < len(self._rows) else None
+            request = row and row.request
+            if request is None:
                 continue
-            new = [int(t) for t in tokens[i] if t >= 0]
+            new = [int(t) for t in row_tokens if t >= 0]
             if not new:
                 continue
             if request.ttft is None:
@@ -460,7 +485,7 @@ class Engine:
 
         size = Plan.encoded_size(len(self._rows), self.prefill_chunk)
         local = plan.encode(size) if plan is not None and jax.process_index() == 0 else np.zeros(size, np.int32)
-        return Plan.decode(np.asarray(multihost_utils.broadcast_one_to_all(local)), len(self._rows))
+        return Plan.decoded(np.asarray(multihost_utils.broadcast_one_to_all(local)), len(self._rows))
 
     def follow(self) -> None:
         """On processes other than 0 of a multi-process server: runs every round process 0 plans
@@ -551,8 +576,7 @@ class _Compiled:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: int, length: int, dtype,
-              steps: int) -> _Compiled:
+def _programs(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: int, length: int, dtype) -> _Compiled:
     """The engine's compiled programs for one cache shape; the cache and rows keep fixed shardings
     (replicated rows), so every call after the first reuses the same executable."""
     cache_sh = cache_shardings(config, layout, batch, length, jnp.dtype(dtype) == jnp.int8)
@@ -563,8 +587,8 @@ def _programs(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: i
         prefill=jax.jit(functools.partial(prefill_row, graphdef, layout=layout, kernel=kernel),
                         donate_argnums=(1,), out_shardings=(rep, cache_sh)),
         admit=jax.jit(admit, donate_argnums=(0,), out_shardings=rows_sh),
-        decode=jax.jit(functools.partial(decode_burst, graphdef, steps=steps, layout=layout, kernel=kernel),
-                       donate_argnums=(1, 2), out_shardings=(cache_sh, rows_sh, rep)))
+        decode=jax.jit(functools.partial(decode_burst, graphdef, layout=layout, kernel=kernel),
+                       static_argnames=("steps",), donate_argnums=(1, 2), out_shardings=(cache_sh, rows_sh, rep)))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

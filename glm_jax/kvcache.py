@@ -78,12 +78,15 @@ def cache_heads(config: GLMConfig, layout: Layout) -> int:
     return config.num_kv_heads * layout.kv_repeat(config.num_kv_heads, config.num_heads)
 
 
-def cache_order(layout: Layout, heads: int) -> str:
-    """[B, S, G, D] normally; [B, G, S, D] when a device holds a single KV head, so that the slot
-    dim, not a size-1 head dim, sits next to the minor one (else TPU layout assignment pads or
-    copies the whole cache inside the decode loop)."""
+def cache_order(layout: Layout, heads: int, platform: str | None = None) -> str:
+    """[B, S, G, D] on accelerators; [B, G, S, D] when a device holds a single KV head, so that the
+    slot dim, not a size-1 head dim, sits next to the minor one (else TPU layout assignment pads
+    or copies the whole cache inside the decode loop), and always on CPU (whose dots want each
+    head's [S, D] contiguous: with [B, S, G, D] XLA transposed the whole cache at every step).
+    platform: the mesh's unless given."""
+    platform = platform or layout.mesh.devices.flat[0].platform
     shards = math.prod(layout.size(a) for a in layout.mesh_axes("kv_heads", heads))
-    return "bgsd" if heads // shards == 1 else "bsgd"
+    return "bgsd" if heads // shards == 1 or platform == "cpu" else "bsgd"
 
 
 def _spec(layout: Layout, order: str, shape) -> P:
@@ -191,6 +194,12 @@ def score_budget(platform: str) -> int:
     return {"gpu": 1 << 28, "cpu": 1 << 21}.get(platform, 1 << 24)
 
 
+def _owned(rows: jax.Array, local_batch: int, batch_axes) -> tuple[jax.Array, jax.Array]:
+    """Inside shard_map: global cache rows [b] -> (held by this device [b], local row numbers [b])."""
+    offset = jax.lax.axis_index(batch_axes) * local_batch if batch_axes else 0
+    return (rows >= offset) & (rows < offset + local_batch), rows - offset
+
+
 def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int | None = None, kernel: str = "auto"):
     """(write, attend) on the sharded cache, both shard_mapped over the mesh. `order`: the K/V
     dim order ("bsgd" or "bgsd"). `kernel`: "xla" (portable), "cudnn" (GPU: prefill chunks of a
@@ -198,53 +207,54 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
     or "auto" (cudnn on a GPU, xla elsewhere).
     `budget`: float32 values per prefill score tile (default: `score_budget` of the mesh's chips).
 
-    write(cache_part, values, slots, row=None) -> cache_part with the slots set: K/V take values
+    write(cache_part, values, slots, rows=None) -> cache_part with the slots set: K/V take values
     [b,C,G,D] (as the model makes them), int8 scales [b,C,G], the index [B,S] takes [b,C]; slots
     [C] (shared by the rows) or [b,C]; slots no device owns (DROP) are skipped.
-    attend(q [b,C,Hq,D], q_index [b,C], k, v, k_index [B,S], k_scale, v_scale, row=None) -> [b,C,Hq,D]
+    attend(q [b,C,Hq,D], q_index [b,C], k, v, k_index [B,S], k_scale, v_scale, rows=None) -> [b,C,Hq,D]
     (scales None unless the cache is int8: dequantized tile by tile inside the attention).
-    b is the cache's batch B, or 1 with `row` (int32 scalar): one row of the cache, written and
-    attended in place (no copy of it), so a new request can be prefilled beside running ones.
+    b is the cache's batch B, or that of `rows` (int32 [b]): the cache rows the tokens belong to,
+    written and attended where they are (rows >= B are skipped). One row (a prefill beside running
+    requests) is sliced tile by tile, never copied; several (a decode step of the active rows)
+    are gathered.
     """
     kernel = prefill_kernel(kernel, layout.mesh.devices.flat[0].platform)
     n = layout.size(axis)
     seq, heads_dim = order.index("s"), order.index("g")
 
-    def write(cache_part, values, slots, row=None):
+    def write(cache_part, values, slots, rows=None):
         part_order = {4: order, 3: order.replace("d", ""), 2: "bs"}[cache_part.ndim]
         spec, at = _spec(layout, part_order, cache_part.shape), part_order.index("s")
-        batch_axes, one_row = spec[0], row is not None
+        batch_axes, some_rows = spec[0], rows is not None
         slots = jnp.broadcast_to(slots, values.shape[:2])                       # [b, C]
 
-        def local(part, vals, slots, row):
-            if one_row:                                                         # [1, 1]: the owner's local row
-                offset = jax.lax.axis_index(batch_axes) * part.shape[0] if batch_axes else 0
-                mine = (row >= offset) & (row < offset + part.shape[0])
-                rows = jnp.where(mine, row - offset, part.shape[0])[None, None]
+        def local(part, vals, slots, rows):
+            if some_rows:                                                       # [b, 1]: rows this device owns
+                mine, local_rows = _owned(rows, part.shape[0], batch_axes)
+                index = jnp.where(mine, local_rows, part.shape[0])[:, None]
             else:
-                rows = jnp.arange(part.shape[0])[:, None]                       # [Bl, 1]
+                index = jnp.arange(part.shape[0])[:, None]                      # [Bl, 1]
             # vals keep the model's [b, C, ...] order: numpy indexing by batch and slot indices
             # (adjacent or not) puts their [b, C] dims first either way
-            where = (rows,) + (slice(None),) * (at - 1) + (_local_slots(slots, part.shape[at], axis),)
+            where = (index,) + (slice(None),) * (at - 1) + (_local_slots(slots, part.shape[at], axis),)
             return part.at[where].set(vals, mode="drop")
 
-        # values [b, C, G, D]: heads split as the cache's, batch too unless one row is written
-        batch_spec = None if one_row else batch_axes
+        # values [b, C, G, D]: heads split as the cache's, batch too unless some rows are written
+        batch_spec = None if some_rows else batch_axes
         value_spec = P(*(batch_spec if c == "b" else None if c == "s" else spec[part_order.index(c)]
                          for c in "bsgd"[:cache_part.ndim]))
         return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, value_spec, P(batch_spec, None), P()),
                              out_specs=spec, check_vma=False)(cache_part, values, slots,
-                                                              jnp.int32(0) if row is None else row)
+                                                              jnp.zeros(1, jnp.int32) if rows is None else rows)
 
-    def attend(q, q_index, k, v, k_index, k_scale=None, v_scale=None, row=None):
+    def attend(q, q_index, k, v, k_index, k_scale=None, v_scale=None, rows=None):
         b, c, hq, d = q.shape
         g, s = k.shape[heads_dim], k.shape[seq]
         kv_spec = list(_spec(layout, order, k.shape))
         if layout.mesh_axes("q_heads", hq) != layout.mesh_axes("kv_heads", g):
             kv_spec[heads_dim] = None                       # heads not split alike: keep them whole
         kv_spec = P(*kv_spec)
-        batch_axes, one_row = kv_spec[0], row is not None
-        batch_spec = None if one_row else batch_axes
+        batch_axes, some_rows = kv_spec[0], rows is not None
+        batch_spec = None if some_rows else batch_axes
         q_spec = P(batch_spec, None, kv_spec[heads_dim], None)
         idx_spec = P(batch_axes, kv_spec[seq])
         split = kv_spec[heads_dim] or ()
@@ -254,21 +264,19 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
         use_cudnn = kernel == "cudnn" and n == 1 and order == "bsgd" and c > 1 and k_scale is None
         scale_spec = P(*(a for i, a in enumerate(kv_spec) if i != order.index("d")))
 
-        def local(q, qi, row, k, v, ki, *scales):
-            mine = True
-            if one_row:  # only the device holding the row attends; others add zeros below
-                offset = jax.lax.axis_index(batch_axes) * k.shape[0] if batch_axes else 0
-                mine = (row >= offset) & (row < offset + k.shape[0])
-                row = jnp.clip(row - offset, 0, k.shape[0] - 1)
-                ki = jax.lax.dynamic_slice_in_dim(ki, row, 1, 0)
+        def local(q, qi, rows, k, v, ki, *scales):
+            if some_rows:  # each row attends on the device holding it; the others add zeros below
+                mine, rows = _owned(rows, k.shape[0], batch_axes)
+                rows = jnp.clip(rows, 0, k.shape[0] - 1)
+                ki = ki[rows]
             qg = group_queries(q, k.shape[heads_dim])
             empty = init_state(*qg.shape[:2], *qg.shape[2:])
             xla = lambda: cache_forward(empty, qg, k, v, qi, ki, *scales, block_k=bk, kv_layout=order,
-                                        row=row if one_row else None)
+                                        rows=rows if some_rows else None)
             if use_cudnn:  # whole rows only: cuDNN masks by lengths, not by the index
                 start = qi.max() - (c - 1)
                 whole = jnp.all(qi >= 0) & ((start == 0) | jnp.all(ki[:, 0] != PAD))
-                kr, vr = (jax.lax.dynamic_slice_in_dim(x, row, 1, 0) if one_row else x for x in (k, v))
+                kr, vr = (x[rows] if some_rows else x for x in (k, v))
                 state = jax.lax.cond(whole, lambda: cudnn_chunk(q, kr, vr, start), xla)
             else:
                 state = xla()
@@ -278,16 +286,17 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
                 scale = jnp.exp(state.m - m_safe)
                 state = dataclasses.replace(state, m=m, l=jax.lax.psum(state.l * scale, axis),
                                             acc=jax.lax.psum(state.acc * scale[..., None], axis))
-            out = normalized(state)
-            if one_row and batch_axes:
-                out = jax.lax.psum(jnp.where(mine, out, 0.0), batch_axes)
+            out = normalized(state)                                             # [b, G, R, C, D]
+            if some_rows and batch_axes:
+                out = jax.lax.psum(jnp.where(mine[:, None, None, None, None], out, 0.0), batch_axes)
             return ungroup(out, q.dtype)
 
         scales = () if k_scale is None else (k_scale, v_scale)
         return jax.shard_map(local, mesh=layout.mesh,
                              in_specs=(q_spec, P(batch_spec, None), P(), kv_spec, kv_spec, idx_spec)
                              + (scale_spec,) * len(scales),
-                             out_specs=q_spec, check_vma=False)(q, q_index, jnp.int32(0) if row is None else row,
+                             out_specs=q_spec, check_vma=False)(q, q_index,
+                                                                jnp.zeros(1, jnp.int32) if rows is None else rows,
                                                                 k, v, k_index, *scales)
 
     return write, attend
@@ -298,27 +307,27 @@ DROP = 1 << 30  # a slot no device owns: writes to it are dropped
 
 def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
                positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
-               last_only: bool = True, kernel: str = "auto", row: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+               last_only: bool = True, kernel: str = "auto", rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Runs tokens [b, C] at cache slots ([C] shared by the rows, or [b, C] per row), writing their
     K/V (tokens with valid [b, C] False write nothing and see nothing); returns float32 logits ([b, V]
-    with last_only, else [b, C, V]) and the new cache. b is the cache's batch, or 1 with `row`
-    (an int32 scalar): the tokens then go to that row of the cache and attend to it alone."""
+    with last_only, else [b, C, V]) and the new cache. b is the cache's batch, or that of `rows`
+    (int32 [b]): the cache rows the tokens go to and attend to (see `cache_ops`)."""
     model = nnx.merge(graphdef, state)
     write, attend = cache_ops(layout, cache.order, kernel=kernel)
     slots = jnp.broadcast_to(slots, tokens.shape)
     q_index = jnp.where(valid, slots, -1)
     slots = jnp.where(valid, slots, DROP)
-    index = write(cache.index, slots, slots, row)
+    index = write(cache.index, slots, slots, rows)
     ks, vs, k_scales, v_scales = list(cache.k), list(cache.v), list(cache.k_scale), list(cache.v_scale)
 
     def attend_layer(i, q, k, v):
         if cache.quantized:
             (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
-            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots, row), write(v_scales[i], v_scale, slots, row)
-        ks[i] = write(ks[i], k.astype(ks[i].dtype), slots, row)
-        vs[i] = write(vs[i], v.astype(vs[i].dtype), slots, row)
+            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots, rows), write(v_scales[i], v_scale, slots, rows)
+        ks[i] = write(ks[i], k.astype(ks[i].dtype), slots, rows)
+        vs[i] = write(vs[i], v.astype(vs[i].dtype), slots, rows)
         scales = (k_scales[i], v_scales[i]) if cache.quantized else ()
-        return attend(q, q_index, ks[i], vs[i], index, *scales, row=row)
+        return attend(q, q_index, ks[i], vs[i], index, *scales, rows=rows)
 
     logits = model(tokens, positions, attend_layer, layout=layout, last_only=last_only).astype(jnp.float32)
     cache = KVCache(tuple(ks), tuple(vs), index, tuple(k_scales), tuple(v_scales), cache.order)

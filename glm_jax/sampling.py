@@ -31,7 +31,7 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
     temperature, top_p = column(temperature, jnp.float32), column(top_p, jnp.float32)
     top_k = column(top_k, jnp.int32)
     top_k = jnp.where(top_k >= v, 0, top_k)                                  # keeps everything: off
-    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = lambda: argmax(logits)
 
     def draw():
         x = logits / jnp.where(temperature == 0, 1.0, temperature)                # [B, V]
@@ -51,6 +51,14 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
         return jnp.where(temperature[:, 0] == 0, greedy(), drawn.astype(jnp.int32))
 
     return jax.lax.cond(jnp.all(temperature == 0), greedy, draw)
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """[B, V] -> int32 [B]: the first index of each row's maximum (as jnp.argmax), as a max and a
+    min over a masked iota: two vectorised passes, half the time of XLA CPU's paired reduction."""
+    top = x.max(axis=-1, keepdims=True)
+    first = jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]).min(axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1)                 # a NaN row: the last index
 
 
 def _floor(x: jax.Array, desc: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

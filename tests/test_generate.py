@@ -166,13 +166,16 @@ def test_cli_generate_bad_input(tiny_chat_model, capsys):
 
 def test_cache_dim_order():
     from glm_jax.config import PRESETS
-    from glm_jax.kvcache import cache_shapes
+    from glm_jax.kvcache import cache_order, cache_shapes
 
     config = PRESETS["glm-4-9b-chat-1m"]                            # 4 KV heads
-    assert cache_shapes(config, Layout(make_mesh("sequence=8")), 1, 4096) == ((1, 4096, 4, 128), "bsgd")
-    assert cache_shapes(config, Layout(make_mesh("tensor=2,sequence=4")), 1, 4096)[1] == "bsgd"
+    layout = lambda spec: Layout(make_mesh(spec))
+    assert cache_order(layout("sequence=8"), 4, "tpu") == "bsgd"
+    assert cache_order(layout("tensor=2,sequence=4"), 4, "gpu") == "bsgd"
     # one KV head per device: slots next to the minor dim
-    assert cache_shapes(config, Layout(make_mesh("tensor=4,sequence=2")), 1, 4096) == ((1, 4, 4096, 128), "bgsd")
+    assert cache_order(layout("tensor=4,sequence=2"), 4, "tpu") == "bgsd"
+    # CPU: heads outside the slots always (its dots transposed a [B, S, G, D] cache at every step)
+    assert cache_shapes(config, layout("sequence=8"), 1, 4096) == ((1, 4, 4096, 128), "bgsd")
 
 
 def test_striped_cache_slots_are_a_bijection():
