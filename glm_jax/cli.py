@@ -230,6 +230,7 @@ def _serve(args) -> int:
         engine = model.engine(max_batch=args.max_batch, max_model_len=_serve_length(args, model),
                               steps_per_call=args.steps_per_call)
         signal.signal(signal.SIGTERM, lambda signum, frame: None)   # process 0 decides when to stop
+        engine.warm_up()
         engine.follow()
         return 0
     try:   # before loading the model, so that a taken port fails at once
@@ -241,6 +242,7 @@ def _serve(args) -> int:
     max_model_len = _serve_length(args, model)
     engine = model.engine(max_batch=args.max_batch, max_model_len=max_model_len, steps_per_call=args.steps_per_call,
                           max_queue=args.max_queue)
+    engine.warm_up()   # every program compiled before the first request
     name = args.served_model_name or args.model.resolve().name
     app = create_app(model, engine, served_model_name=name, max_model_len=max_model_len)
     log = logging.getLogger("glm_jax.serve")

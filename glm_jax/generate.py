@@ -130,12 +130,20 @@ def cache_length(needed: int, devices: int) -> int:
     return -(-length // grain) * grain
 
 
+MIN_CHUNK = 16  # the smallest prefill chunk (fewer shapes to compile; a few padded tokens cost little)
+
+
 def prefill_chunks(tokens: int, chunk: int) -> list[int]:
     """Chunk sizes of a prefill of `tokens` tokens: whole `chunk`s, then one power-of-two chunk
-    for the rest (left-padded: its last token is the prompt's last), so padding stays under that
-    rest and at most a few chunk shapes compile."""
+    (at least MIN_CHUNK) for the rest (left-padded: its last token is the prompt's last), so
+    padding stays under that rest and at most a few chunk shapes compile."""
     whole, rest = divmod(tokens, chunk)
-    return [chunk] * whole + ([1 << (rest - 1).bit_length()] if rest else [])
+    return [chunk] * whole + ([min(chunk, max(MIN_CHUNK, 1 << (rest - 1).bit_length()))] if rest else [])
+
+
+def chunk_sizes(chunk: int) -> list[int]:
+    """Every chunk size `prefill_chunks` can give."""
+    return sorted({chunk} | {min(chunk, max(MIN_CHUNK, 1 << i)) for i in range(chunk.bit_length())})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,6 +512,29 @@ class Engine:
         request.done.set()
 
     # -- running ----------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compiles every program a request can need (each prefill chunk size, each decode bucket
+        for one and for `steps_per_call` steps) by running them on nothing: no slot is written and
+        no row changes. A server calls it before it listens (every process alike), so no request
+        waits for a compile."""
+        batch = len(self._rows)
+        programs = self._programs(batch, self.cache.length)
+        if any(r.request for r in self._rows):
+            raise RuntimeError("warm_up() runs before any request")
+        for size in chunk_sizes(self.prefill_chunk):
+            zeros = np.zeros((1, size), np.int32)
+            logits, self.cache = programs.prefill(self.state, self.cache, jnp.int32(batch), zeros, zeros,
+                                                  np.zeros((1, size), bool))
+        self.rows = programs.admit(self.rows, jnp.int32(batch), logits, jnp.int32(0), jnp.int32(0), jnp.uint32(0),
+                                   jnp.float32(0), jnp.int32(0), jnp.float32(1), np.full(MAX_STOP_IDS, -1, np.int32))
+        buckets = sorted({min(1 << i, batch) for i in range(batch.bit_length() + 1)})
+        for b in buckets:
+            for steps in sorted({1, self.steps_per_call}):
+                selected = np.arange(b, dtype=np.int32) if b == batch else np.full(b, batch, np.int32)
+                self.cache, self.rows, tokens = programs.decode(self.state, self.cache, self.rows,
+                                                                np.zeros(batch, bool), selected, steps=steps)
+        to_host(tokens)
 
     def start(self) -> None:
         """Runs rounds on a daemon thread until `shutdown`."""

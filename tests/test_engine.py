@@ -144,3 +144,19 @@ def test_threaded_engine_serves_concurrent_submissions_and_drains_on_shutdown(f3
     assert late.finish_reason == "length" and len(late.output) == 20      # in-flight work finished
     with pytest.raises(QueueFull):
         engine.submit(prompts[0], greedy(1))
+
+
+def test_warm_up_compiles_everything_and_changes_nothing(f32):
+    """After warm_up, requests of every prompt and batch size compile nothing more, and answer as
+    without it."""
+    folder, ref = f32
+    model = glm_jax.load(folder, prefill_chunk=32)
+    engine = model.engine(max_batch=3, max_model_len=96, steps_per_call=3)
+    engine.warm_up()
+    programs = engine._programs(3, engine.cache.length)
+    sizes = [f._cache_size() for f in (programs.prefill, programs.admit, programs.decode)]
+    prompts = [ref["input_ids"][0].tolist(), ref["input_ids"][1][:3].tolist(), (ref["input_ids"][0] % 50).tolist() * 3]
+    requests = [engine.submit(p, greedy(5)) for p in prompts]
+    run(engine)
+    assert [f._cache_size() for f in (programs.prefill, programs.admit, programs.decode)] == sizes
+    assert [r.output for r in requests] == [model.generate([p], max_new_tokens=5, temperature=0)[0] for p in prompts]

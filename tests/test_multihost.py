@@ -86,7 +86,7 @@ def test_two_process_server_answers_as_one_process(tiny_chat_model):  # noqa: F8
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "serve", "--model", str(tiny_chat_model),
-                               "--port", "0", "--mesh", "tensor=2,sequence=4", "--max-batch", "4",
+                               "--port", "0", "--mesh", "tensor=2,sequence=4", "--max-batch", "4", "--prefill-chunk", "32",
                                "--max-model-len", "256", "--coordinator", coordinator, "--num-processes", "2",
                                "--process-id", str(i)], stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]

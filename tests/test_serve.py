@@ -534,7 +534,7 @@ def test_serve_bad_flags(tiny_chat_model, capsys):  # noqa: F811
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_chat_model, tmp_path):  # noqa: F811
     proc = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "serve", "--model", str(tiny_chat_model),
                              "--port", "0", "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", NAME,
-                             "--compile-cache", str(tmp_path / "cache")],
+                             "--compile-cache", str(tmp_path / "cache"), "--max-batch", "2", "--prefill-chunk", "32"],
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
