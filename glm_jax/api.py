@@ -120,7 +120,8 @@ class Model:
                       kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype)
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False):
+                 top_k: int | None = None, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False,
+                 reuse: bool = True):
         """Samples continuations; returns one list of new token ids per prompt (ending with the
         stop id when one was produced).
 
@@ -129,7 +130,8 @@ class Model:
         stop_ids=() never stops. Those left as None come from `generation_defaults`, as in the CLI:
         the folder's generation_config.json (do_sample false there: greedy), else glm-4-9b-chat-1m's
         published 0.8, 0.8, 50, (151329, 151336, 151338). on_token(row, id) is called for every new
-        token as it is produced (streaming)."""
+        token as it is produced (streaming). reuse: a prompt that extends one of an earlier call
+        (still held by the engine's cache) prefills only the rest; False prefills it whole."""
         sampling = self.generation_defaults.sampling(temperature, top_p, top_k, stop_ids)
         temperature, top_p, top_k = sampling["temperature"], sampling["top_p"], sampling["top_k"]
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)) or not prompts:
@@ -162,7 +164,7 @@ class Model:
             raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(sampling['stop_ids'])}")
         with self._own_mesh():
             return self._engine.generate(prompts, max_new_tokens=max_new_tokens, seed=seed, on_token=on_token,
-                                         progress=progress, **sampling)
+                                         progress=progress, reuse=reuse, **sampling)
 
     def final_norm(self, hidden) -> np.ndarray:
         """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import GLMConfig
+from .attention import PAD
 from .kvcache import STRIPE, KVCache, cache_dtype, cache_shardings, init_cache, model_step, prefill_kernel
 from .progress import Progress
 from .sampling import MAX_STOP_IDS, sample
@@ -77,7 +78,12 @@ def admit(rows: Rows, row, logits, position, max_tokens, seed, temperature, top_
 def prefill_row(graphdef, params, cache: KVCache, row, tokens, positions, valid, *, layout: Layout,
                 kernel: str = "auto") -> tuple[jax.Array, KVCache]:
     """One prefill chunk of row `row` (int32): tokens, positions, valid [1, C], written at slots =
-    positions. Returns the last token's logits [1, V] and the cache."""
+    positions. Returns the last token's logits [1, V] and the cache. The row's slots from the
+    chunk's first position on are emptied first: what an earlier request left there is never
+    visible anyway, but the chunk's attention loop runs to the last filled slot."""
+    start = jnp.where(valid, positions, PAD).min()
+    mine = jnp.arange(cache.index.shape[0])[:, None] == row
+    cache = dataclasses.replace(cache, index=jnp.where(mine & (cache.index >= start), PAD, cache.index))
     return model_step(graphdef, params, cache, tokens, positions, positions, valid, layout=layout, kernel=kernel,
                       rows=row[None])
 
@@ -351,6 +357,12 @@ class Engine:
             self._cancels[id(request)] = (request, reason)
             self._wake.notify()
 
+    def forget(self) -> None:
+        """Drops the K/V the free rows keep: the next prompts are prefilled whole."""
+        for row in self._rows:
+            if row.request is None:
+                row.held = []
+
     def stats(self) -> dict:
         running = sum(r.request is not None for r in self._rows)
         return {"running": running, "waiting": len(self._waiting) + len(self._inbox), "max_batch": len(self._rows),
@@ -578,12 +590,16 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] = (),
-                 on_token: Callable[[int, int], None] | None = None, progress: bool = False) -> list[list[int]]:
+                 on_token: Callable[[int, int], None] | None = None, progress: bool = False,
+                 reuse: bool = True) -> list[list[int]]:
         """New tokens of each prompt (ending with the stop id when one was produced), run to
-        completion here. Prompt i samples with seed `seed + i`. on_token(i, id) streams. The
+        completion here. Prompt i samples with seed `seed + i`. on_token(i, id) streams. reuse:
+        False prefills every prompt whole (see `forget`; benchmarks of prefill want that). The
         cache is sized to the call unless `reserve(fixed=True)` fixed it."""
         if not self.fixed:
             self.reserve(1 << (len(prompts) - 1).bit_length(), max(map(len, prompts)) + max_new_tokens)
+        if not reuse:
+            self.forget()
         rows = {}
         emit = None if on_token is None else (lambda r, ids: [on_token(rows[id(r)], t) for t in ids])
         requests = []

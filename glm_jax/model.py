@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -68,10 +69,28 @@ def dense(eq: str, x: jax.Array, w: jax.Array | LowRank, b: jax.Array | None = N
         y = y + w.scale * jnp.einsum(f"{kept}z,{outer}z->{out}", xa, w.b, preferred_element_type=jnp.float32,
                                      precision=precision(xa, w.b))
     else:
-        y = jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, precision=precision(x, w))
+        y = _matmul(eq, x, w)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def _matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(eq, x, w) in float32; a weight whose own dims and contracted dims are each a run
+    ("bte,hde->bthd", "bthd,ehd->bte") goes as one [N, K] matrix (reshapes that move no data),
+    a plain matmul: as a 3-D dot_general, XLA CPU copied (transposed) those weights at every
+    decode step, inside the loop."""
+    (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    inner = "".join(c for c in ws if c in xs)
+    outer = "".join(c for c in ws if c not in xs)
+    flat = ws == outer + inner and xs.endswith(inner) and out.endswith(outer) and out[:-len(outer)] == xs[:-len(inner)]
+    if not flat or len(ws) == 2:
+        return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32, precision=precision(x, w))
+    n, k = math.prod(w.shape[:len(outer)]), math.prod(w.shape[len(outer):])
+    lead = x.shape[:len(xs) - len(inner)]
+    y = jnp.einsum("...k,nk->...n", x.reshape(*lead, k), w.reshape(n, k), preferred_element_type=jnp.float32,
+                   precision=precision(x, w))
+    return y.reshape(*lead, *w.shape[:len(outer)])
 
 
 @functools.lru_cache(maxsize=None)

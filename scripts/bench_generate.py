@@ -55,7 +55,7 @@ def main() -> int:
         model = glm_jax.load(pathlib.Path(tmp), prefill_chunk=args.prompt)
 
     def jax_run(n):
-        return model.generate([prompt[0].tolist()], max_new_tokens=n, temperature=0, stop_ids=())
+        return model.generate([prompt[0].tolist()], max_new_tokens=n, temperature=0, stop_ids=(), reuse=False)
 
     def hf_run(n):
         with torch.no_grad():

@@ -317,7 +317,7 @@ def context_figures(bench: Bench, prompt: int, new: int, t1: float, tn: float | 
 
 
 def glm_run(bench: Bench, prompt: list[int]) -> Callable[[int], list[int]]:
-    return lambda n: bench.generator.generate([prompt], max_new_tokens=n, temperature=0, stop_ids=())[0]
+    return lambda n: bench.generator.generate([prompt], max_new_tokens=n, temperature=0, stop_ids=(), reuse=False)[0]
 
 
 def measure(run: Callable[[int], list[int]], new: int, repeats: int) -> tuple[float, float | None, list[int]]:
@@ -701,7 +701,7 @@ def section_int8_32k(bench: Bench) -> dict:
     prompt, new = bench.scale.contexts["context_32k"]
     new = min(new, 32)
     ids = random_ids(bench.config.vocab_size, prompt)
-    run = lambda n: gen.generate([ids], max_new_tokens=n, temperature=0, stop_ids=())[0]
+    run = lambda n: gen.generate([ids], max_new_tokens=n, temperature=0, stop_ids=(), reuse=False)[0]
     t1, tn, tokens = measure(run, new, bench.scale.repeats)
     result = context_figures(bench, prompt, new, t1, tn, first_has_step=True)
     moved = decode_bytes(bench.config, prompt + 1 + new / 2, kv_itemsize=1)

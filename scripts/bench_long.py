@@ -79,7 +79,7 @@ def glm_jax_runs(model, prompt: list[int], new: int, repeats: int) -> tuple[floa
     def run():
         stamps = []
         start = time.perf_counter()
-        tokens = model.generate([prompt], max_new_tokens=new, temperature=0, stop_ids=(),
+        tokens = model.generate([prompt], max_new_tokens=new, temperature=0, stop_ids=(), reuse=False,
                                 on_token=lambda row, token: stamps.append(time.perf_counter()))[0]
         return start, stamps, tokens
 

@@ -160,3 +160,18 @@ def test_warm_up_compiles_everything_and_changes_nothing(f32):
     run(engine)
     assert [f._cache_size() for f in (programs.prefill, programs.admit, programs.decode)] == sizes
     assert [r.output for r in requests] == [model.generate([p], max_new_tokens=5, temperature=0)[0] for p in prompts]
+
+
+def test_forget_prefills_prompts_whole(f32):
+    folder, ref = f32
+    engine = glm_jax.load(folder, prefill_chunk=8).engine(max_batch=1, max_model_len=64)
+    prompt = ref["input_ids"][0].tolist()
+    first = engine.submit(prompt, greedy(3))
+    run(engine)
+    again = engine.submit(prompt, greedy(3))
+    run(engine)
+    engine.forget()
+    fresh = engine.submit(prompt, greedy(3))
+    run(engine)
+    assert (again.cached, fresh.cached) == (len(prompt) - 1, 0)
+    assert first.output == again.output == fresh.output
