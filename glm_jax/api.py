@@ -117,7 +117,7 @@ class Model:
     def _engine(self) -> Engine:
         """The engine `generate` runs on (its cache sized to each call)."""
         return Engine(self.config, self.graphdef, self.state, self._layout(), prefill_chunk=self.prefill_chunk,
-                      kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype)
+                      kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype, serving=False)
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False,

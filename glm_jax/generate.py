@@ -270,13 +270,16 @@ class Engine:
 
     Host side: `submit` (thread-safe) queues a request; `step` runs one round (prefill up to
     `prefill_chunk` tokens of waiting requests, then one decode burst); `start` runs rounds on a
-    thread, `shutdown` drains it. `generate` runs a batch to completion on the calling thread."""
+    thread, `shutdown` drains it. `generate` runs a batch to completion on the calling thread.
+    serving: bursts of the active rows only, one step after an admission (latency; more programs:
+    `warm_up` compiles them); False: every row, whole bursts (a batch's throughput, fewer programs)."""
 
     def __init__(self, config: GLMConfig, graphdef, state, layout: Layout, *, prefill_chunk: int = 512,
                  kernel: str = "auto", kv_cache_dtype: str | None = None, steps_per_call: int = 8,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, serving: bool = True):
         self.config, self.graphdef, self.state, self.layout = config, graphdef, state, layout
         self.prefill_chunk, self.steps_per_call, self.max_queue = prefill_chunk, steps_per_call, max_queue
+        self.serving = serving
         self.dtype = jax.tree.leaves(state)[0].dtype
         self.cache_dtype = cache_dtype(kv_cache_dtype, self.dtype)
         self.kernel = prefill_kernel(kernel, layout.mesh.devices.flat[0].platform)
@@ -412,7 +415,7 @@ class Engine:
             budget -= len(plan.chunks[-1].tokens)
         decoding = [i for i, r in enumerate(self._rows) if r.request is not None
                     and r.request.prefilled == r.request.prompt_len]
-        if decoding or plan.cancel.any():
+        if (decoding or plan.cancel.any()) and self.serving:
             # the active rows only, in a power-of-two bucket; one token at first, so that a new
             # request's first token comes back after its prefill and a single step
             # (a full bucket takes every row in order: rows not decoding are inactive on device)
@@ -421,6 +424,8 @@ class Engine:
             plan.decode = np.array(range(bucket) if bucket == len(self._rows) else decoding + pad, np.int32)
             fresh = any(not self._rows[i].request.output for i in decoding)
             plan.steps = 1 if fresh else self.steps_per_call
+        elif decoding or plan.cancel.any():  # a batch: every row, whole bursts (fewer programs to compile)
+            plan.decode, plan.steps = np.arange(len(self._rows), dtype=np.int32), self.steps_per_call
         return plan
 
     def _assign(self, request: Request) -> int | None:
@@ -540,9 +545,9 @@ class Engine:
                                                   np.zeros((1, size), bool))
         self.rows = programs.admit(self.rows, jnp.int32(batch), logits, jnp.int32(0), jnp.int32(0), jnp.uint32(0),
                                    jnp.float32(0), jnp.int32(0), jnp.float32(1), np.full(MAX_STOP_IDS, -1, np.int32))
-        buckets = sorted({min(1 << i, batch) for i in range(batch.bit_length() + 1)})
+        buckets = sorted({min(1 << i, batch) for i in range(batch.bit_length() + 1)}) if self.serving else [batch]
         for b in buckets:
-            for steps in sorted({1, self.steps_per_call}):
+            for steps in sorted({1, self.steps_per_call}) if self.serving else [self.steps_per_call]:
                 selected = np.arange(b, dtype=np.int32) if b == batch else np.full(b, batch, np.int32)
                 self.cache, self.rows, tokens = programs.decode(self.state, self.cache, self.rows,
                                                                 np.zeros(batch, bool), selected, steps=steps)

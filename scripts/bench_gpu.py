@@ -225,7 +225,7 @@ def make_generator(bench: Bench):
     from glm_jax.generate import Engine
 
     return Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
-                  kernel=bench.args.kernel)
+                  kernel=bench.args.kernel, serving=False)
 
 
 def section_device(bench: Bench) -> dict:
@@ -697,7 +697,7 @@ def section_int8_32k(bench: Bench) -> dict:
 
     bench.need_model()
     gen = Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
-                 kernel=bench.args.kernel, kv_cache_dtype="int8")
+                 kernel=bench.args.kernel, kv_cache_dtype="int8", serving=False)
     prompt, new = bench.scale.contexts["context_32k"]
     new = min(new, 32)
     ids = random_ids(bench.config.vocab_size, prompt)
