@@ -32,6 +32,7 @@ def in_range(x) -> bool:
     return x is not None and 0 < x < 10
 
 
+@pytest.mark.slow
 def test_small_run_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     run = bench("--small", "--out", str(out))

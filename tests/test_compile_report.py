@@ -49,6 +49,7 @@ def test_unknown_topology(capsys):
     assert "v9z:1x1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [tpu] extra (libtpu)")
 def test_million_token_prefill_and_decode_fit_a_v5e_8():
     """The 1M-token programs of glm-4-9b-chat-1m on v5e-8, at a tenth of its depth (4 of 40 layers:
@@ -76,6 +77,7 @@ def test_int8_cache_report(reference, capsys):
     assert int8 == values + scales + slots * 4 and bf16 == 2 * values + slots * 4
 
 
+@pytest.mark.slow
 def test_train_step_report(reference, capsys):
     """--train compiles one train step; LoRA holds the frozen weights plus small adapters and their
     optimizer state, full fine-tuning float32 master weights and two AdamW moments on top."""

@@ -77,6 +77,7 @@ def test_one_sgd_step_equals_torch(tmp_path, hf):
     assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, hf):
     """(Packed rows.) A run stopped after its step-2 checkpoint (its later checkpoint removed) and resumed ends
     with the very bytes of an uninterrupted run: same data order, same optimizer state."""

@@ -198,6 +198,7 @@ def test_striped_cache_slots_are_a_bijection():
         assert owned[d][:2048].sum() == 512                         # any prefix is split evenly
 
 
+@pytest.mark.slow
 def test_long_prompt_on_a_striped_cache(reference):
     """2,100 prompt tokens: 4,096 cache slots over 4 devices in stripes of 512."""
     folder, _ = fixture(reference, "chatglm-f32")

@@ -74,6 +74,7 @@ def test_ring_attention_on_user_meshes_and_their_arrays(shape, names, spec, kind
     assert jax.typeof(out).sharding.spec == typed
 
 
+@pytest.mark.slow
 def test_ring_attention_eagerly_and_under_set_mesh():
     q, k, v = inputs()
     want = jax.jit(lambda q, k, v: glm_jax.ring_attention(q, k, v, mesh="sequence=8"))(q, k, v)
@@ -87,6 +88,7 @@ def test_ring_attention_eagerly_and_under_set_mesh():
         assert rel(jax.jit(lambda q, k, v: glm_jax.ring_attention(q, k, v, mesh=mesh))(*on_mesh), want) <= 1e-6
 
 
+@pytest.mark.slow
 def test_ring_attention_gradients_through_an_explicit_mesh():
     q, k, v = inputs()
     w = jax.random.normal(jax.random.key(1), q.shape)

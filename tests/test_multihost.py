@@ -38,6 +38,7 @@ def converted(reference, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_reproduce_single_process_results(reference, converted):
     npz = reference / "fixtures" / "chatglm-f32" / "reference.npz"
     ref = np.load(npz)
@@ -57,6 +58,7 @@ def test_two_processes_reproduce_single_process_results(reference, converted):
     assert sorted(results[0]["heads_here"] + results[1]["heads_here"]) == list(range(8))
 
 
+@pytest.mark.slow
 def test_a_dead_peer_makes_the_other_fail_in_bounded_time(reference, converted):
     npz = reference / "fixtures" / "chatglm-f32" / "reference.npz"
     start = time.monotonic()

@@ -323,6 +323,7 @@ def test_multi_needle_asks_each_in_turn(tiny, oracle, tmp_path):
 
 # -- a real run, killed between cells, then resumed ------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_after_kill(tiny, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     command = [sys.executable, "-m", "glm_jax.cli", "needle", "--model", str(tiny), "--out", str(out),

@@ -81,6 +81,7 @@ def test_no_tile_cliff(t, n, like):
     assert padded - t <= max(8 * 2 * n, 0.03 * t)                     # padding stays small
 
 
+@pytest.mark.slow
 def test_ring_on_awkward_local_lengths():
     """context_parallel on arrays already in device order whose per-device length is no tile
     multiple (local 60 with 16-token tiles): padded inside, still exact."""

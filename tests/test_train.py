@@ -80,6 +80,7 @@ def test_loss_and_gradients_match_transformers(tmp_path, mesh, heads, kv_heads, 
         assert rel(got[name], want[name]) <= 1e-4, name
 
 
+@pytest.mark.slow
 def test_accumulation_and_remat_change_nothing(tmp_path):
     """Two micro-batches of one row give the loss and gradients of one batch of two rows (the mean
     over all counted targets, not a mean of means), with every remat policy."""
