@@ -20,7 +20,8 @@ Sections (each server is a subprocess started the way a user starts it; requests
   token against the first turn's. With KV reuse the follow-up prefills only its new tokens, so
   its time should stay flat as H grows.
 - transformers: `transformers serve` (its continuous batching on) on the same folder and load,
-  where it runs here.
+  where it runs here (it needs `pip install accelerate` beside the test extra; without it the
+  section records the server's error).
 """
 
 from __future__ import annotations
