@@ -67,7 +67,7 @@ def hf_tensors(config: GLMConfig, layout: str) -> list[HFTensor]:
                     linear(p + "attn.v_proj", (g, d), (h,)))
         qb, kb, vb = (vector(p + "attn.q_bias", (hq, d)), vector(p + "attn.k_bias", (g, d)),
                       vector(p + "attn.v_bias", (g, d)))
-        gate, up = linear(p + "mlp.gate_proj", (f,), (h,)), linear(p + "mlp.up_proj", (f,), (h,))
+        gate_up = linear(p + "mlp.gate_up_proj", (2, f), (h,))   # HF's [gate | up] rows, stacked
         out = [t(names["in_norm"], vector(p + "input_norm.weight", (h,)))]
         if layout == CHATGLM:
             out.append(t(names["qkv"] + ".weight", q, k, vv))
@@ -81,7 +81,7 @@ def hf_tensors(config: GLMConfig, layout: str) -> list[HFTensor]:
         out += [
             t(names["o"], linear(p + "attn.o_proj", (h,), (hq, d))),
             t(names["post_norm"], vector(p + "post_attn_norm.weight", (h,))),
-            t(names["gate_up"], gate, up),
+            t(names["gate_up"], gate_up),
             t(names["down"], linear(p + "mlp.down_proj", (h,), (f,))),
         ]
         return out

@@ -168,13 +168,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, c: GLMConfig, dtype, rngs: nnx.Rngs):
         h, f = c.hidden_size, c.intermediate_size
-        self.gate_proj = nnx.Param(_normal(rngs, (f, h), dtype), axes=("mlp", "embed"))
-        self.up_proj = nnx.Param(_normal(rngs, (f, h), dtype), axes=("mlp", "embed"))
+        # gate and up stacked (HF's fused [gate | up] rows): one [2F, H] matmul, one pass over x
+        self.gate_up_proj = nnx.Param(_normal(rngs, (2, f, h), dtype), axes=("gate_up", "mlp", "embed"))
         self.down_proj = nnx.Param(_normal(rngs, (h, f), dtype), axes=("embed", "mlp"))
 
     def __call__(self, x):
-        gate = dense("bte,fe->btf", x, self.gate_proj[...])
-        up = dense("bte,fe->btf", x, self.up_proj[...])
+        gate_up = dense("bte,cfe->btcf", x, self.gate_up_proj[...])           # [B, T, 2, F]
+        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
         return dense("btf,ef->bte", hidden, self.down_proj[...])
 

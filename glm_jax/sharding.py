@@ -26,6 +26,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
+    "gate_up": (),
     "norm": (),
     # activations and the KV cache
     "batch": ("data", "fsdp"),

@@ -9,8 +9,9 @@ Sections, in this order (the first three always run; the others are skipped, rec
 "skipped", once the time since start plus their rough cost exceeds --budget-s). Each runs in its own
 try/except (a failure is recorded as {"error": ...}) and the JSON is rewritten after each one.
 
-- device: HBM bandwidth, median of 10 jitted in-place `x + 1` over a 4 GiB float32 array (bytes
-  read + written); bf16 peak, median of 7 calls of 8 chained 8192^3 bf16 matmuls; the datasheet
+- device: HBM bandwidth, the best of 20 jitted in-place `x + 1` over a 4 GiB float32 array (bytes
+  read + written) after 3 untimed (a limit is a best case: the median of 10 read 1,838 GB/s on a
+  fresh H100 whose decode ran at its usual speed, 2,552 GB/s minutes later on the same machine); bf16 peak, median of 7 calls of 8 chained 8192^3 bf16 matmuls; the datasheet
   figures of known chips; jax's memory_stats (JAX may grow its pool to 95% of the GPU's memory).
 - model: every weight of glm-4-9b-chat-1m made on the device by a jitted fill (std 0.02 like the
   model's own init, but uniform, from a hash; RMSNorm weights 1), bf16, on the one-device layout.
@@ -29,6 +30,11 @@ try/except (a failure is recorded as {"error": ...}) and the JSON is rewritten a
   --profile DIR (GPU): one more 1K call (prefill and 32 decode steps) under JAX's profiler; the
   kernels of each compiled program from its Perfetto JSON: count, summed time, span (summed / span:
   how busy the GPU was), per decode step, and the costliest kernels.
+- products: where a decode step's time goes. Each weight matrix a step multiplies by (layer 0's
+  arrays, [N, K]) times one bf16 row, as XLA compiles it alone: seconds per product (50 dependent
+  products in one program, divided; median of 5), GB/s of weight read and its fraction of the
+  copy bandwidth; summed over the layers, the step's products against context_1k's measured step
+  (the rest: attention, norms, RoPE, cache writes, sampling and the gaps between kernels).
 - accuracy: teacher-forced logits [P, V] of one random 3-chunk prompt (P = 3 x chunk / 4) from
   the bf16 weights through glm-jax's XLA kernel, glm-jax's cuDNN kernel (GPU) and transformers
   (SDPA, one forward), each against a float32 reference: glm-jax on the same weights cast to
@@ -36,8 +42,7 @@ try/except (a failure is recorded as {"error": ...}) and the JSON is rewritten a
   agreement per path; cuDNN counts as accurate when its error is at most 1.25x the XLA path's and
   its top-1 agreement at most 2 points lower (the library's "auto" kernel takes cuDNN on GPUs).
 - transformers: GlmForCausalLM (SDPA, bf16) built on the meta device and given the very same
-  device arrays (torch.from_dlpack, reshaped to the HF layout by glm_jax.convert's mapping; only the
-  fused gate_up weight is a copy), generate() timed the same way at 1K (decode) and 8K (prefill;
+  device arrays (torch.from_dlpack, reshaped to the HF layout by glm_jax.convert's mapping, no copy), generate() timed the same way at 1K (decode) and 8K (prefill;
   transformers' t(1) is the prefill alone). Greedy agreement with glm-jax's 1K tokens. The torch
   model is freed before the long sections.
 - longest_fit: compile_report (one prefill chunk against the full cache, and the decode loop;
@@ -141,15 +146,15 @@ class Scale:
 FULL = Scale("glm-4-9b-chat-1m", {"context_1k": (1024, 128), "context_8k": (8192, 16), "context_32k": (32768, 128)},
              huge_prompt=131072, prefill_chunk=4096, copy_bytes=4 * GiB, matmul=(8192, 8), fit_unit=65536,
              fit_cap=1048576, memory_limit=None, repeats=3,
-             cost_s={"context_8k": 45, "transformers": 60, "accuracy": 90, "context_32k": 60, "longest_fit": 100,
+             cost_s={"products": 20, "context_8k": 45, "transformers": 60, "accuracy": 90, "context_32k": 60, "longest_fit": 100,
                      "prefill_128k": 60, "int8_32k": 60})
 SMALL = Scale("small", {"context_1k": (64, 128), "context_8k": (128, 64), "context_32k": (192, 32)},
               huge_prompt=1024, prefill_chunk=64, copy_bytes=16 << 20, matmul=(256, 2), fit_unit=1024,
               fit_cap=65536, memory_limit=32 << 20, repeats=2,
-              cost_s={"context_8k": 2, "transformers": 5, "accuracy": 5, "context_32k": 3, "longest_fit": 10,
+              cost_s={"products": 3, "context_8k": 2, "transformers": 5, "accuracy": 5, "context_32k": 3, "longest_fit": 10,
                       "prefill_128k": 3, "int8_32k": 3})
 
-OPTIONAL = ("accuracy", "context_8k", "transformers", "context_32k", "longest_fit", "prefill_128k", "int8_32k")
+OPTIONAL = ("products", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit", "prefill_128k", "int8_32k")
 
 
 def log(message: str) -> None:
@@ -239,7 +244,8 @@ def section_device(bench: Bench) -> dict:
     def copy():
         x[0] = add_one(x[0]).block_until_ready()
 
-    copy_s = statistics.median(timings(copy, 10))
+    timings(copy, 3)
+    copy_s = min(timings(copy, 20))
     copy_bandwidth = 2 * bench.scale.copy_bytes / copy_s            # read + written
     del x
     n, chain = bench.scale.matmul
@@ -351,6 +357,52 @@ def section_context(name: str) -> Callable[[Bench], dict]:
 PROFILED_STEPS = 32
 
 
+def decode_products(config) -> dict[str, tuple[int, int]]:
+    """The weight matrices a decode step multiplies by, as [N, K] (torch's [out, in])."""
+    h, f, q = config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_up_proj": (2 * f, h),
+            "down_proj": (h, f), "lm_head": (config.vocab_size, h)}
+
+
+def seconds_per_product(x, w, repeats: int = 50) -> float:
+    """Seconds of one x [1, K] @ w [N, K]^T (float32 accumulation, as the model's dense layers):
+    `repeats` dependent products in one program (each x depends on the last result, so none is
+    hoisted or skipped; the dependency adds one tiny kernel per product), divided; median of 5."""
+    import jax
+    import jax.numpy as jnp
+
+    def chain(x, w):
+        def body(_, s):
+            xi = (x.astype(jnp.float32) + 0.0 * s).astype(x.dtype)
+            return jnp.einsum("mk,nk->mn", xi, w, preferred_element_type=jnp.float32)[0, 0]
+        return jax.lax.fori_loop(0, repeats, body, jnp.float32(0))
+
+    f = jax.jit(chain)
+    f(x, w).block_until_ready()
+    return statistics.median(t / repeats for t in timings(lambda: f(x, w).block_until_ready(), 5))
+
+
+def section_products(bench: Bench) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    bench.need_model()
+    copy = bench.device().get("copy_bytes_per_s")
+    out, per_step = {}, 0.0
+    for name, (n, k) in decode_products(bench.config).items():
+        key = "lm_head" if name == "lm_head" else next(a for a in bench.arrays if a.startswith("layers.0.")
+                                                       and a.endswith(name))
+        w = bench.arrays[key].reshape(n, k)
+        seconds = seconds_per_product(jax.random.normal(jax.random.key(3), (1, k), jnp.bfloat16), w)
+        per_step += seconds * (1 if name == "lm_head" else bench.config.num_layers)
+        out[name] = {"shape": [n, k], "bytes": w.nbytes, "seconds": seconds, "gb_per_s": w.nbytes / seconds / 1e9,
+                     "of_copy_bandwidth": ratio(w.nbytes / seconds, copy)}
+    step = (bench.results.get("context_1k") or {}).get("decode_seconds_per_token")
+    return {"products": out, "per_step_seconds": per_step, "context_1k_step_seconds": step,
+            "rest_seconds": None if step is None else step - per_step}
+
+
 def profile(bench: Bench, call: Callable[[], object], folder: str) -> dict:
     """Kernel time of one traced call (a prefill and PROFILED_STEPS decode steps) from JAX's
     profiler (its Perfetto JSON, kept in `folder`): per compiled program, the kernels run, their
@@ -414,7 +466,7 @@ def kernel_summary(trace: str, device: str) -> dict:
 
 def hf_model(config, arrays: dict):
     """transformers' GlmForCausalLM (SDPA, bf16) on the given device arrays, without copying them
-    (but the fused gate_up weight) and without a random init of its own."""
+    and without a random init of its own."""
     import torch
     import transformers
 
@@ -721,6 +773,7 @@ SECTIONS: tuple[tuple[str, Callable[[Bench], dict]], ...] = (
     ("device", section_device),
     ("model", section_model),
     ("context_1k", section_context("context_1k")),
+    ("products", section_products),
     ("accuracy", section_accuracy),
     ("context_8k", section_context("context_8k")),
     ("transformers", section_transformers),
@@ -783,6 +836,11 @@ def summary(results: dict) -> str:
                          f"{fmt(r['decode_roofline_fraction'], '.0%')} of its roofline, "
                          f"{times(r['decode_speedup_vs_bf16_cache'])} the bf16 cache; greedy "
                          f"{r.get('greedy_vs_bf16_cache')}")
+        elif name == "products":
+            parts = [f"{k} {v['gb_per_s']:,.0f}" for k, v in r["products"].items()]
+            rest = r["rest_seconds"]
+            lines.append(f"  {name:<13} GB/s " + ", ".join(parts) + f"; per step {r['per_step_seconds'] * 1e3:.2f} ms"
+                         + ("" if rest is None else f" + the rest {rest * 1e3:.2f} ms"))
         elif name == "model":
             lines.append(f"  {name:<13} {r['weight_bytes'] / 1e9:.2f} GB bf16 made in {r['build_seconds']:.1f} s")
     t = results["targets"]

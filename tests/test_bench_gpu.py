@@ -11,7 +11,7 @@ from glm_jax.compile_report import model_flops
 from glm_jax.config import GLMConfig
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "bench_gpu.py"
-SECTIONS = ("device", "model", "context_1k", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit",
+SECTIONS = ("device", "model", "context_1k", "products", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit",
             "prefill_128k", "int8_32k")
 
 
@@ -56,6 +56,12 @@ def test_small_run_reports_every_section(tmp_path):
         weights = 2 * (config.num_params - (config.vocab_size - 1) * config.hidden_size)
         cached = c["prompt_tokens"] + 1 + c["new_tokens"] / 2
         assert c["decode_bytes_per_step"] == weights + config.kv_bytes_per_token(2) * cached
+
+    p = r["products"]
+    assert set(p["products"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    assert p["products"]["gate_up_proj"]["shape"] == [2 * config.intermediate_size, config.hidden_size]
+    assert all(v["gb_per_s"] > 0 and v["bytes"] == 2 * v["shape"][0] * v["shape"][1] for v in p["products"].values())
+    assert p["per_step_seconds"] > 0 and p["context_1k_step_seconds"] == r["context_1k"]["decode_seconds_per_token"]
 
     t = r["transformers"]
     assert t["attn_implementation"] == "sdpa"

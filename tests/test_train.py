@@ -161,7 +161,7 @@ def test_lora_gradients_follow_the_chain_rule(tmp_path):
     adapters = init_adapters(lora, specs, jax.random.key(0))
     adapters = {k: v + 0.05 * jax.random.normal(jax.random.key(len(k)), v.shape) if k.endswith("lora_b") else v
                 for k, v in adapters.items()}
-    assert len(adapters) == 2 * 7 * model.config.num_layers
+    assert len(adapters) == 2 * 6 * model.config.num_layers     # q, k, v, o, gate_up, down
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 300, (2, 20))
     batch = batch_of(ids, ids, np.broadcast_to(np.arange(20), ids.shape))

@@ -1,7 +1,7 @@
 """LoRA: low-rank adapters on the attention and MLP projections, the base weights frozen.
 
 A weight W keeps torch's [out, in] orientation with its dims split (q_proj [Hq, D, H], o_proj
-[H, Hq, D], gate_proj [F, H], ...). Its adapter is A [r, *in] and B [*out, r]; the weight the
+[H, Hq, D], gate_up_proj [2, F, H], ...). Its adapter is A [r, *in] and B [*out, r]; the weight the
 forward uses is W + (alpha / r) * B A. A starts random (std 1 / sqrt(in features)), B at zero, so
 training starts from the base model exactly. Training multiplies through the adapter (`attach`:
 x W + scale (x A) B, as PEFT does); the output folder gets the merged weights (`merge`). The
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from ..model import LowRank
 from ..params import ParamSpec
 
-DEFAULT_TARGETS = r"\.(q|k|v|o|gate|up|down)_proj$"
+DEFAULT_TARGETS = r"\.(q|k|v|o|gate_up|down)_proj$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,8 @@ class LoRAConfig:
 
 def out_dims(spec: ParamSpec) -> int:
     """How many leading dims of a projection are its outputs: the heads with their head_dim
-    (q/k/v), else the first dim."""
-    return 2 if len(spec.axes) == 3 and spec.axes[1] == "head_dim" else 1
+    (q/k/v), gate and up with the MLP dim (gate_up), else the first dim."""
+    return 2 if len(spec.axes) == 3 and (spec.axes[1] == "head_dim" or spec.axes[0] == "gate_up") else 1
 
 
 def targets(c: LoRAConfig, specs: Mapping[str, ParamSpec]) -> list[str]:
