@@ -164,7 +164,11 @@ class SamplingParams:
 
 
 class QueueFull(Exception):
-    """The engine's queue of waiting requests is full (or it is shutting down)."""
+    """The engine's queue of waiting requests is full: retry later."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down: it takes no new requests."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -341,13 +345,14 @@ class Engine:
                on_tokens: Callable[[Request, list[int]], None] | None = None) -> Request:
         """Queues a request (thread-safe). on_tokens(request, ids) is called on the engine's
         thread with each run of new tokens (a stop id included), and with [] when it ends.
-        Raises ValueError for a bad request, QueueFull when `max_queue` requests wait."""
+        Raises ValueError for a bad request, QueueFull when `max_queue` requests wait,
+        EngineClosed once `shutdown` began."""
         prompt = [int(t) for t in prompt]
         self.check(prompt, params)
         request = Request(prompt, params, on_tokens)
         with self._wake:
             if self._closing:
-                raise QueueFull("the engine is shutting down")
+                raise EngineClosed("the engine is shutting down")
             if self.max_queue is not None and len(self._inbox) + len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self._inbox.append(request)

@@ -116,7 +116,7 @@ def test_spent_budget_skips_the_optional_sections(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--prefill-chunk", "100"], "--prefill-chunk must be a positive power of two, got 100"),
-    (["--sections", "context_8k,warp"], "--sections: unknown 'warp'; choose from accuracy, context_8k, "
+    (["--sections", "context_8k,warp"], "--sections: unknown 'warp'; choose from products, accuracy, context_8k, "
                                         "transformers, context_32k, longest_fit, prefill_128k, int8_32k"),
     (["--budget-s", "0"], "--budget-s must be positive, got 0"),
 ])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import glm_jax
-from glm_jax.generate import QueueFull, SamplingParams
+from glm_jax.generate import EngineClosed, QueueFull, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_threaded_engine_serves_concurrent_submissions_and_drains_on_shutdown(f3
     late = engine.submit(prompts[0], greedy(20))
     engine.shutdown(timeout=60)
     assert late.finish_reason == "length" and len(late.output) == 20      # in-flight work finished
-    with pytest.raises(QueueFull):
+    with pytest.raises(EngineClosed):
         engine.submit(prompts[0], greedy(1))
 
 

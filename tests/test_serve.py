@@ -27,7 +27,7 @@ from test_generate import tiny_chat_model  # noqa: F401 (a fixture)
 import glm_jax
 from glm_jax import chat
 from glm_jax.cli import main
-from glm_jax.generate import QueueFull, Request, SamplingParams
+from glm_jax.generate import EngineClosed, QueueFull, Request, SamplingParams
 from glm_jax.serve import create_app
 from glm_jax.serve.output import ChatText, StopText
 from glm_jax.serve.prompts import ChatPrompt, glm_messages
@@ -449,6 +449,21 @@ def test_request_aborted_by_the_server_is_503(model):
             client(url).chat.completions.create(model=NAME, messages=USER)
         with pytest.raises(openai.APIError, match="aborted"):
             list(client(url).chat.completions.create(model=NAME, messages=USER, stream=True))
+
+
+class ClosedEngine(ScriptedEngine):
+    """An engine double that is shutting down."""
+
+    def submit(self, prompt, params, on_tokens=None):
+        raise EngineClosed("the engine is shutting down")
+
+
+def test_requests_while_shutting_down_are_503_not_429(model):
+    with serving(create_app(model, ClosedEngine([]), served_model_name=NAME, max_model_len=MAX_MODEL_LEN)) as url:
+        for path, body in ((CHAT, {"model": NAME, "messages": USER}), (COMPLETIONS, {"model": NAME, "prompt": "hi"})):
+            status, reply = request(url, path, body)
+            assert status == 503 and reply["error"]["type"] == "server_error", reply
+            assert "shutting down" in reply["error"]["message"]
 
 
 def test_health_is_503_once_the_engine_died(model):

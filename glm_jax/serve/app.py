@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from glm_jax.generate import Engine, QueueFull, SamplingParams
+from glm_jax.generate import Engine, EngineClosed, QueueFull, SamplingParams
 from glm_jax.serve.output import ChatText, StopText
 from glm_jax.serve.prompts import ChatPrompt, glm_messages
 from glm_jax.serve.protocol import (
@@ -259,6 +259,8 @@ class _Service:
         except QueueFull:
             raise APIError(429, f"the server is busy ({self.engine.stats()['waiting']} requests waiting); "
                                 "retry later", type="rate_limit_error", code="rate_limit_exceeded") from None
+        except EngineClosed:
+            raise APIError(503, "the server is shutting down", type="server_error") from None
         except ValueError as e:
             raise APIError(400, str(e), param=param) from None
 
