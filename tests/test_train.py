@@ -102,6 +102,32 @@ def test_accumulation_and_remat_change_nothing(tmp_path):
             np.testing.assert_allclose(grads[name], base_grads[name], rtol=1e-5, atol=1e-7, err_msg=f"{key} {name}")
 
 
+@pytest.mark.parametrize("mesh", [None, "sequence=4"])
+def test_mlp_in_token_groups_changes_nothing(tmp_path, monkeypatch, mesh):
+    """Long sequences run the MLP in interleaved token groups under jax.checkpoint (memory): the
+    same loss and gradients as the whole sequence at once."""
+    import glm_jax.model
+
+    random_glm(tmp_path, heads=4, kv_heads=2, rope_theta=1e4)
+    model = glm_jax.load(tmp_path, mesh=make_mesh(mesh, jax.devices()[:4]) if mesh else one_device())
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 300, (2, 64))
+    batch = batch_of(ids, ids, np.broadcast_to(np.arange(64), ids.shape))
+    params = flat_params(model.state)
+    runs, maps = [], []
+    trainer = trainer_for(model, remat="full")
+    for tokens in (4096, 4):          # 64 tokens: whole, then 4 per device per group (4 or 16 groups)
+        monkeypatch.setattr(glm_jax.model, "MLP_TOKENS", tokens)
+        fresh = lambda p, f, b: trainer.gradients(p, f, b)      # a trace of its own (traces are cached by function)
+        maps.append(str(jax.make_jaxpr(fresh)(params, {}, batch)).count("scan["))
+        runs.append(jax.jit(lambda p, f, b: trainer.gradients(p, f, b))(params, {}, batch))
+    assert maps[1] > maps[0]                                     # the groups are a lax.map
+    (g_whole, l_whole, _), (g_groups, l_groups, _) = runs
+    assert float(l_groups) == pytest.approx(float(l_whole), rel=1e-6)
+    for name in g_whole:
+        np.testing.assert_allclose(g_groups[name], g_whole[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
 def numpy_cross_entropy(h, w, y):
     logits = np.einsum("bth,vh->btv", h.astype(np.float64), w.astype(np.float64))
     top = logits.max(-1, keepdims=True)
