@@ -1,0 +1,91 @@
+"""scripts/bench_finetune.py: --quick writes a loadable model folder and a sane JSON summary (it does not
+check that the model learned: that is the full run's business); bad input is one line and exit 2."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "scripts" / "bench_finetune.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_model_and_summary(tmp_path, capsys):
+    import glm_jax
+
+    out, results = tmp_path / "needle-tiny", tmp_path / "results.json"
+    assert bench.main(["--quick", "--out", str(out), "--results", str(results)]) == 0
+    printed = capsys.readouterr().out
+    assert "step     1  loss" in printed and "held-out accuracy" in printed
+
+    r = json.loads(results.read_text())
+    assert r["command"].startswith("python scripts/bench_finetune.py --quick")
+    assert r["args"]["quick"] is True and r["args"]["seed"] == 0
+    curve = r["train"]["loss_curve"]
+    assert [s for s, _ in curve] == list(range(1, bench.QUICK["steps"] + 1))
+    # a random model over 151,552 tokens starts near ln(151552) = 11.93 on the answer tokens
+    assert all(math.isfinite(loss) and 0 < loss < 20 for _, loss in curve)
+    assert abs(curve[0][1] - math.log(151552)) < 1.0
+    assert r["data"]["examples"] == bench.QUICK["train_examples"]
+    assert r["data"]["prompt_tokens_max"] <= bench.QUICK["max_len"]
+    ev = r["eval"]
+    assert ev["cases"] == len(ev["rows"]) == bench.QUICK["eval_cases"]
+    assert 0 <= ev["accuracy"] <= 1 and ev["correct"] == sum(row["correct"] for row in ev["rows"])
+    assert all(len(str(row["number"])) == 7 and row["prompt_tokens"] <= bench.QUICK["max_len"] for row in ev["rows"])
+    assert r["seconds"] > 0 and r["out"] == str(out)
+
+    # the trained folder is a glm-jax model folder with the tokenizer, as `glm-jax needle` needs
+    for name in ("config.json", "params", "tokenizer.model", "generation_config.json", "metrics.jsonl"):
+        assert (out / name).exists(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_layers"] == bench.QUICK["layers"] and config["hidden_size"] == bench.QUICK["hidden"]
+    model = glm_jax.load(out)
+    assert model.tokenizer is not None
+    assert len(model.generate(["The special magic Paris number is"], max_new_tokens=2, temperature=0)[0]) <= 2
+
+    # an existing OUT is refused without --force (nothing touched), replaced with it
+    before = sorted(p.name for p in out.iterdir())
+    assert bench.main(["--quick", "--out", str(out), "--results", str(results)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--hidden", "60"], "--hidden must be a positive multiple of 8"),
+    (["--min-len", "300", "--max-len", "200"], "--max-len 200 is below --min-len 300"),
+    (["--min-len", "10"], "--min-len must be at least 48"),
+    (["--max-len", "1024", "--seq-len", "1024"], "--seq-len 1024 must be at least --max-len + 16"),
+    (["--warmup-steps", "5000"], "--warmup-steps must be in"),
+    (["--eval-cases", "0"], "--eval-cases must be at least 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert bench.main([*argv, "--out", str(tmp_path / "out"), "--results", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench_finetune: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_non_empty_out_is_refused(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert bench.main(["--quick", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "r.json")]) == 2
+    assert "--force replaces it" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--out", "--force", "--results", "--quick", "--steps", "--batch-size", "--seq-len", "--min-len",
+                 "--max-len", "--train-examples", "--lr", "--warmup-steps", "--layers", "--hidden", "--eval-cases",
+                 "--seed", "--print-every"):
+        assert flag in text, flag
