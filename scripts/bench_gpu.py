@@ -33,8 +33,9 @@ try/except (a failure is recorded as {"error": ...}) and the JSON is rewritten a
 - products: where a decode step's time goes. Each weight matrix a step multiplies by (layer 0's
   arrays, [N, K]) times one bf16 row, as XLA compiles it alone: seconds per product (50 dependent
   products in one program, divided; median of 5), GB/s of weight read and its fraction of the
-  copy bandwidth; summed over the layers, the step's products against context_1k's measured step
-  (the rest: attention, norms, RoPE, cache writes, sampling and the gaps between kernels).
+  copy bandwidth; summed over the layers, against context_1k's measured step. Timed alone each
+  product pays its own launch and the dependency kernel, so the sum can exceed the step (on an
+  H100: 9.67 ms of products against an 8.53 ms step): per-product GB/s, not a decomposition.
 - accuracy: teacher-forced logits [P, V] of one random 3-chunk prompt (P = 3 x chunk / 4) from
   the bf16 weights through glm-jax's XLA kernel, glm-jax's cuDNN kernel (GPU) and transformers
   (SDPA, one forward), each against a float32 reference: glm-jax on the same weights cast to
