@@ -154,7 +154,8 @@ def test_chunked_vocab_parallel_loss(spec):
     layout, single = Layout(make_mesh(spec)), Layout(one_device())
     loss, count = jax.jit(lambda h, w, y: cross_entropy(h, w, y, layout, chunk=5))(h, w, y)
     assert int(count) == want_count and float(loss) == pytest.approx(want_loss, rel=1e-6)
-    grad = lambda lay, chunk: jax.grad(lambda h, w: cross_entropy(h, w, y, lay, chunk=chunk)[0], argnums=(0, 1))(h, w)
+    grad = lambda lay, chunk: jax.jit(jax.grad(lambda h, w: cross_entropy(h, w, y, lay, chunk=chunk)[0],
+                                               argnums=(0, 1)))(h, w)
     for got, ref in zip(grad(layout, 5), grad(single, 48)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
