@@ -11,7 +11,7 @@ import pytest
 import glm_jax
 from glm_jax.params import flat_params
 from glm_jax.sharding import Layout, make_mesh
-from glm_jax.train.loss import IGNORE, cross_entropy, shift_labels
+from glm_jax.train.loss import IGNORE, counted_budget, cross_entropy, shift_labels
 from glm_jax.train.step import Batch, OptimizerConfig, Trainer, decays, make_optimizer, schedule
 
 torch = pytest.importorskip("torch")
@@ -158,6 +158,37 @@ def test_chunked_vocab_parallel_loss(spec):
                                                argnums=(0, 1)))(h, w)
     for got, ref in zip(grad(layout, 5), grad(single, 48)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["sequence=1", "tensor=2,sequence=4"])
+def test_counted_budget_gives_the_same_loss_and_gradients(spec):
+    """Answer-only targets (a few counted per row, anywhere; one row with none): the output layer
+    on the gathered positions alone gives the float64 loss and the gradients of the full pass."""
+    rng = np.random.default_rng(2)
+    h = rng.standard_normal((2, 64, 16)).astype(np.float32)
+    w = rng.standard_normal((40, 16)).astype(np.float32)
+    y = np.full((2, 64), IGNORE)
+    y[0, [3, 17, 18, 40, 63]] = rng.integers(0, 40, 5)         # 5 counted in row 0, none in row 1
+    budget = counted_budget(y, 64)
+    assert budget == 16
+    want_loss, want_count = numpy_cross_entropy(h, w, y)
+    layout = Layout(make_mesh(spec, jax.devices()[:int(np.prod([int(p.split("=")[1]) for p in spec.split(",")]))]))
+    loss_fn = lambda counted: lambda h, w: cross_entropy(h, w, y, layout, chunk=8, counted=counted)
+    loss, count = jax.jit(loss_fn(budget))(h, w)
+    assert int(count) == want_count and float(loss) == pytest.approx(want_loss, rel=1e-6)
+    grads = [jax.jit(jax.grad(lambda h, w, f=loss_fn(c): f(h, w)[0], argnums=(0, 1)))(h, w) for c in (budget, None)]
+    for got, ref in zip(*grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_counted_budget():
+    """A power of two covering the row with the most counted labels; None when it would not save much."""
+    labels = np.full((3, 2, 512), IGNORE)
+    assert counted_budget(labels, 512) == 16
+    labels[1, 0, :37] = 5
+    assert counted_budget(labels, 512) == 64
+    labels[2, 1, :200] = 5
+    assert counted_budget(labels, 512) is None and counted_budget(labels, 1024) == 256
 
 
 def test_schedule_and_weight_decay_mask():

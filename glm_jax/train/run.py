@@ -108,6 +108,7 @@ def finetune(c: FinetuneConfig) -> dict:
 
     from .checkpoint import Checkpoints
     from .data import Batches, read_examples
+    from .loss import counted_budget
     from .lora import init_adapters
     from .step import Batch, Trainer, make_optimizer, schedule
 
@@ -154,7 +155,8 @@ def finetune(c: FinetuneConfig) -> dict:
     replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
     state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
                          else jax.device_put(x, replicated), state)              # the step and Adam's count
-    step_fn = jax.jit(trainer.step, donate_argnums=0, out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
+    step_fn = jax.jit(trainer.step, donate_argnums=0, static_argnames="counted",
+                      out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     lr = schedule(opt)
     metrics_path = c.out / "metrics.jsonl"
     if c.resume and metrics_path.is_file():   # steps after the checkpoint are run again: their lines go
@@ -166,10 +168,11 @@ def finetune(c: FinetuneConfig) -> dict:
     with Progress("finetune", c.steps - start, unit="steps", scale=1, enabled=c.progress) as bar:
         for step in range(start, c.steps):
             parts = [next(batches) for _ in range(c.grad_accum)]
-            batch = Batch(*(jnp.asarray(np.stack([getattr(p, f) for p in parts]), jnp.int32)
-                            for f in ("tokens", "labels", "positions", "segment_ids")))
+            arrays = [np.stack([getattr(p, f) for p in parts]) for f in ("tokens", "labels", "positions", "segment_ids")]
+            batch = Batch(*(jnp.asarray(a, jnp.int32) for a in arrays))
+            counted = counted_budget(arrays[1], c.seq_len)      # answer-only data: the output layer on those alone
             tic = time.perf_counter()
-            state, metrics = step_fn(state, frozen, batch)
+            state, metrics = step_fn(state, frozen, batch, counted=counted)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - tic
             tokens = int(sum((p.segment_ids > 0).sum() for p in parts))

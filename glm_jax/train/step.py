@@ -122,8 +122,9 @@ class Trainer:
         return {k: v.astype(self.dtype) for k, v in weights.items()}
 
     def loss(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array], tokens, labels,
-             positions, segments) -> tuple[jax.Array, jax.Array]:
-        """(summed float32 loss, counted targets) of one micro-batch [B, T]."""
+             positions, segments, counted: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """(summed float32 loss, counted targets) of one micro-batch [B, T]. counted: a budget of
+        counted targets per row (`loss.counted_budget`), or None."""
         graphdef, state = split_model(self.config, self.dtype, self.weights(params, frozen))
         model = nnx.merge(graphdef, state)
         order, hidden = device_order_call(model, tokens, positions, self.layout, strategy=self.strategy,
@@ -131,15 +132,17 @@ class Trainer:
         t = tokens.shape[1]
         targets = shift_labels(labels)[:, np.minimum(order, t - 1)]                      # [B, T']
         targets = jnp.where(jnp.asarray(order < t)[None], targets, IGNORE)
-        return cross_entropy(hidden, model.lm_head[...], targets, self.layout, chunk=self.loss_chunk)
+        return cross_entropy(hidden, model.lm_head[...], targets, self.layout, chunk=self.loss_chunk,
+                             counted=counted)
 
-    def gradients(self, params: Params, frozen: Params, batch: Batch) -> tuple[Params, jax.Array, jax.Array]:
+    def gradients(self, params: Params, frozen: Params, batch: Batch,
+                  counted: int | None = None) -> tuple[Params, jax.Array, jax.Array]:
         """(mean gradient, mean loss, counted targets) over every micro-batch of `batch`."""
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
 
         def micro(carry, mb):
             grads, loss, count = carry
-            (l, c), g = grad_fn(params, frozen, mb.tokens, mb.labels, mb.positions, mb.segments)
+            (l, c), g = grad_fn(params, frozen, mb.tokens, mb.labels, mb.positions, mb.segments, counted)
             return (jax.tree.map(jnp.add, grads, g), loss + l, count + c), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -147,11 +150,12 @@ class Trainer:
         scale = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
         return jax.tree.map(lambda g: g * scale, grads), loss * scale, count
 
-    def step(self, state: dict, frozen: Params, batch: Batch) -> tuple[dict, dict]:
+    def step(self, state: dict, frozen: Params, batch: Batch, counted: int | None = None) -> tuple[dict, dict]:
         """One optimizer step. state: {"params" (the trained weights or adapters), "opt_state",
-        "step"}; frozen: the base weights under LoRA (else empty). Returns the state updated and
-        the metrics (loss, grad_norm, counted tokens)."""
-        grads, loss, count = self.gradients(state["params"], frozen, batch)
+        "step"}; frozen: the base weights under LoRA (else empty); counted (static): the batch's
+        `counted_budget`, or None. Returns the state updated and the metrics (loss, grad_norm,
+        counted tokens)."""
+        grads, loss, count = self.gradients(state["params"], frozen, batch, counted)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
