@@ -77,6 +77,7 @@ def save_params(path: pathlib.Path, groups: Iterable[Mapping[str, Any]]) -> None
     background while the next is produced, so at most two groups are in memory at a time."""
     from orbax.checkpoint import v1 as ocp
 
+    path = pathlib.Path(path).absolute()        # Orbax refuses relative paths
     pending = None
     try:
         for group in groups:
@@ -95,6 +96,7 @@ def load_params(path: pathlib.Path, specs: Mapping[str, ParamSpec],
     only its own part; arrays not named are not read)."""
     from orbax.checkpoint import v1 as ocp
 
+    path = pathlib.Path(path).absolute()
     stored = unnest(ocp.metadata(path).metadata)
     missing = sorted(set(specs) - set(stored))
     if missing:
