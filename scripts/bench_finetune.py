@@ -70,7 +70,8 @@ def default_results(quick: bool) -> pathlib.Path:
 #   the values, and 2 KV heads would leave it 32 dimensions). The loss counts only the answer, so
 #   the step runs the 151,552-token output layer on the answer positions alone (train/loss.py's
 #   counted budget); the embedding table's gradient and AdamW over its 9.7M entries (and the output
-#   layer's) remain the main cost: about 2,200 tokens/s on one core, 300 before the budget.
+#   layer's) remain the main cost: about 2,700 tokens/s on one core (median of the 2,000-step run),
+#   300 before the budget.
 # - prompts of 64-192 tokens, packed into 512-token rows, 8 rows a step (~30 answers a step).
 # - rope_theta 10,000 (GLM-4-9B-Chat-1M uses 1e8): the prompts are at most a few hundred tokens, and
 #   a smaller base gives the previous-token head a sharper positional signal.
