@@ -203,7 +203,7 @@ def _owned(rows: jax.Array, local_batch: int, batch_axes) -> tuple[jax.Array, ja
 def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int | None = None, kernel: str = "auto"):
     """(write, attend) on the sharded cache, both shard_mapped over the mesh. `order`: the K/V
     dim order ("bsgd" or "bgsd"). `kernel`: "xla" (portable), "cudnn" (GPU: prefill chunks of a
-    whole sequence held by one device go to cuDNN's flash attention; decode stays one fused pass)
+    whole sequence held by one device go to cuDNN's flash attention; decode stays on the XLA tiles)
     or "auto" (cudnn on a GPU, xla elsewhere).
     `budget`: float32 values per prefill score tile (default: `score_budget` of the mesh's chips).
 

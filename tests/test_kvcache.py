@@ -1,5 +1,7 @@
 """The KV cache's write and attend against float64 numpy attention, on 1 and 8 devices."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,24 +77,28 @@ def test_attend_matches_reference(mesh, length, filled, chunk, int8):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
 
 
-def test_prefill_visits_only_filled_tiles():
-    """A prefill chunk near the start of a large cache reads the filled tiles only: garbage (NaN)
-    beyond the last filled slot is never touched."""
-    s, filled, chunk = 4096, 700, 64
+@pytest.mark.parametrize("chunk, groups", [(64, G), (96, 1), (1, G), (1, 1)])
+def test_cache_forward_visits_only_filled_tiles(chunk, groups):
+    """A prefill chunk, or a decode query, near the start of a large cache reads the filled tiles
+    only: garbage (NaN) beyond the last filled slot is never touched, whatever the number of KV
+    groups (the decode path once took a single pass over every slot when a device held one)."""
+    s, filled = 4096, 700
     rng = np.random.default_rng(0)
-    k = rng.standard_normal((1, s, G, D)).astype(np.float32)
-    v = rng.standard_normal((1, s, G, D)).astype(np.float32)
+    k = rng.standard_normal((1, s, groups, D)).astype(np.float32)
+    v = rng.standard_normal((1, s, groups, D)).astype(np.float32)
     want_k, want_v = k[:, :1024].copy(), v[:, :1024].copy()
     k[:, 1024:] = np.nan
     v[:, 1024:] = np.nan
     index = np.full((1, s), PAD, np.int32)
     index[:, :filled] = np.arange(filled)
-    q = rng.standard_normal((1, chunk, G, HQ // G, D)).astype(np.float32)
+    q = rng.standard_normal((1, chunk, groups, HQ // G, D)).astype(np.float32)
     qi = np.arange(filled - chunk, filled, dtype=np.int32)[None]
-    state = cache_forward(init_state(1, chunk, G, HQ // G, D), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                          jnp.asarray(qi), jnp.asarray(index), block_k=512)
+    forward = jax.jit(functools.partial(cache_forward, block_k=512))
+    state = forward(init_state(1, chunk, groups, HQ // G, D), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                    jnp.asarray(qi), jnp.asarray(index))
     got = ungroup(normalized(state), jnp.float32)
-    want = reference(q.reshape(1, chunk, HQ, D), want_k, want_v, qi, index[:, :1024])
+    hq = groups * (HQ // G)
+    want = reference(q.reshape(1, chunk, hq, D), want_k, want_v, qi, index[:, :1024])
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
 
 
