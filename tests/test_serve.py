@@ -424,10 +424,26 @@ def test_tool_call_becomes_tool_calls(tool_server, model):
     chunks = list(c.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER], stream=True))
     deltas = [ch.choices[0].delta for ch in chunks]
     assert not "".join(d.content or "" for d in deltas)
-    (streamed,) = [call for d in deltas for call in d.tool_calls or []]
-    assert (streamed.index, streamed.function.name, streamed.function.arguments) == (0, "get_weather",
-                                                                                     call.function.arguments)
+    streamed = [call for d in deltas for call in d.tool_calls or []]
+    assert len(streamed) > 1 and {s.index for s in streamed} == {0}      # the arguments come in pieces
+    first, rest = streamed[0], streamed[1:]
+    assert first.id.startswith("call_") and (first.type, first.function.name) == ("function", "get_weather")
+    assert all(s.id is None and s.function.name is None for s in rest)
+    assert "".join(s.function.arguments for s in streamed) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_call_cut_by_max_tokens_stays_length(model):
+    """A call the token budget cut short keeps its partial arguments and finishes "length"."""
+    engine = ScriptedEngine(model.tokenizer.encode('get_weather\n{"city": "北'), finish_reason="length")
+    with serving(create_app(model, engine, served_model_name=NAME, max_model_len=MAX_MODEL_LEN)) as url:
+        c = client(url)
+        choice = c.chat.completions.create(model=NAME, messages=USER, tools=[WEATHER], max_tokens=6).choices[0]
+        chunks = list(c.chat.completions.create(model=NAME, messages=USER, tools=[WEATHER], max_tokens=6, stream=True))
+    assert choice.finish_reason == "length" and choice.message.tool_calls[0].function.arguments == '{"city": "北'
+    streamed = [call for ch in chunks for call in ch.choices[0].delta.tool_calls or []]
+    assert "".join(s.function.arguments for s in streamed) == '{"city": "北'
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_tool_choice(tool_server, model):
@@ -493,19 +509,28 @@ def test_stop_text_pieces_equal_the_whole(model):
 @pytest.mark.parametrize("text, tools, content, call", [
     ("\n  Hello there.\n\n", {"get_weather"}, "Hello there.", None),
     ('get_weather\n{"city": "北京"}', {"get_weather"}, "", ("get_weather", '{"city": "北京"}')),
+    ('get_weather\n{"city": "北', {"get_weather"}, "", ("get_weather", '{"city": "北')),   # cut by max_tokens
     ('get_weather\n{"city": "北京"}', set(), 'get_weather\n{"city": "北京"}', None),       # nothing offered
     ('get_time\n{"city": 1}', {"get_weather"}, 'get_time\n{"city": 1}', None),          # not an offered tool
     ("get_weather\nnot json", {"get_weather"}, "get_weather\nnot json", None),
+    ("get_weather\n  \n", {"get_weather"}, "get_weather", None),
     ("get_weather", {"get_weather"}, "get_weather", None),                            # no second line
     ("  two words\n{}", {"get_weather"}, "two words\n{}", None),
 ])
-def test_chat_text_streams_what_parse_response_gives(text, tools, content, call):
+def test_chat_text_streams_content_and_calls(text, tools, content, call):
+    """Any split of the text into pieces gives the same content, or the same call whose arguments
+    arrive piece by piece (the first piece that starts a call carries it)."""
     for cut in range(len(text) + 1):                     # every split into two pieces
         out = ChatText(tools)
-        got = out.push(text[:cut]) + out.push(text[cut:])
-        tail, parsed = out.finish()
-        assert got + tail == content
-        assert (parsed.function.name, parsed.function.arguments) == call if call else parsed is None
+        pieces = [out.push(text[:cut]), out.push(text[cut:]), out.finish()]
+        assert "".join(p.content for p in pieces) == content
+        starts = [p.call for p in pieces if p.call]
+        if call:
+            assert (out.call.function.name, out.call.function.arguments) == call and len(starts) == 1
+            assert "".join(p.arguments for p in pieces) == call[1] and starts[0].id == out.call.id
+            assert not any(p.arguments for p in pieces[:pieces.index(next(p for p in pieces if p.call))])
+        else:
+            assert out.call is None and not starts and not any(p.arguments for p in pieces)
 
 
 def test_glm_messages_maps_roles_and_tool_calls():

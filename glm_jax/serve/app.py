@@ -16,7 +16,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import jinja2
@@ -28,12 +28,12 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from glm_jax.generate import Engine, EngineClosed, QueueFull, SamplingParams
-from glm_jax.serve.output import ChatText, StopText
+from glm_jax.serve.output import ChatText, Piece, StopText
 from glm_jax.serve.prompts import ChatPrompt, glm_messages
 from glm_jax.serve.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatDelta, Completion, CompletionChoice, CompletionRequest, DeltaToolCall, ErrorBody, ErrorDetail, ModelCard,
-    ModelList, PromptTokensDetails, Tool, Usage,
+    ChatDelta, Completion, CompletionChoice, CompletionRequest, DeltaFunction, DeltaToolCall, ErrorBody, ErrorDetail,
+    ModelCard, ModelList, PromptTokensDetails, ResponseToolCall, Tool, Usage,
 )
 
 logger = logging.getLogger("glm_jax.serve")
@@ -212,6 +212,11 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
+def _finish_reason(run: _Run, call: ResponseToolCall | None) -> str:
+    """"tool_calls" for a call the model finished; a call cut by max_tokens stays "length"."""
+    return "tool_calls" if call and run.finish_reason == "stop" else run.finish_reason
+
+
 def _sse(body: BaseModel | str) -> str:
     return f"data: {body if isinstance(body, str) else body.model_dump_json()}\n\n"
 
@@ -335,13 +340,14 @@ class _Service:
         if body.stream:
             return _EventStream(self._chat_events(run, chat_text, body), on_close=run.close)
         try:
-            content = chat_text.push(await run.text(request))
+            content = chat_text.push(await run.text(request)).content
         finally:
             run.close()
         self._check_finished(run)
-        tail, call = chat_text.finish()
-        message = AssistantMessage(content=None, tool_calls=[call]) if call else AssistantMessage(content=content + tail)
-        choice = ChatChoice(message=message, finish_reason="tool_calls" if call else run.finish_reason)
+        content += chat_text.finish().content
+        call = chat_text.call
+        message = AssistantMessage(content=None, tool_calls=[call]) if call else AssistantMessage(content=content)
+        choice = ChatChoice(message=message, finish_reason=_finish_reason(run, call))
         return JSONResponse(ChatCompletion(id=run.id, created=run.created, model=self.name, choices=[choice],
                                            usage=run.usage()).model_dump(mode="json"))
 
@@ -363,20 +369,29 @@ class _Service:
             return ChatCompletionChunk(id=run.id, created=run.created, model=self.name,
                                        choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
 
+        def deltas(piece: Piece) -> Iterator[str]:
+            if piece.content:
+                yield _sse(chunk(ChatDelta(content=piece.content)))
+            if piece.call:      # the call's first chunk: id, type, name and the arguments so far
+                function = DeltaFunction(name=piece.call.function.name, arguments=piece.arguments)
+                yield _sse(chunk(ChatDelta(tool_calls=[DeltaToolCall(index=0, id=piece.call.id, type="function",
+                                                                     function=function)])))
+            elif piece.arguments:
+                yield _sse(chunk(ChatDelta(tool_calls=[DeltaToolCall(index=0, function=DeltaFunction(
+                    arguments=piece.arguments))])))
+
         yield _sse(chunk(ChatDelta(role="assistant", content="")))
-        async for piece in run.texts():
-            if content := chat_text.push(piece):
-                yield _sse(chunk(ChatDelta(content=content)))
-        tail, call = chat_text.finish()
-        if tail:
-            yield _sse(chunk(ChatDelta(content=tail)))
-        if call:
-            yield _sse(chunk(ChatDelta(tool_calls=[DeltaToolCall(index=0, **call.model_dump())])))
+        async for text in run.texts():
+            for event in deltas(chat_text.push(text)):
+                yield event
+        for event in deltas(chat_text.finish()):
+            yield event
+        call = chat_text.call
         usage = None
         if body.stream_options and body.stream_options.include_usage:
             usage = lambda: ChatCompletionChunk(id=run.id, created=run.created, model=self.name, choices=[],
                                                 usage=run.usage())
-        finish_reason = "tool_calls" if call else run.finish_reason
+        finish_reason = _finish_reason(run, call)
         for event in self._stream_end(run, lambda: chunk(ChatDelta(), finish_reason), usage):
             yield event
 

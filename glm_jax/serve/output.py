@@ -2,17 +2,16 @@
 
 `StopText` decodes (special tokens skipped) and cuts the text before the first stop string.
 `ChatText` turns that text into an assistant message: content stripped as `glm_jax.chat.parse_response`
-strips it, or a tool call when the first line names an offered tool and the rest is a JSON object.
+strips it, or a tool call when the first line names an offered tool and the rest starts a JSON object.
 Both are fed the same way whether the response streams or not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any
 
-from glm_jax import chat
 from glm_jax.serve.protocol import FunctionCall, ResponseToolCall
 from glm_jax.tokenizer import Tokenizer
 
@@ -54,13 +53,25 @@ class StopText:
         return text[:len(text) - keep]
 
 
-class ChatText:
-    """Assistant text -> content pieces as they come, or one tool call at the end.
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """What one push adds: content, or the start of a tool call (`call`, with its first
+    arguments) or more of its arguments."""
 
-    With tools offered, text is held until its first line is complete: a first line naming an
-    offered tool starts a possible call (`{name}\\n{json arguments}`), buffered to the end and then
-    parsed by `glm_jax.chat.parse_response`; anything else is content. Content is streamed with
-    leading and trailing whitespace removed, as parse_response strips it.
+    content: str = ""
+    call: ResponseToolCall | None = None
+    arguments: str = ""
+
+
+class ChatText:
+    """Assistant text -> content pieces as they come, or a tool call as it comes.
+
+    With tools offered, text is held until its first line is complete and the next non-blank
+    character is known: a first line naming an offered tool followed by `{` is a call
+    (`{name}\\n{json arguments}`, GLM-4's format), whose arguments then stream as the model writes
+    them, exactly as written (the message renders back to the same prompt; a response cut by
+    max_tokens leaves partial JSON, as OpenAI's do); anything else is content, streamed with leading
+    and trailing whitespace removed, as `glm_jax.chat.parse_response` strips it.
     """
 
     def __init__(self, tool_names: Collection[str] = ()) -> None:
@@ -69,33 +80,40 @@ class ChatText:
         self._buffer = ""
         self._started = False   # content past its leading whitespace has been returned
         self._held = ""         # trailing whitespace of the content so far
+        self._name, self._id, self._arguments = "", "", []
 
-    def push(self, text: str) -> str:
-        """Decoded text -> the content to send now (possibly "")."""
+    @property
+    def call(self) -> ResponseToolCall | None:
+        """The whole tool call so far, if the text is one."""
+        if self._mode != "call":
+            return None
+        return ResponseToolCall(id=self._id, function=FunctionCall(name=self._name, arguments="".join(self._arguments)))
+
+    def push(self, text: str) -> Piece:
+        """Decoded text -> what to send now (possibly nothing)."""
         if self._mode == "content":
-            return self._content(text)
+            return Piece(content=self._content(text))
+        if self._mode == "call":
+            self._arguments.append(text)
+            return Piece(arguments=text)
         self._buffer += text
-        if self._mode == "undecided":
-            first_line, newline, _ = self._buffer.partition("\n")
-            if not newline:
-                return ""
-            if first_line.strip() in self._tool_names:
-                self._mode = "call"
-                return ""
-            self._mode, text, self._buffer = "content", self._buffer, ""
-            return self._content(text)
-        return ""
+        first_line, newline, rest = self._buffer.partition("\n")
+        named = newline and first_line.strip() in self._tool_names
+        if not newline or named and not rest.strip():
+            return Piece()                                  # not known yet
+        if named and rest.lstrip().startswith("{"):
+            self._mode, self._name, self._id = "call", first_line.strip(), f"call_{uuid.uuid4().hex[:24]}"
+            self._arguments.append(rest)
+            return Piece(call=self.call, arguments=rest)
+        self._mode, text, self._buffer = "content", self._buffer, ""
+        return Piece(content=self._content(text))
 
-    def finish(self) -> tuple[str, ResponseToolCall | None]:
-        """(the rest of the content, the tool call if the text was one)."""
-        if self._mode == "content":
-            return "", None
-        parsed: dict[str, Any] = chat.parse_response(self._buffer)
-        if "tool_call" in parsed and parsed["metadata"] in self._tool_names:
-            # The arguments as the model wrote them: sent back in a later request, they render the same.
-            call = FunctionCall(name=parsed["metadata"], arguments=parsed["content"])
-            return "", ResponseToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=call)
-        return self._content(self._buffer), None
+    def finish(self) -> Piece:
+        """The rest, once generation has ended."""
+        if self._mode == "undecided":
+            self._mode, text, self._buffer = "content", self._buffer, ""
+            return Piece(content=self._content(text))
+        return Piece()
 
     def _content(self, text: str) -> str:
         if not self._started:

@@ -181,23 +181,36 @@ class ChatCompletion(_Response):
     usage: Usage
 
 
-class DeltaToolCall(_Response):
-    index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ChatDelta(_Response):
-    """What a chunk adds to the message; only the fields it sets are sent."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
+class _Sparse(_Response):
+    """A streamed delta: only the fields it sets are sent."""
 
     @model_serializer(mode="wrap")
     def _set_fields_only(self, handler: Any) -> dict[str, Any]:
         return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunction(_Sparse):
+    """A streamed piece of a call: the name once, in the call's first chunk; the arguments in pieces."""
+
+    name: str | None = None
+    arguments: str
+
+
+class DeltaToolCall(_Sparse):
+    """The first chunk of a call carries its id, type and name; later ones the index and more arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
+class ChatDelta(_Sparse):
+    """What a chunk adds to the message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):
