@@ -111,8 +111,9 @@ def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     """Folds one KV block into the state. q [B,G,R,T,D] (`heads_major`), k/v [B,S,G,D] (kv_layout
     "bsgd") or [B,G,S,D] ("bgsd"), mask [B,T,S] (None: every key visible to every query). int8 k/v
     come with float32 scales (kv_layout without d): scores are (q . k) * k_scale and probabilities
-    are multiplied by v_scale before p . v: the int8 block is only converted as the products' operand (whether XLA materialises that
-    conversion is the compiler's choice: not on the H100, cache-sized temporaries on TPU v5e)."""
+    are multiplied by v_scale before p . v: the int8 block is only converted as the products'
+    operand (whether XLA materialises that conversion is the compiler's choice: not on the H100,
+    cache-sized temporaries on TPU v5e, a float32 copy of each tile on CPU)."""
     per_key = lambda x: jnp.einsum(f"{kv_layout.replace('d', '')}->bgs", x)[:, :, None, None, :]  # [B,G,1,1,S]
     if k_scale is not None:
         k, v = k.astype(q.dtype), v.astype(q.dtype)

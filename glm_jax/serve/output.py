@@ -98,9 +98,11 @@ class ChatText:
             return Piece(arguments=text)
         self._buffer += text
         first_line, newline, rest = self._buffer.partition("\n")
-        named = newline and first_line.strip() in self._tool_names
-        if not newline or named and not rest.strip():
-            return Piece()                                  # not known yet
+        if not newline:
+            return Piece()                                  # the first line is not complete yet
+        named = first_line.strip() in self._tool_names
+        if named and not rest.strip():
+            return Piece()                                  # a call or not: the next character says
         if named and rest.lstrip().startswith("{"):
             self._mode, self._name, self._id = "call", first_line.strip(), f"call_{uuid.uuid4().hex[:24]}"
             self._arguments.append(rest)
