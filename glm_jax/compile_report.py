@@ -171,7 +171,7 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
                              jax.ShapeDtypeStruct((1, chunk), jnp.bool_)).compile()
     reports = [_report(f"prefill chunk ({chunk} tokens)", compiled, topology, mesh_desc, seq_len, batch, chip,
                        layout, cache, model_flops(config, 1, chunk, seq_len))]
-    rows = jax.eval_shape(lambda: init_rows(batch, config.vocab_size))
+    rows = jax.eval_shape(lambda: init_rows(batch))
     decode = jax.jit(functools.partial(decode_burst, graphdef, steps=1, layout=layout), donate_argnums=(1, 2))
     compiled = decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), i32(batch)).compile()
     reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,

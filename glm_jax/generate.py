@@ -43,11 +43,11 @@ from .sharding import Layout
 @dataclasses.dataclass
 class Rows:
     """The decode state of every cache row, on device."""
-    logits: jax.Array       # [B, V] float32: the distribution of the row's next token
+    token: jax.Array        # [B] int32: the row's next token, drawn, not yet emitted
     position: jax.Array     # [B] int32: slot (= RoPE position) of the row's next token
     active: jax.Array       # [B] bool: decoding
     remaining: jax.Array    # [B] int32: tokens the row may still draw
-    count: jax.Array        # [B] int32: tokens drawn (folded into the row's key)
+    count: jax.Array        # [B] int32: tokens emitted (draw n folds n into the row's key)
     key: jax.Array          # [B] PRNG keys
     temperature: jax.Array  # [B] float32
     top_k: jax.Array        # [B] int32
@@ -58,20 +58,23 @@ class Rows:
 jax.tree_util.register_dataclass(Rows, data_fields=[f.name for f in dataclasses.fields(Rows)], meta_fields=[])
 
 
-def init_rows(batch: int, vocab: int) -> Rows:
+def init_rows(batch: int) -> Rows:
     i32 = lambda: jnp.zeros((batch,), jnp.int32)
-    return Rows(logits=jnp.zeros((batch, vocab), jnp.float32), position=i32(), active=jnp.zeros((batch,), bool),
+    return Rows(token=i32(), position=i32(), active=jnp.zeros((batch,), bool),
                 remaining=i32(), count=i32(), key=jax.random.split(jax.random.key(0), batch),
                 temperature=jnp.zeros((batch,), jnp.float32), top_k=i32(), top_p=jnp.ones((batch,), jnp.float32),
                 stop_ids=jnp.full((batch, MAX_STOP_IDS), -1, jnp.int32))
 
 
 def admit(rows: Rows, row, logits, position, max_tokens, seed, temperature, top_k, top_p, stop_ids) -> Rows:
-    """Rows with `row` starting to decode: its next-token logits [1, V] and parameters."""
+    """Rows with `row` starting to decode: its first token drawn from the prompt's last logits
+    [1, V] (draw 0 of the row's key), and its parameters."""
     at = lambda x, value: x.at[row].set(value)
-    return Rows(logits=at(rows.logits, logits[0]), position=at(rows.position, position), active=at(rows.active, True),
+    key = jax.random.key(seed)
+    token = sample(logits, jax.random.fold_in(key, 0)[None], temperature, top_k, top_p)[0]
+    return Rows(token=at(rows.token, token), position=at(rows.position, position), active=at(rows.active, True),
                 remaining=at(rows.remaining, max_tokens), count=at(rows.count, 0),
-                key=at(rows.key, jax.random.key(seed)), temperature=at(rows.temperature, temperature),
+                key=at(rows.key, key), temperature=at(rows.temperature, temperature),
                 top_k=at(rows.top_k, top_k), top_p=at(rows.top_p, top_p), stop_ids=at(rows.stop_ids, stop_ids))
 
 
@@ -94,7 +97,9 @@ def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected,
     >= B pad the bucket; b = B means every row, in order), all on device; fewer once none is
     active. Only those b rows are computed. cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens
     [b, steps] (-1 where a row drew nothing). A row stops after a stop id or its last allowed
-    token; those final tokens are not fed back (their K/V are never needed)."""
+    token; those final tokens are not fed back (their K/V are never needed). Each step emits the
+    rows' drawn tokens, feeds them and draws the next from their logits: only tokens [b] carry
+    over between steps and bursts, never the [b, V] logits."""
     batch = rows.active.shape[0]
     every = selected.shape[0] == batch     # then selected is 0..B-1 (see Engine._plan): no gathers
     rows = dataclasses.replace(rows, active=rows.active & ~cancel)
@@ -108,17 +113,17 @@ def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected,
 
     def body(carry):
         i, cache, sub, out = carry
-        keys = jax.vmap(jax.random.fold_in)(sub.key, sub.count)
-        token = sample(sub.logits, keys, sub.temperature, sub.top_k, sub.top_p)          # [b]
-        drawn = sub.active
+        token, drawn = sub.token, sub.active                                             # [b] each
         stop = jnp.any(token[:, None] == sub.stop_ids, axis=-1) | (sub.remaining <= 1)
         feed = drawn & ~stop
         logits, cache = model_step(graphdef, params, cache, token[:, None], sub.position[:, None],
                                    sub.position[:, None], feed[:, None], layout=layout, kernel=kernel,
                                    rows=None if every else selected)
-        sub = dataclasses.replace(sub, logits=jnp.where(feed[:, None], logits, sub.logits),
-                                  position=sub.position + feed, active=feed, count=sub.count + drawn,
-                                  remaining=sub.remaining - drawn)
+        count = sub.count + drawn
+        keys = jax.vmap(jax.random.fold_in)(sub.key, count)
+        following = sample(logits, keys, sub.temperature, sub.top_k, sub.top_p)           # [b]
+        sub = dataclasses.replace(sub, token=jnp.where(feed, following, token), position=sub.position + feed,
+                                  active=feed, count=count, remaining=sub.remaining - drawn)
         return i + 1, cache, sub, out.at[:, i].set(jnp.where(drawn, token, -1))
 
     _, cache, sub, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, sub, out))
@@ -638,9 +643,9 @@ def _programs(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: i
     (replicated rows), so every call after the first reuses the same executable."""
     cache_sh = cache_shardings(config, layout, batch, length, jnp.dtype(dtype) == jnp.int8)
     rep = NamedSharding(layout.mesh, P())
-    rows_sh = jax.tree.map(lambda _: rep, jax.eval_shape(lambda: init_rows(batch, config.vocab_size)))
+    rows_sh = jax.tree.map(lambda _: rep, jax.eval_shape(lambda: init_rows(batch)))
     return _Compiled(
-        init_rows=jax.jit(functools.partial(init_rows, batch, config.vocab_size), out_shardings=rows_sh),
+        init_rows=jax.jit(functools.partial(init_rows, batch), out_shardings=rows_sh),
         prefill=jax.jit(functools.partial(prefill_row, graphdef, layout=layout, kernel=kernel),
                         donate_argnums=(1,), out_shardings=(rep, cache_sh)),
         admit=jax.jit(admit, donate_argnums=(0,), out_shardings=rows_sh),
