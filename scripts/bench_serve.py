@@ -15,6 +15,9 @@ completions over plain HTTP (see `one`), temperature 0, max_tokens --new, on ran
 - throughput: the --requests requests, `c` at a time for each c in --concurrency; output tokens
   per second over the whole run and time to first token (p50/p99). c=1 is "one by one"; the
   ratio at the highest c against c=1 is the continuous-batching gain (target >= 8x at 16).
+- bound (glm-jax only, in this process, no server running): the engine's decode step at one row
+  and at the highest c, and every prompt's prefill: the most continuous batching can gain here
+  (see `bound`).
 - kv_reuse (glm-jax only): a conversation of H tokens (H in --history) is answered once, then a
   follow-up turn (the history, the answer, 32 new tokens) is sent; the follow-up's time to first
   token against the first turn's. With KV reuse the follow-up prefills only its new tokens, so
@@ -191,6 +194,35 @@ def kv_reuse(url: str, model: str, histories: list[int], new: int) -> list[dict]
     return out
 
 
+def bound(folder: pathlib.Path, texts: list[str], new: int, batch: int) -> dict:
+    """What continuous batching can gain at most on this machine, from the engine in this process
+    (no server running): each prompt's prefill and first step alone (P, summed), a decode step at
+    one row (t1) and at `batch` rows (tb), each as the difference of runs of `new` + 1 and 1
+    tokens. One by one costs P + N t1 for the N tokens after each first one; `batch` at a time
+    at least P + N / batch * tb."""
+    import glm_jax
+
+    model = glm_jax.load(folder)
+    prompts = [model.tokenizer.encode(t, add_special_tokens=True) for t in texts]
+    engine = model.engine(max_batch=batch, max_model_len=1024, steps_per_call=4)
+    engine.warm_up()
+
+    def timed(rows: list[list[int]], tokens: int) -> float:
+        start = time.perf_counter()
+        engine.generate(rows, max_new_tokens=tokens, temperature=0, reuse=False)
+        return time.perf_counter() - start
+
+    prefill = sum(timed([p], 1) for p in prompts)
+    step = {}
+    for rows in (1, batch):
+        runs = [timed(prompts[:rows], new + 1) - timed(prompts[:rows], 1) for _ in range(3)]
+        step[rows] = float(np.median(runs)) / new
+    n = len(prompts) * (new - 1)
+    one_by_one, batched = prefill + n * step[1], prefill + n / batch * step[batch]
+    return {"prefill_s": prefill, "step_1_s": step[1], f"step_{batch}_s": step[batch],
+            "decode_only_gain": batch * step[1] / step[batch], "gain": one_by_one / batched}
+
+
 def tokenize(text: str) -> list[int]:
     from glm_jax.tokenizer import Tokenizer
 
@@ -232,6 +264,11 @@ def main(argv=None) -> int:
         base = results["glm_jax"][0]["output_tokens_per_s"]
         results["glm_jax_gain_over_one_by_one"] = {r["concurrency"]: r["output_tokens_per_s"] / base
                                                    for r in results["glm_jax"]}
+        results["bound"] = bound(model, texts, args.new, max(levels))
+        print(f"bound at c={max(levels)}: decode step {results['bound']['step_1_s'] * 1e3:.1f} ms at one row, "
+              f"{results['bound'][f'step_{max(levels)}_s'] * 1e3:.1f} ms at {max(levels)}; prefill "
+              f"{results['bound']['prefill_s']:.2f} s in all: at most {results['bound']['gain']:.1f}x one by one "
+              f"({results['bound']['decode_only_gain']:.1f}x without the prefill)", file=sys.stderr)
         if histories:
             server = glm(1, max(histories) + 96, "glm-reuse.log")
             try:
