@@ -240,7 +240,7 @@ class GLM(nnx.Module):
         cos, sin = rope_tables(positions, self.config, x.dtype)
         hidden = [x]
         for i, layer in enumerate(self.layers):
-            x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat)
+            x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat, fence=i > 0)
             if hidden_states:
                 hidden.append(x)
         if last_only:
@@ -257,14 +257,58 @@ REMAT = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_s
          "full": jax.checkpoint_policies.nothing_saveable}
 
 
-def _block(layer: Block, x, cos, sin, attend, layout: Layout | None, remat: str):
+def _block(layer: Block, x, cos, sin, attend, layout: Layout | None, remat: str, fence: bool = False):
+    """One block under `remat`. With `fence` (and a remat policy, i.e. training), the block's
+    weight gradients are fenced to its input's gradient (`fence_gradients`)."""
     if remat not in REMAT:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT)}")
     if remat == "none":
         return layer(x, cos, sin, attend, layout)
     graphdef, state = nnx.split(layer)
+    if fence:
+        x, state = fence_gradients(x, state)
     run = lambda state, x: nnx.merge(graphdef, state)(x, cos, sin, attend, layout)
     return jax.checkpoint(run, policy=REMAT[remat])(state, x)
+
+
+@jax.custom_vjp
+def _fence(x, weights):
+    return x, weights
+
+
+def _fence_fwd(x, weights):
+    return (x, weights), None
+
+
+def _fence_bwd(_, cotangents):
+    return jax.lax.optimization_barrier(cotangents)
+
+
+_fence.defvjp(_fence_fwd, _fence_bwd)
+
+
+def fence_gradients(x, state):
+    """(x, state) unchanged; in the backward pass, the gradients of the block's trained weights
+    (a LowRank's a and b if the state has any, else every weight) leave together with x's through
+    one optimization barrier. So the previous block's backward cannot start before this block's
+    weight gradients are computed: left free, XLA deferred those small [in, r] / [out, r] dots
+    (contractions over all tokens) to the end of the step, next to the all-reduce of every
+    gradient, and kept their [T, H] operands (the block's output gradient, its attention output,
+    its normed input) alive across every later layer's backward: 3 to 4 of them per layer."""
+    is_low_rank = lambda v: isinstance(v, LowRank)
+    leaves, treedef = jax.tree.flatten(state, is_leaf=is_low_rank)
+    lora = any(map(is_low_rank, leaves))
+    trained = [(w.a, w.b) if is_low_rank(w) else w for w in leaves if is_low_rank(w) or not lora]
+    x, trained = _fence(x, trained)
+    it = iter(trained)
+    fenced = []
+    for w in leaves:
+        if is_low_rank(w):
+            a, b = next(it)
+            fenced.append(dataclasses.replace(w, a=a, b=b))
+        else:
+            fenced.append(w if lora else next(it))
+    return x, jax.tree.unflatten(treedef, fenced)
 
 
 def self_attend(attention: str | AttentionFn) -> LayerAttend:
