@@ -246,6 +246,37 @@ def test_lora_gradients_follow_the_chain_rule(tmp_path):
         np.testing.assert_allclose(grads[f"{name}.lora_b"], want_b, rtol=1e-4, atol=1e-7, err_msg=name)
 
 
+def test_weight_gradients_are_fenced_per_block(tmp_path):
+    """Under remat, the backward pass of every block but the first hands its weight gradients (LoRA:
+    the adapters' a and b) and its input's gradient on through one optimization barrier, so XLA
+    cannot defer the weight-gradient dots, and keep their [T, H] operands alive, to the end of the
+    step. Without remat (and in inference) there is none."""
+    from glm_jax.params import param_specs
+    from glm_jax.train.lora import LoRAConfig, init_adapters
+
+    random_glm(tmp_path, heads=4, kv_heads=2, rope_theta=1e4)
+    model = glm_jax.load(tmp_path, mesh=one_device())
+    layers = model.config.num_layers
+    assert layers > 1
+    lora = LoRAConfig(rank=2, alpha=4.0)
+    adapters = init_adapters(lora, param_specs(model.config, model.dtype), jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, 300, (1, 16))
+    batch = batch_of(ids, ids, np.broadcast_to(np.arange(16), ids.shape))
+    base = flat_params(model.state)
+
+    def barriers(trainer, params, frozen):
+        eqns = str(jax.make_jaxpr(trainer.gradients)(params, frozen, batch))
+        return [line for line in eqns.splitlines() if "optimization_barrier" in line]
+
+    with_lora = Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig()), lora=lora)
+    fenced = barriers(with_lora, adapters, base)
+    assert len(fenced) == layers - 1
+    per_block = len(adapters) // layers           # a and b of every adapted weight
+    assert all(len(line.split("optimization_barrier")[1].split()) == 1 + per_block for line in fenced)  # dx too
+    assert len(barriers(trainer_for(model, remat="full"), base, {})) == layers - 1
+    assert barriers(trainer_for(model, remat="none"), base, {}) == []
+
+
 @pytest.mark.parametrize("mesh", ["sequence=8"])
 def test_packing_equals_the_examples_run_separately(tmp_path, mesh):
     """Three examples packed into one row (positions restarting, segments apart, each example's
