@@ -286,7 +286,9 @@ def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool,
     """Gradients of attention w.r.t. q, k, v for one KV sequence, tile by tile (float32).
 
     q/dout [B,T,G,R,D]; k/v [B,S,G,D]; lse/delta [B,G,R,T] with delta = sum(dout * out, -1) over
-    the whole attention (all KV). Returns dq [B,T,G,R,D], dk and dv [B,S,G,D].
+    the whole attention (all KV). Returns dq [B,T,G,R,D], dk and dv [B,S,G,D] (float32).
+    q, k, v and dout may come in any float dtype: each tile is converted to float32 as it is used
+    (whole float32 copies of q and dout were two more [T, Hq, D] float32 buffers a layer).
     """
     nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
     qs = (_tiles(q, nq), _tiles(q_index, nq), _tiles(dout, nq), _tiles(lse, nq, axis=3),
@@ -295,9 +297,11 @@ def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool,
 
     def one_kv_tile(dq, kv_t):
         k_t, v_t, ki_t = kv_t
+        k_t, v_t = f32(k_t, v_t)
 
         def step(dkv, q_tile):
             q_t, qi_t, do_t, lse_t, de_t = q_tile
+            q_t, do_t = f32(q_t, do_t)
             mask = visible(qi_t, ki_t, causal)
 
             def grads(dkv):
@@ -349,7 +353,7 @@ class LocalKernel:
     """The attention a device runs on the KV it holds (one ring hop, or everything it gathered).
 
     forward(q [B,T,G,R,D], k/v [B,S,G,D], q_index, k_index) -> (out [B,G,R,T,D] f32, lse [B,G,R,T])
-    backward(q, k, v, q_index, k_index, lse, dout [B,T,G,R,D], delta [B,G,R,T]) -> dq, dk, dv (f32),
+    backward(q, k, v, q_index, k_index, lse, dout [B,T,G,R,D] (any float dtype), delta [B,G,R,T]) -> dq, dk, dv (f32),
     where lse and delta = sum(dout * out) belong to the whole attention, not just this KV.
     Any kernel with these two functions (cuDNN, Pallas) can replace the default tiles.
     """
@@ -369,7 +373,7 @@ def tile_kernel(causal: bool = True, block_q: int = 512, block_k: int = 512) -> 
         return normalized(state), state.lse
 
     def backward(q, k, v, q_index, k_index, lse, dout, delta):
-        return tiles_backward(*f32(q, k, v), q_index, k_index, lse, dout, delta, causal=causal,
+        return tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, causal=causal,
                               block_q=block_q, block_k=block_k)
 
     return LocalKernel(forward, backward)

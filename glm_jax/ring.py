@@ -91,12 +91,14 @@ def _cp_fwd(q, k, v, q_index, k_index, axis, n, strategy, kernel):
         (state, kv), _ = jax.lax.scan(hop, (init_state(b, t, g, r, d), (k, v, k_index)), length=n - 1)
         state = fold(state, kv)
         out, lse = normalized(state), state.lse
-    return out, (q, k, v, q_index, k_index, out, lse)
+    # The output leaves rounded to q's dtype (the caller rounds it so anyway): its cotangent `dout`
+    # then comes back in that dtype, not as a float32 copy of the same values.
+    return out.astype(q.dtype), (q, k, v, q_index, k_index, out, lse)
 
 
 def _cp_bwd(axis, n, strategy, kernel, res, dout):
     q, k, v, q_index, k_index, out, lse = res
-    delta = (dout * out).sum(-1)
+    delta = (dout.astype(jnp.float32) * out).sum(-1)
     grads = functools.partial(kernel.backward, q, q_index=q_index, lse=lse, dout=dout.transpose(0, 3, 1, 2, 4),
                               delta=delta)
     if strategy == "allgather":
