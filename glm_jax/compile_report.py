@@ -182,7 +182,7 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
 
 def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
                  mesh: str | None = None, lora_rank: int | None = None, remat: str = "full",
-                 loss_chunk: int = 1024, dtype=jnp.bfloat16) -> ProgramReport:
+                 loss_chunk: int = 1024, dtype=jnp.bfloat16, fence: bool = True) -> ProgramReport:
     """Compiles one train step (AdamW, gradient clipping) of `batch` sequences of `seq_len` tokens:
     every weight with float32 master weights and optimizer state, or LoRA adapters of `lora_rank`
     on the frozen weights. Default mesh: every chip on `sequence`, weights and optimizer state
@@ -203,7 +203,7 @@ def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, ba
     else:
         trainable, frozen = weights, {}
     trainer = Trainer(config, layout, dtype, make_optimizer(OptimizerConfig()), remat=remat,
-                      loss_chunk=loss_chunk, lora=lora)
+                      loss_chunk=loss_chunk, lora=lora, fence=fence)
     init = jax.jit(trainer.init).lower(trainable).compile()
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          jax.eval_shape(trainer.init, trainable), init.output_shardings)
@@ -211,5 +211,5 @@ def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, ba
     step = jax.jit(trainer.step, donate_argnums=(0,))
     compiled = step.lower(state, frozen, Batch(tokens, tokens, tokens, tokens)).compile()
     kind = f"LoRA rank {lora_rank}" if lora else "full fine-tuning"
-    return _report(f"train step ({kind}, remat {remat})", compiled, topology, mesh_desc, seq_len, batch,
+    return _report(f"train step ({kind}, remat {remat}{'' if fence else ', no gradient fence'})", compiled, topology, mesh_desc, seq_len, batch,
                    chip_of(topology), layout, (), 3 * model_flops(config, batch, seq_len, (seq_len + 1) / 2))

@@ -230,17 +230,18 @@ class GLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attend: LayerAttend,
                  *, hidden_states: bool = False, layout: Layout | None = None, last_only: bool = False,
-                 head: bool = True, remat: str = "none"):
+                 head: bool = True, remat: str = "none", fence: bool = True):
         """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype ([B, 1, V] with
         last_only; without `head`, the final-normed hidden state [B, T, H] instead) and, with
         hidden_states, the embedding and every layer's output [L + 1, B, T, H].
         With a layout, activations are constrained to its logical shardings. `remat` (see REMAT):
-        what each block keeps for the backward pass."""
+        what each block keeps for the backward pass; with a policy (training) and `fence`, every
+        block's weight gradients are fenced to its input gradient (`fence_gradients`)."""
         x = self.embed[...][tokens]                                         # [B, T, H]
         cos, sin = rope_tables(positions, self.config, x.dtype)
         hidden = [x]
         for i, layer in enumerate(self.layers):
-            x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat, fence=i > 0)
+            x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat, fence=fence and i > 0)
             if hidden_states:
                 hidden.append(x)
         if last_only:

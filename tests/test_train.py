@@ -250,7 +250,7 @@ def test_weight_gradients_are_fenced_per_block(tmp_path):
     """Under remat, the backward pass of every block but the first hands its weight gradients (LoRA:
     the adapters' a and b) and its input's gradient on through one optimization barrier, so XLA
     cannot defer the weight-gradient dots, and keep their [T, H] operands alive, to the end of the
-    step. Without remat (and in inference) there is none."""
+    step. Without remat (and in inference) or with fence=False (--no-gradient-fence) there is none."""
     from glm_jax.params import param_specs
     from glm_jax.train.lora import LoRAConfig, init_adapters
 
@@ -275,6 +275,8 @@ def test_weight_gradients_are_fenced_per_block(tmp_path):
     assert all(len(line.split("optimization_barrier")[1].split()) == 1 + per_block for line in fenced)  # dx too
     assert len(barriers(trainer_for(model, remat="full"), base, {})) == layers - 1
     assert barriers(trainer_for(model, remat="none"), base, {}) == []
+    unfenced = Trainer(model.config, model.layout, model.dtype, make_optimizer(OptimizerConfig()), lora=lora, fence=False)
+    assert barriers(unfenced, adapters, base) == []
 
 
 @pytest.mark.parametrize("mesh", ["sequence=8"])

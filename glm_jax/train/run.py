@@ -39,6 +39,7 @@ class FinetuneConfig:
     clip_norm: float = 1.0               # 0: off
     mesh: str | None = None
     remat: str = "full"
+    gradient_fence: bool = True          # see Trainer.fence
     loss_chunk: int = 1024
     lora_rank: int | None = None         # None: full fine-tuning
     lora_alpha: float | None = None      # default 2 x rank
@@ -129,7 +130,7 @@ def finetune(c: FinetuneConfig) -> dict:
     else:
         trainable, frozen = params, {}
     trainer = Trainer(config, layout, dtype, make_optimizer(opt), remat=c.remat,
-                      loss_chunk=c.loss_chunk, lora=lora)
+                      loss_chunk=c.loss_chunk, lora=lora, fence=c.gradient_fence)
     batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,
                       seed=c.seed, shuffle=c.shuffle, packing=c.packing)
     record = {"model": config.to_dict(), "lora": lora and lora.to_dict(), "seq_len": c.seq_len,
