@@ -211,5 +211,6 @@ def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, ba
     step = jax.jit(trainer.step, donate_argnums=(0,))
     compiled = step.lower(state, frozen, Batch(tokens, tokens, tokens, tokens)).compile()
     kind = f"LoRA rank {lora_rank}" if lora else "full fine-tuning"
-    return _report(f"train step ({kind}, remat {remat}{'' if fence else ', no gradient fence'})", compiled, topology, mesh_desc, seq_len, batch,
+    name = f"train step ({kind}, remat {remat}{'' if fence else ', no gradient fence'})"
+    return _report(name, compiled, topology, mesh_desc, seq_len, batch,
                    chip_of(topology), layout, (), 3 * model_flops(config, batch, seq_len, (seq_len + 1) / 2))

@@ -44,7 +44,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
             lambda: _floor(x, -jnp.sort(-x, axis=-1), top_k, top_p),
         ])
         masked = jnp.where((x < floor) & (row_branch > 0), -jnp.inf, x)        # rows truncating nothing keep all
-        # jax.random.categorical's Gumbel-max draw (the same noise), through the fast argmax
+        # jax.random.categorical's Gumbel-max draw (the same noise), through `argmax` (categorical
+        # takes jnp.argmax's paired reduction: twice the time)
         if jnp.ndim(key) == 0:
             noise = jax.random.gumbel(key, masked.shape, masked.dtype)
         else:
@@ -56,8 +57,9 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
 
 def argmax(x: jax.Array) -> jax.Array:
     """[B, V] -> int32 [B]: the first index of each row's maximum (as jnp.argmax), as a max and a
-    min over a masked iota: two vectorised passes. The iota is float32 (exact up to 2^24 entries):
-    XLA CPU vectorises float min reductions but not int32 ones (4x faster at [16, 151552])."""
+    min over a masked iota: two vectorised passes, half the time of jnp.argmax's paired reduction on
+    XLA CPU (2.4-2.6 against 5.4-5.6 ms at [16, 151552], 2 cores). The iota is float32 (exact up
+    to 2^24 entries); an int32 one measured 2.6-3.2 ms, within this machine's noise."""
     v = x.shape[-1]
     iota = jnp.arange(v, dtype=jnp.float32 if v <= 1 << 24 else jnp.int32)
     top = x.max(axis=-1, keepdims=True)

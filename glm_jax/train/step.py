@@ -108,8 +108,8 @@ class Trainer:
     loss_chunk: int = 1024
     strategy: str = "ring"
     lora: LoRAConfig | None = None    # None: every weight trains; else only the adapters
-    # each block's weight gradients fenced to its input gradient (model.fence_gradients): v5p-8
-    # LoRA at 524,288 tokens needs it (57 against 103 GiB), v5e-8 at 131,072 fits only without (13.1 against 15.9)
+    # each block's weight gradients fenced to its input gradient (model.fence_gradients): v5p-8 LoRA
+    # at 524,288 tokens needs it (57 against 103 GiB), v5e-8 at 131,072 fits only without (13.1 / 15.9)
     fence: bool = True
 
     def weights(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict:
