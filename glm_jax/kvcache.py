@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .attention import PAD, cache_forward, cudnn_chunk, group_queries, init_state, normalized, ungroup
+from .attention import (PAD, cache_forward, cudnn_chunk, decode_by_length, decode_tiles, group_queries, heads_major,
+                        init_state, normalized, ungroup)
 from .config import GLMConfig
 from .sharding import Layout
 
@@ -203,8 +204,10 @@ def _owned(rows: jax.Array, local_batch: int, batch_axes) -> tuple[jax.Array, ja
 def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int | None = None, kernel: str = "auto"):
     """(write, attend) on the sharded cache, both shard_mapped over the mesh. `order`: the K/V
     dim order ("bsgd" or "bgsd"). `kernel`: "xla" (portable), "cudnn" (GPU: prefill chunks of a
-    whole sequence held by one device go to cuDNN's flash attention; decode stays on the XLA tiles)
-    or "auto" (cudnn on a GPU, xla elsewhere).
+    whole sequence held by one device go to cuDNN's flash attention, and a decode step's one token
+    a row to a Pallas kernel, `decode_by_length`, which reads slots [0, q_index] of the row without
+    consulting k_index: the engine's layout, slot p holding position p; on CPU the same kernels run
+    through XLA and Pallas' interpreter, for tests) or "auto" (cudnn on a GPU, xla elsewhere).
     `budget`: float32 values per prefill score tile (default: `score_budget` of the mesh's chips).
 
     write(cache_part, values, slots, rows=None) -> cache_part with the slots set: K/V take values
@@ -262,6 +265,8 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
         platform = layout.mesh.devices.flat[0].platform
         bk = cache_block(s // n, c * local_heads, budget or score_budget(platform))
         use_cudnn = kernel == "cudnn" and n == 1 and order == "bsgd" and c > 1 and k_scale is None
+        use_pallas = (kernel == "cudnn" and n == 1 and c == 1 and k_scale is None and platform in ("gpu", "cpu")
+                      and decode_tiles(s, b * g) is not None)
         scale_spec = P(*(a for i, a in enumerate(kv_spec) if i != order.index("d")))
 
         def local(q, qi, rows, k, v, ki, *scales):
@@ -273,7 +278,11 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
             empty = init_state(*qg.shape[:2], *qg.shape[2:])
             xla = lambda: cache_forward(empty, qg, k, v, qi, ki, *scales, block_k=bk, kv_layout=order,
                                         rows=rows if some_rows else None)
-            if use_cudnn:  # whole rows only: cuDNN masks by lengths, not by the index
+            if use_pallas:  # the engine's rows: slot p holds position p, the query sees slots [0, q_index]
+                lengths = jnp.maximum(qi[:, 0] + 1, 0)
+                state = decode_by_length(heads_major(qg), k, v, lengths, rows if some_rows else jnp.arange(q.shape[0]),
+                                         kv_layout=order, interpret=platform == "cpu")
+            elif use_cudnn:  # whole rows only: cuDNN masks by lengths, not by the index
                 start = qi.max() - (c - 1)
                 whole = jnp.all(qi >= 0) & ((start == 0) | jnp.all(ki[:, 0] != PAD))
                 kr, vr = (x[rows] if some_rows else x for x in (k, v))

@@ -11,7 +11,7 @@ from glm_jax.compile_report import model_flops
 from glm_jax.config import GLMConfig
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "bench_gpu.py"
-SECTIONS = ("device", "model", "context_1k", "products", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit",
+SECTIONS = ("device", "model", "context_1k", "products", "decode_kernel", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit",
             "prefill_128k", "int8_32k")
 
 
@@ -62,6 +62,14 @@ def test_small_run_reports_every_section(tmp_path):
     assert p["products"]["gate_up_proj"]["shape"] == [2 * config.intermediate_size, config.hidden_size]
     assert all(v["gb_per_s"] > 0 and v["bytes"] == 2 * v["shape"][0] * v["shape"][1] for v in p["products"].values())
     assert p["per_step_seconds"] > 0 and p["context_1k_step_seconds"] == r["context_1k"]["decode_seconds_per_token"]
+
+    dk = r["decode_kernel"]       # on CPU the Pallas kernel runs interpreted: its figures, not its speed
+    for case in dk["attention"].values():
+        assert case["microseconds"]["xla"] > 0 and case["microseconds"]["pallas"] > 0
+        assert case["max_abs_pallas_vs_float32"] < 0.02 and case["max_abs_xla_vs_float32"] < 0.02, case
+    assert dk["engine_default_1k"]["decode_seconds_per_token"] == r["context_1k"]["decode_seconds_per_token"]
+    assert dk["engine_xla_1k"]["decode_seconds_per_token"] > 0
+    assert dk["greedy_1k"]["leading_identical"] == r["context_1k"]["new_tokens"]   # both XLA on CPU
 
     t = r["transformers"]
     assert t["attn_implementation"] == "sdpa"
@@ -116,7 +124,7 @@ def test_spent_budget_skips_the_optional_sections(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--prefill-chunk", "100"], "--prefill-chunk must be a positive power of two, got 100"),
-    (["--sections", "context_8k,warp"], "--sections: unknown 'warp'; choose from products, accuracy, context_8k, "
+    (["--sections", "context_8k,warp"], "--sections: unknown 'warp'; choose from products, decode_kernel, accuracy, context_8k, "
                                         "transformers, context_32k, longest_fit, prefill_128k, int8_32k"),
     (["--budget-s", "0"], "--budget-s must be positive, got 0"),
 ])
