@@ -297,51 +297,60 @@ def decode_tiles(slots: int, programs: int) -> tuple[int, int] | None:
     return block, max(d for d in range(1, min(tiles, want) + 1) if tiles % d == 0)
 
 
-def decode_by_length(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, rows: jax.Array, *,
+def decode_by_length(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, rows: jax.Array,
+                     k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, *,
                      kv_layout: str = "bsgd", interpret: bool = False) -> State:
     """One query a row against cache rows filled from slot 0, as one Pallas (Triton) kernel: the
-    decode step's attention on a GPU, where XLA spends about ten small kernels a layer on it.
+    decode step's attention on a GPU, where XLA spends about ten small kernels a layer on it and,
+    past one tile, a loop whose every step waits on the host.
     q [b,G,R,1,D] (`heads_major`); k/v [B,S,G,D] (or [B,G,S,D], kv_layout); lengths int32 [b]: query
-    row i sees slots [0, lengths[i]) of cache row rows[i] (0: nothing). The slots are cut into
-    `splits` equal ranges (`decode_tiles`); a program per (row, KV group, range) folds its range's
-    filled tiles of block_k slots into a float32 online-softmax state, stopping at the row's
-    length; the ranges' states are merged here by log-sum-exp. interpret: run the kernel in
-    Pallas' interpreter (CPU tests)."""
+    row i sees slots [0, lengths[i]) of cache row rows[i] (0: nothing). int8 k/v come with float32
+    scales [B,S,G] (or [B,G,S]), applied as in `update`: each tile is converted to q's dtype in
+    the kernel. The slots are cut into `splits` equal ranges (`decode_tiles`); a program per (row,
+    KV group, range) folds its range's filled tiles of block_k slots into a float32 online-softmax
+    state, stopping at the row's length; the ranges' states are merged here by log-sum-exp.
+    interpret: run the kernel in Pallas' interpreter (CPU tests)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     b, g, r, _, d = q.shape
-    seq, heads = kv_layout.index("s"), kv_layout.index("g")
+    seq = kv_layout.index("s")
     slots = k.shape[seq]
     block_k, splits = decode_tiles(slots, b * g)
     span = slots // splits
     rp = max(16, 1 << (r - 1).bit_length())        # Triton's dot wants 16+ rows (GQA groups here have 8)
     qp = jnp.pad(q[:, :, :, 0], ((0, 0), (0, 0), (0, rp - r), (0, 0)))                # [b, G, Rp, D]
     scale = 1.0 / np.sqrt(d)
+    scaled = k_scale is not None
 
-    def kernel(lengths_ref, rows_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref):
+    def kernel(lengths_ref, rows_ref, q_ref, k_ref, v_ref, *refs):
+        ks_ref, vs_ref, acc_ref, m_ref, l_ref = refs if scaled else (None, None, *refs)
         i, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         row, length = rows_ref[i], lengths_ref[i]
         start = j * span
         tiles = jax.lax.div(jnp.clip(length - start, 0, span) + (block_k - 1), block_k)   # filled tiles here
         qt = q_ref[...]                                                                # [Rp, D]
 
-        def tile(kv_ref, t):
+        def tile(ref, t):      # [block_k, D] of K or V, [block_k] of a scale
             at = pl.ds(start + t * block_k, block_k)
-            return kv_ref[row, at, h, :] if kv_layout == "bsgd" else kv_ref[row, h, at, :]  # [block_k, D]
+            return ref[row, at, h] if kv_layout == "bsgd" else ref[row, h, at]
 
         def step(t, carry):
             acc, m, l = carry
-            s = plgpu.dot(qt, tile(k_ref, t), trans_b=True) * scale                    # [Rp, block_k] f32
-            slot = start + t * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            first = start + t * block_k
+            s = plgpu.dot(qt, tile(k_ref, t).astype(qt.dtype), trans_b=True) * scale  # [Rp, block_k] f32
+            if scaled:
+                s = s * tile(ks_ref, t)[None, :]
+            slot = first + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             s = jnp.where(slot < length, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=1))
             p = jnp.exp(s - m_new[:, None])
             correction = jnp.exp(m - m_new)
-            vt = tile(v_ref, t)           # slots past the length may hold anything (0 * NaN is NaN)
-            column = start + t * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+            weights = p * jnp.where(slot < length, tile(vs_ref, t)[None, :], 0.0) if scaled else p
+            vt = tile(v_ref, t).astype(qt.dtype)  # slots past the length may hold anything (0 * NaN is NaN)
+            column = first + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
             vt = jnp.where(column < length, vt, jnp.zeros_like(vt))
-            pv = plgpu.dot(p.astype(vt.dtype), vt)                                    # [Rp, D] f32
+            pv = plgpu.dot(weights.astype(vt.dtype), vt)                              # [Rp, D] f32
             return acc * correction[:, None] + pv, m_new, l * correction + p.sum(axis=1)
 
         init = (jnp.zeros((rp, d), jnp.float32), jnp.full((rp,), -jnp.inf, jnp.float32),
@@ -350,9 +359,11 @@ def decode_by_length(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
     whole = pl.BlockSpec()                            # the whole array, indexed in the kernel
+    scales = (k_scale, v_scale) if scaled else ()
     acc, m, l = pl.pallas_call(
         kernel, grid=(b, g, splits),
-        in_specs=[whole, whole, pl.BlockSpec((None, None, rp, d), lambda i, h, j: (i, h, 0, 0)), whole, whole],
+        in_specs=[whole, whole, pl.BlockSpec((None, None, rp, d), lambda i, h, j: (i, h, 0, 0)), whole, whole]
+        + [whole] * len(scales),
         out_specs=[pl.BlockSpec((None, None, None, rp, d), lambda i, h, j: (j, i, h, 0, 0)),
                    pl.BlockSpec((None, None, None, rp), lambda i, h, j: (j, i, h, 0)),
                    pl.BlockSpec((None, None, None, rp), lambda i, h, j: (j, i, h, 0))],
@@ -361,7 +372,7 @@ def decode_by_length(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
                    jax.ShapeDtypeStruct((splits, b, g, rp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret, name="decode_by_length",
-    )(lengths.astype(jnp.int32), rows.astype(jnp.int32), qp, k, v)
+    )(lengths.astype(jnp.int32), rows.astype(jnp.int32), qp, k, v, *scales)
     m, l, acc = m[..., :r, None], l[..., :r, None], acc[..., :r, None, :]          # [splits, b, G, R, 1(, D)]
     top = m.max(axis=0)
     weight = jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top))                     # 0 for an empty range

@@ -265,7 +265,7 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
         platform = layout.mesh.devices.flat[0].platform
         bk = cache_block(s // n, c * local_heads, budget or score_budget(platform))
         use_cudnn = kernel == "cudnn" and n == 1 and order == "bsgd" and c > 1 and k_scale is None
-        use_pallas = (kernel == "cudnn" and n == 1 and c == 1 and k_scale is None and platform in ("gpu", "cpu")
+        use_pallas = (kernel == "cudnn" and n == 1 and c == 1 and platform in ("gpu", "cpu")
                       and decode_tiles(s, b * g) is not None)
         scale_spec = P(*(a for i, a in enumerate(kv_spec) if i != order.index("d")))
 
@@ -281,7 +281,7 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
             if use_pallas:  # the engine's rows: slot p holds position p, the query sees slots [0, q_index]
                 lengths = jnp.maximum(qi[:, 0] + 1, 0)
                 state = decode_by_length(heads_major(qg), k, v, lengths, rows if some_rows else jnp.arange(q.shape[0]),
-                                         kv_layout=order, interpret=platform == "cpu")
+                                         *scales, kv_layout=order, interpret=platform == "cpu")
             elif use_cudnn:  # whole rows only: cuDNN masks by lengths, not by the index
                 start = qi.max() - (c - 1)
                 whole = jnp.all(qi >= 0) & ((start == 0) | jnp.all(ki[:, 0] != PAD))

@@ -147,7 +147,7 @@ class Scale:
 FULL = Scale("glm-4-9b-chat-1m", {"context_1k": (1024, 128), "context_8k": (8192, 16), "context_32k": (32768, 128)},
              huge_prompt=131072, prefill_chunk=4096, copy_bytes=4 * GiB, matmul=(8192, 8), fit_unit=65536,
              fit_cap=1048576, memory_limit=None, repeats=3,
-             cost_s={"products": 20, "decode_kernel": 60, "context_8k": 45, "transformers": 60, "accuracy": 90, "context_32k": 60, "longest_fit": 100,
+             cost_s={"products": 20, "decode_kernel": 120, "context_8k": 45, "transformers": 60, "accuracy": 90, "context_32k": 60, "longest_fit": 100,
                      "prefill_128k": 60, "int8_32k": 60})
 SMALL = Scale("small", {"context_1k": (64, 128), "context_8k": (128, 64), "context_32k": (192, 32)},
               huge_prompt=1024, prefill_chunk=64, copy_bytes=16 << 20, matmul=(256, 2), fit_unit=1024,
@@ -155,7 +155,8 @@ SMALL = Scale("small", {"context_1k": (64, 128), "context_8k": (128, 64), "conte
               cost_s={"products": 3, "decode_kernel": 10, "context_8k": 2, "transformers": 5, "accuracy": 5, "context_32k": 3, "longest_fit": 10,
                       "prefill_128k": 3, "int8_32k": 3})
 
-OPTIONAL = ("products", "decode_kernel", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit", "prefill_128k", "int8_32k")
+OPTIONAL = ("products", "accuracy", "context_8k", "transformers", "context_32k", "longest_fit", "prefill_128k", "int8_32k",
+            "decode_kernel")
 
 
 def log(message: str) -> None:
@@ -420,12 +421,14 @@ def attention_call_seconds(attend, q, q_index, k, v, index, repeats: int = 50) -
 
 def section_decode_kernel(bench: Bench) -> dict:
     """The decode step's attention: the Pallas kernel that kernel "cudnn" ("auto" on a GPU) uses for
-    one token a row, against XLA's tiles (kernel "xla"). Per filled length (the 1K and 32K
-    contexts' prompt + 1 + N/2): one layer's attention call alone (one row, the model's heads, the
-    engine's cache bucket, bf16), microseconds and the largest difference from XLA's output and
-    from a float32 reference (the XLA kernel on float32 copies). Then the 1K decode through an
-    Engine with kernel "xla" (its prefill too, untimed here) against context_1k's, and the greedy
-    tokens of both."""
+    one token a row, against XLA's tiles (kernel "xla"). Per case (the 1K and 32K contexts' filled
+    slots, prompt + 1 + N/2, and the int8 cache at 32K): one layer's attention call alone (one row,
+    the model's heads, the engine's cache bucket, bf16 or int8 with random scales), microseconds
+    and the largest difference from XLA's output and from a float32 reference (the XLA kernel on
+    float32 copies of the values the cache holds). Then the decode through an Engine with kernel
+    "xla" (its prefill too, untimed here) against this run's context_1k, context_32k and int8_32k,
+    where they ran (greedy tokens are not compared: the two prefill kernels' bf16 logits part at
+    the first token on random weights)."""
     import jax
     import jax.numpy as jnp
 
@@ -437,48 +440,61 @@ def section_decode_kernel(bench: Bench) -> dict:
     c, layout = bench.config, bench.layout
     g, hq, d = c.num_kv_heads, c.num_heads, c.head_dim
     order = cache_order(layout, g)
+    cases = {"context_1k": ("context_1k", None), "context_32k": ("context_32k", None),
+             "int8_32k": ("context_32k", "int8")}
+    f32 = lambda x: x.astype(jnp.float32)
     out: dict = {"cache_order": order, "attention": {}}
-    for name in ("context_1k", "context_32k"):
-        prompt, new = bench.scale.contexts[name]
+    for name, (context, dtype) in cases.items():
+        prompt, new = bench.scale.contexts[context]
         filled = prompt + 1 + new // 2
         slots = cache_length(prompt + new, 1)
         shape = tuple({"b": 1, "s": slots, "g": g, "d": d}[x] for x in order)
-        keys = jax.random.split(jax.random.key(7), 3)
-        k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:2])
+        keys = jax.random.split(jax.random.key(7), 5)
         q = jax.random.normal(keys[2], (1, 1, hq, d), jnp.bfloat16)
+        if dtype == "int8":
+            k, v = (jax.random.randint(key, shape, -127, 128, jnp.int8) for key in keys[:2])
+            scales = tuple(jax.random.uniform(key, shape[:-1], jnp.float32, 0.5, 1.5) / 127 for key in keys[3:])
+            held = tuple(f32(x) * s[..., None] for x, s in zip((k, v), scales))
+        else:
+            k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:2])
+            scales, held = (), (f32(k), f32(v))
         index = jnp.where(jnp.arange(slots) < filled, jnp.arange(slots), PAD).astype(jnp.int32)[None]
         q_index = jnp.full((1, 1), filled - 1, jnp.int32)
         kernels = {kernel: cache_ops(layout, order, kernel=kernel)[1] for kernel in ("xla", "cudnn")}
-        got = {kernel: jax.jit(attend)(q, q_index, k, v, index).astype(jnp.float32)
-               for kernel, attend in kernels.items()}
-        f32 = lambda x: x.astype(jnp.float32)
-        reference = jax.jit(kernels["xla"])(f32(q), q_index, f32(k), f32(v), index)
-        seconds = {kernel: attention_call_seconds(attend, q, q_index, k, v, index) for kernel, attend in kernels.items()}
+        got = {kernel: f32(jax.jit(attend)(q, q_index, k, v, index, *scales)) for kernel, attend in kernels.items()}
+        reference = jax.jit(kernels["xla"])(f32(q), q_index, *held, index)
+        seconds = {kernel: attention_call_seconds(functools.partial(attend, k_scale=scales[0], v_scale=scales[1])
+                                                  if scales else attend, q, q_index, k, v, index)
+                   for kernel, attend in kernels.items()}
         out["attention"][name] = {
-            "filled_slots": filled, "cache_slots": slots,
+            "filled_slots": filled, "cache_slots": slots, "cache_dtype": dtype or "bfloat16",
             "microseconds": {"xla": seconds["xla"] * 1e6, "pallas": seconds["cudnn"] * 1e6},
             "speedup": seconds["xla"] / seconds["cudnn"],
             "max_abs_pallas_vs_xla": float(jnp.abs(got["cudnn"] - got["xla"]).max()),
             "max_abs_pallas_vs_float32": float(jnp.abs(got["cudnn"] - reference).max()),
             "max_abs_xla_vs_float32": float(jnp.abs(got["xla"] - reference).max())}
         log(f"decode_kernel {name}: {out['attention'][name]}")
-    prompt, new = bench.scale.contexts["context_1k"]
-    engine = Engine(c, bench.graphdef, bench.state, layout, prefill_chunk=bench.args.prefill_chunk, kernel="xla",
-                    serving=False)
-    ids = random_ids(c.vocab_size, prompt)
-    run = lambda n: engine.generate([ids], max_new_tokens=n, temperature=0, stop_ids=(), reuse=False)[0]
-    t1, tn, tokens = measure(run, new, bench.scale.repeats)
-    xla = context_figures(bench, prompt, new, t1, tn, first_has_step=True)
-    del engine
+    engines: dict = {}
+    for name, (context, dtype) in cases.items():
+        mine = bench.results.get(name) or {}
+        if "decode_seconds_per_token" not in mine:
+            continue                                   # compared with a section of this run only
+        if dtype not in engines:
+            engines[dtype] = Engine(c, bench.graphdef, bench.state, layout, prefill_chunk=bench.args.prefill_chunk,
+                                    kernel="xla", kv_cache_dtype=dtype, serving=False)
+        prompt, new = mine["prompt_tokens"], mine["new_tokens"]
+        ids = random_ids(c.vocab_size, prompt)
+        run = lambda n: engines[dtype].generate([ids], max_new_tokens=n, temperature=0, stop_ids=(), reuse=False)[0]
+        # XLA's prefill is slow at 32K (each timing call prefills): fewer repeats there
+        t1, tn, _ = measure(run, new, bench.scale.repeats if name == "context_1k" else 2)
+        step = (tn - t1) / (new - 1)
+        out[f"engine_xla_{name}"] = {"decode_seconds_per_token": step}
+        out[f"engine_default_{name}"] = {"decode_seconds_per_token": mine["decode_seconds_per_token"]}
+        out[f"decode_speedup_{name}"] = ratio(step, mine["decode_seconds_per_token"])
+        log(f"decode_kernel {name}: XLA tiles {step * 1e3:.2f} ms/token, default "
+            f"{mine['decode_seconds_per_token'] * 1e3:.2f}")
+    del engines
     gc.collect()
-    mine = bench.results.get("context_1k") or {}
-    same = bench.tokens.get(prompt)
-    out["engine_xla_1k"] = {k: xla[k] for k in ("decode_seconds_per_token", "decode_roofline_fraction")}
-    out["engine_default_1k"] = {k: mine.get(k) for k in ("decode_seconds_per_token", "decode_roofline_fraction")}
-    out["decode_speedup_1k"] = ratio(xla["decode_seconds_per_token"], mine.get("decode_seconds_per_token"))
-    out["greedy_1k"] = None if same is None else {
-        "compared": len(tokens), "leading_identical": next((i for i, (a, b) in enumerate(zip(tokens, same)) if a != b),
-                                                           min(len(tokens), len(same)))}
     return out
 
 
@@ -853,7 +869,6 @@ SECTIONS: tuple[tuple[str, Callable[[Bench], dict]], ...] = (
     ("model", section_model),
     ("context_1k", section_context("context_1k")),
     ("products", section_products),
-    ("decode_kernel", section_decode_kernel),
     ("accuracy", section_accuracy),
     ("context_8k", section_context("context_8k")),
     ("transformers", section_transformers),
@@ -861,6 +876,7 @@ SECTIONS: tuple[tuple[str, Callable[[Bench], dict]], ...] = (
     ("longest_fit", section_longest_fit),
     ("prefill_128k", section_prefill_128k),
     ("int8_32k", section_int8_32k),
+    ("decode_kernel", section_decode_kernel),
 )
 
 
@@ -922,12 +938,13 @@ def summary(results: dict) -> str:
             lines.append(f"  {name:<13} GB/s " + ", ".join(parts) + f"; per step {r['per_step_seconds'] * 1e3:.2f} ms"
                          + ("" if rest is None else f" + the rest {rest * 1e3:.2f} ms"))
         elif name == "decode_kernel":
-            parts = [f"{k[8:]} {v['microseconds']['xla']:.1f} -> {v['microseconds']['pallas']:.1f} us "
+            parts = [f"{k} {v['microseconds']['xla']:.1f} -> {v['microseconds']['pallas']:.1f} us "
                      f"(max diff {v['max_abs_pallas_vs_xla']:.1e})" for k, v in r["attention"].items()]
-            lines.append(f"  {name:<13} attention XLA -> Pallas: " + ", ".join(parts) + "; decode 1K with XLA's "
-                         f"{fmt(r['engine_xla_1k']['decode_seconds_per_token'] * 1e3, '.2f')} ms/token = "
-                         f"{fmt(r['engine_xla_1k']['decode_roofline_fraction'], '.0%')} "
-                         f"(this run's default {times(r['decode_speedup_1k'])} faster), greedy {r['greedy_1k']}")
+            decode = [f"{k[11:]} {v['decode_seconds_per_token'] * 1e3:.2f} ms/token "
+                      f"(default {times(r['decode_speedup_' + k[11:]])} faster)" for k, v in r.items()
+                      if k.startswith("engine_xla")]
+            lines.append(f"  {name:<13} attention XLA -> Pallas: " + ", ".join(parts) + "; decode with XLA's tiles: "
+                         + ", ".join(decode))
         elif name == "model":
             lines.append(f"  {name:<13} {r['weight_bytes'] / 1e9:.2f} GB bf16 made in {r['build_seconds']:.1f} s")
     t = results["targets"]

@@ -102,14 +102,16 @@ def test_cache_forward_visits_only_filled_tiles(chunk, groups):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("order, length, rows", [("bsgd", 1152, None), ("bgsd", 1152, None), ("bsgd", 272, [2, 0]),
-                                                ("bgsd", 96, [3, 1])])
-def test_decode_kernel_reads_each_row_to_its_length(order, length, rows):
+@pytest.mark.parametrize("order, length, rows, int8", [
+    ("bsgd", 1152, None, False), ("bgsd", 1152, None, False), ("bsgd", 272, [2, 0], False), ("bgsd", 96, [3, 1], False),
+    ("bsgd", 1152, None, True), ("bgsd", 272, [2, 0], True)])
+def test_decode_kernel_reads_each_row_to_its_length(order, length, rows, int8):
     """The decode kernel (`kernel="cudnn"`: Pallas on a GPU, its interpreter here) on the engine's
     rows (slot p holds position p): query row i at slot q_i sees slots [0, q_i] of its cache row
-    and nothing else. Slots past each row's query hold NaN (a stale request's K/V would be finite:
-    NaN proves they are never read), an inactive row (q_index -1) gets zeros; against float64,
-    for every row (rows None) and for selected rows in any order."""
+    and nothing else. Slots past each row's query hold NaN (K/V, or an int8 cache's scales: a
+    stale request's would be finite, NaN proves they are never used), an inactive row (q_index
+    -1) gets zeros; against float64 (int8: on the dequantized values), for every row (rows None)
+    and for selected rows in any order."""
     rng = np.random.default_rng(3)
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
     cache_rows = 4
@@ -117,15 +119,26 @@ def test_decode_kernel_reads_each_row_to_its_length(order, length, rows):
     picked = np.arange(cache_rows) if rows is None else np.asarray(rows)
     q_slot = rng.integers(0, length, len(picked)).astype(np.int32)
     q_slot[0], q_slot[-1] = length - 1, -1                        # a full row and an inactive one
-    k, v, index = k_ref.copy(), v_ref.copy(), np.full((cache_rows, length), PAD, np.int32)
+    if int8:
+        (k, k_scale), (v, v_scale) = (tuple(np.array(a) for a in quantize(jnp.asarray(x))) for x in (k_ref, v_ref))
+        k_ref, v_ref = k * k_scale[..., None], v * v_scale[..., None]          # what the cache holds
+        poisoned = (k_scale, v_scale)
+    else:
+        k, v = k_ref.copy(), v_ref.copy()
+        poisoned = (k, v)
+    index = np.full((cache_rows, length), PAD, np.int32)
     for row, slot in zip(picked, q_slot):
-        k[row, slot + 1:] = v[row, slot + 1:] = np.nan
+        for x in poisoned:
+            x[row, slot + 1:] = np.nan
         index[row, :slot + 1] = np.arange(slot + 1)
-    k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) if order == "bgsd" else x for x in (k, v))
+    arrays = [k, v] + (list(poisoned) if int8 else [])
+    if order == "bgsd":
+        arrays = [np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in arrays]
     q = rng.standard_normal((len(picked), 1, HQ, D)).astype(np.float32)
     _, attend = cache_ops(layout, order, kernel="cudnn")
-    got = jax.jit(attend)(jnp.asarray(q), jnp.asarray(q_slot[:, None]), jnp.asarray(k), jnp.asarray(v),
-                          jnp.asarray(index), rows=None if rows is None else jnp.asarray(rows, jnp.int32))
+    k, v, *scales = (jnp.asarray(x) for x in arrays)
+    got = jax.jit(attend)(jnp.asarray(q), jnp.asarray(q_slot[:, None]), k, v, jnp.asarray(index), *scales,
+                          rows=None if rows is None else jnp.asarray(rows, jnp.int32))
     want = reference(q, k_ref[picked], v_ref[picked], q_slot[:, None], index[picked])
     want[q_slot < 0] = 0.0
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
