@@ -185,9 +185,9 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     prefill_chunk: tokens per prefill step in `generate` (bounds prefill activations).
     kv_cache_dtype: the KV cache's storage in `generate`: None (the weights' dtype) or "int8"
       (per-token, per-head float32 scales; dequantized inside the attention).
-    kernel: prefill attention in `generate`: "auto" (cudnn on a GPU, xla elsewhere), "xla"
-      (portable) or "cudnn" (cuDNN flash attention on a GPU, for a sequence held by one device;
-      decode is one fused XLA pass either way).
+    kernel: attention in `generate`: "auto" (cudnn on a GPU, xla elsewhere), "xla" (portable)
+      or "cudnn" (on a GPU, for a cache held by one device: cuDNN flash attention for prefill
+      chunks, a Pallas kernel for decode steps).
     """
     path = pathlib.Path(path)
     config_file = path / "config.json"
