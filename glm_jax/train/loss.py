@@ -3,8 +3,9 @@
 At 128K tokens x 151,552 vocab the float32 logits of one sequence are 77 GB. The loss runs inside
 one shard_map over the mesh: each device takes its own tokens (its batch rows and `sequence` slice)
 in chunks of `chunk` tokens and its own rows of the output layer (`vocab` on `tensor`); a chunk's
-logits [b, chunk, V / tensor] live only inside a rematerialised scan step, and the log-sum-exp and
-the target's logit are reduced over `tensor` (psum) as Megatron's vocab-parallel cross-entropy does.
+logits [b, chunk, V / tensor] live only inside one scan step (their gradients are made there too,
+see `cross_entropy`), and the log-sum-exp and the target's logit are reduced over `tensor` (psum)
+as Megatron's vocab-parallel cross-entropy does.
 
 When few targets count (answer-only fine-tuning: a few answer tokens in a long prompt), a static
 budget `counted` (at least the most counted targets of any row, see `counted_budget`) gathers
@@ -16,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from ..model import dense
@@ -56,48 +58,101 @@ def cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, lay
     Logits are rounded to the model's dtype before the float32 softmax, as the model (and
     transformers' loss on its logits) does. T must divide by the `sequence` axis.
     counted: at most this many targets count in any row (static; None: any number): only their
-    positions go through the output layer (`gather_counted`)."""
+    positions go through the output layer (`gather_counted`).
+
+    Differentiated, the pass over the chunks also makes the gradients (a custom VJP): a chunk's
+    logit gradient, softmax minus the target's one-hot (rounded to the model's dtype, as the
+    rounding's transpose does), goes straight into the hidden state's gradient and a float32 sum
+    for the output layer's (only for the inputs being differentiated: a frozen output layer gets
+    none), and the backward pass scales them by the loss's cotangent. Three [chunk, V] products
+    a chunk, where differentiating the rematerialised chunks took four: a 2-layer, vocab 32,768
+    train step on this CPU spent 1.98 s in the loss and its gradients, against PyTorch's 1.47."""
     vocab = layout.mesh_axes("vocab", lm_head.shape[0])
     batch = layout.mesh_axes("batch", hidden.shape[0])
     seq = layout.mesh_axes("seq", hidden.shape[1])
     vocab_axis = vocab[0] if vocab else None
+    spread = (*batch, *seq)
+    x_spec = P(batch or None, seq or None)
+    h_spec, w_spec = P(*x_spec, None), P(vocab_axis, None)
 
-    def local(h, w, y):                                   # h [b, t, H], w [v, H], y [b, t]
-        if counted is not None and counted < h.shape[1]:
-            h, y = gather_counted(h, y, counted)          # [b, counted, H], [b, counted]
+    if counted is not None:
+        def gather(h, y):
+            return gather_counted(h, y, counted) if counted < h.shape[1] else (h, y)
+
+        hidden, targets = jax.shard_map(gather, mesh=layout.mesh, in_specs=(h_spec, x_spec),
+                                        out_specs=(h_spec, x_spec))(hidden, targets)
+
+    def chunks(h, w, y, grad_h: bool, grad_w: bool):
+        """The local pass: h [b, t, H], w [v, H], y [b, t] -> (loss, count[, dh [b, t, H]][, dw [v, H]])."""
         b, t, e = h.shape
         c = min(chunk, t)
         pad = -t % c
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        y = jnp.pad(y, ((0, 0), (0, pad)), constant_values=IGNORE)
-        hs = h.reshape(b, -1, c, e).swapaxes(0, 1)        # [n, b, c, H]
-        ys = y.reshape(b, -1, c).swapaxes(0, 1)           # [n, b, c]
+        hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, e).swapaxes(0, 1)           # [n, b, c, H]
+        ys = jnp.pad(y, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, -1, c).swapaxes(0, 1)  # [n, b, c]
         v = w.shape[0]
         offset = jax.lax.axis_index(vocab_axis) * v if vocab_axis else 0
 
-        @jax.checkpoint
-        def chunk_loss(h, y):                             # h [b, c, H], y [b, c]
-            logits = dense("bce,ve->bcv", h, w).astype(jnp.float32)           # [b, c, v]
-            m = jax.lax.stop_gradient(logits.max(-1))
+        def step(carry, xs):
+            loss, count, dw = carry
+            h_c, y_c = xs                                                     # [b, c, H], [b, c]
+            logits = dense("bce,ve->bcv", h_c, w).astype(jnp.float32)         # [b, c, v]
+            m = logits.max(-1)
             if vocab_axis:
                 m = jax.lax.pmax(m, vocab_axis)
-            se = jnp.exp(logits - m[..., None]).sum(-1)
-            local_y = y - offset
+            e_c = jnp.exp(logits - m[..., None])
+            se = e_c.sum(-1)
+            local_y = y_c - offset
             hit = (local_y >= 0) & (local_y < v)
             target = jnp.take_along_axis(logits, jnp.clip(local_y, 0, v - 1)[..., None], axis=-1)[..., 0]
             target = jnp.where(hit, target, 0.0)
             if vocab_axis:
                 se, target = jax.lax.psum(se, vocab_axis), jax.lax.psum(target, vocab_axis)
-            counted = y != IGNORE
-            return jnp.where(counted, jnp.log(se) + m - target, 0.0).sum(), counted.sum(dtype=jnp.int32)
+            counts = y_c != IGNORE
+            loss = loss + jnp.where(counts, jnp.log(se) + m - target, 0.0).sum()
+            count = count + counts.sum(dtype=jnp.int32)
+            if not (grad_h or grad_w):
+                return (loss, count, dw), None
+            onehot = jax.lax.broadcasted_iota(jnp.int32, e_c.shape, 2) == local_y[..., None]
+            d = jnp.where(counts[..., None], e_c / se[..., None] - onehot, 0.0).astype(h.dtype)   # [b, c, v]
+            dh_c = dense("bcv,ve->bce", d, w) if grad_h else None            # this shard's part [b, c, H]
+            if grad_w:
+                dw = dw + jnp.einsum("bcv,bce->ve", d, h_c, preferred_element_type=jnp.float32)
+            return (loss, count, dw), dh_c
 
-        losses, counts = jax.lax.map(lambda xs: chunk_loss(*xs), (hs, ys))     # [n] each
-        loss, count = losses.sum(), counts.sum()
-        spread = (*batch, *seq)
+        zero_dw = jnp.zeros(w.shape, jnp.float32) if grad_w else None
+        (loss, count, dw), dh = jax.lax.scan(step, (jnp.float32(0), jnp.int32(0), zero_dw), (hs, ys))
         if spread:
             loss, count = jax.lax.psum(loss, spread), jax.lax.psum(count, spread)
-        return loss, count
+        out = (loss, count)
+        if grad_h:
+            dh = dh.swapaxes(0, 1).reshape(b, -1, e)[:, :t]                   # [b, t, H]
+            out += (jax.lax.psum(dh, vocab_axis) if vocab_axis else dh,)
+        if grad_w:
+            out += ((jax.lax.psum(dw, spread) if spread else dw).astype(w.dtype),)
+        return out
 
-    x_spec = P(batch or None, seq or None)
-    return jax.shard_map(local, mesh=layout.mesh, in_specs=(P(*x_spec, None), P(vocab_axis, None), x_spec),
-                         out_specs=(P(), P()))(hidden, lm_head, targets)
+    def run(h, w, y, grad_h=False, grad_w=False):
+        outs = (P(), P()) + ((h_spec,) if grad_h else ()) + ((w_spec,) if grad_w else ())
+        return jax.shard_map(lambda h, w, y: chunks(h, w, y, grad_h, grad_w), mesh=layout.mesh,
+                             in_specs=(h_spec, w_spec, x_spec), out_specs=outs, check_vma=False)(h, w, y)
+
+    @jax.custom_vjp
+    def loss_and_count(h, w, y):
+        return run(h, w, y)
+
+    def forward(h, w, y):
+        grad_h, grad_w = h.perturbed, w.perturbed
+        loss, count, *grads = run(h.value, w.value, y.value, grad_h, grad_w)
+        dh = grads.pop(0) if grad_h else None
+        return (loss, count), (dh, grads[0] if grad_w else None)
+
+    def backward(res, cotangents):
+        dh, dw = res
+        g = cotangents[0]
+        if isinstance(g, SymbolicZero):
+            return None, None, None
+        scale = lambda x: None if x is None else (g * x.astype(jnp.float32)).astype(x.dtype)
+        return scale(dh), scale(dw), None
+
+    loss_and_count.defvjp(forward, backward, symbolic_zeros=True)
+    return loss_and_count(hidden, lm_head, targets)
