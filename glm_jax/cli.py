@@ -359,6 +359,10 @@ def _finetune(args) -> int:
     return 0
 
 
+REMAT_CHOICES = ("full", "dots", "none", "segments")
+REMAT_HELP = ("what a block keeps for the backward pass: only its input (full), its matmul outputs (dots), "
+              "everything (none), or full with only every ceil(sqrt(layers))-th block input kept through the "
+              "forward pass (segments: one more forward, a fraction of the block inputs)")
 FENCE_HELP = ("let XLA schedule each block's weight gradients freely; by default they are computed with the "
               "block's input gradient (one optimization barrier): v5p-8 LoRA at 524,288 tokens fits only with the "
               "fence, v5e-8 LoRA at 131,072 only without it")
@@ -485,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true",
                    help="compile one train step instead (AdamW; tokens and weights over every chip)")
     p.add_argument("--lora-rank", type=int, default=None, help="with --train: LoRA adapters of this rank")
-    p.add_argument("--remat", choices=("full", "dots", "none"), default=None, help="with --train (default full)")
+    p.add_argument("--remat", choices=REMAT_CHOICES, default=None, help=REMAT_HELP + " (with --train; default full)")
     p.add_argument("--no-gradient-fence", action="store_true", help="with --train: " + FENCE_HELP)
     p.add_argument("--json", action="store_true", help="a JSON list, one object per program")
     p.set_defaults(run=_compile_report)
@@ -563,8 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW decoupled weight decay, never on norms and biases (default 0)")
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping, 0 = off (default 1)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. 'sequence=8' or 'fsdp=2,sequence=4' (default: one device)")
-    p.add_argument("--remat", choices=("full", "dots", "none"), default="full",
-                   help="per block: recompute everything (full), keep matmul outputs (dots), keep all (default full)")
+    p.add_argument("--remat", choices=REMAT_CHOICES, default="full", help=REMAT_HELP + " (default full)")
     p.add_argument("--no-gradient-fence", action="store_true", help=FENCE_HELP)
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per cross-entropy chunk (default 1024)")
     p.add_argument("--lora-rank", type=int, default=None,

@@ -234,16 +234,23 @@ class GLM(nnx.Module):
         """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype ([B, 1, V] with
         last_only; without `head`, the final-normed hidden state [B, T, H] instead) and, with
         hidden_states, the embedding and every layer's output [L + 1, B, T, H].
-        With a layout, activations are constrained to its logical shardings. `remat` (see REMAT):
-        what each block keeps for the backward pass; with a policy (training) and `fence`, every
+        With a layout, activations are constrained to its logical shardings. `remat` (see REMAT and
+        REMATS): what each block keeps for the backward pass; with a policy (training) and `fence`, every
         block's weight gradients are fenced to its input gradient (`fence_gradients`)."""
         x = self.embed[...][tokens]                                         # [B, T, H]
         cos, sin = rope_tables(positions, self.config, x.dtype)
         hidden = [x]
-        for i, layer in enumerate(self.layers):
-            x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat, fence=fence and i > 0)
+        if remat == "segments":
             if hidden_states:
-                hidden.append(x)
+                raise ValueError("remat 'segments' keeps no per-layer outputs; hidden_states needs another policy")
+            layers, step = list(enumerate(self.layers)), segment_length(len(self.layers))
+            for start in range(0, len(layers), step):
+                x = _segment(layers[start:start + step], x, cos, sin, attend, layout, fence)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat, fence=fence and i > 0)
+                if hidden_states:
+                    hidden.append(x)
         if last_only:
             x = x[:, -1:]
         out = self.final_norm(x)
@@ -253,16 +260,42 @@ class GLM(nnx.Module):
 
 
 # What a block keeps for its backward pass: "none" everything, "dots" the matmul outputs (the rest
-# is recomputed), "full" only its input (the whole block is recomputed).
+# is recomputed), "full" only its input (the whole block is recomputed). "segments" (`_segment`):
+# as "full", but only every `segment_length`-th block input is kept through the forward pass.
 REMAT = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
          "full": jax.checkpoint_policies.nothing_saveable}
+REMATS = (*REMAT, "segments")
+
+
+def segment_length(layers: int) -> int:
+    """Blocks per segment under remat "segments": ceil(sqrt(layers)), which about minimises the
+    block inputs alive at once (layers / s kept through the forward pass, s more inside the
+    segment being differentiated): 40 layers, segments of 7, 13 inputs instead of 40."""
+    return math.ceil(math.sqrt(layers))
+
+
+def _segment(layers: list[tuple[int, Block]], x, cos, sin, attend: LayerAttend, layout: Layout | None,
+             fence: bool):
+    """Consecutive blocks (index, block) under one more `jax.checkpoint` that keeps only the
+    segment's input: the backward pass runs the segment's forward again (each block remat "full"
+    inside it, keeping its own input) just before differentiating its blocks. One more forward of
+    every block, for (layers / s + s) block inputs alive instead of all of them."""
+    graphdefs, states = zip(*(nnx.split(layer) for _, layer in layers))
+
+    def run(states, x):
+        for (i, _), graphdef, state in zip(layers, graphdefs, states):
+            x = _block(nnx.merge(graphdef, state), x, cos, sin, functools.partial(attend, i), layout, "full",
+                       fence=fence and i > 0)
+        return x
+
+    return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(list(states), x)
 
 
 def _block(layer: Block, x, cos, sin, attend, layout: Layout | None, remat: str, fence: bool = False):
     """One block under `remat`. With `fence` (and a remat policy, i.e. training), the block's
     weight gradients are fenced to its input's gradient (`fence_gradients`)."""
     if remat not in REMAT:
-        raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT)}")
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMATS)}")
     if remat == "none":
         return layer(x, cos, sin, attend, layout)
     graphdef, state = nnx.split(layer)

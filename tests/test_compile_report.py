@@ -96,4 +96,7 @@ def test_train_step_report(reference, capsys):
     assert lora["argument_bytes_per_device"] < 1.5 * weights / 8 < full["argument_bytes_per_device"]
     assert full["model_flops"] == lora["model_flops"] > 0
     assert main(["compile-report", *config[:-2], "--lora-rank", "2"]) == 2           # needs --train
-    assert capsys.readouterr().err.strip() == "glm-jax compile-report: error: --lora-rank and --remat need --train"
+    assert capsys.readouterr().err.strip() == ("glm-jax compile-report: error: --lora-rank, --remat and "
+                                               "--no-gradient-fence need --train")
+    assert main(["compile-report", *config, "--lora-rank", "2", "--remat", "segments"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["program"] == "train step (LoRA rank 2, remat segments)"

@@ -19,7 +19,6 @@ import numpy as np
 ADAPTERS = "adapters"   # LoRA runs: the adapters alone (Orbax, float32) and adapter_config.json
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json", "hf_source.json",
               "hf_extra.safetensors")
-REMATS = ("full", "dots", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +65,8 @@ class FinetuneConfig:
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < max(self.steps, 1) + 1:
             raise ValueError(f"--warmup-steps must be in [0, {self.steps}], got {self.warmup_steps}")
         self.lora()                                              # a bad LoRA setup stops here
+        from ..model import REMATS
+
         if self.remat not in REMATS:
             raise ValueError(f"--remat must be one of {', '.join(REMATS)}, got {self.remat!r}")
         if not (self.model / "config.json").is_file():
