@@ -7,7 +7,7 @@ GlmForCausalLM, SDPA, torch.optim.AdamW) on the same random weights and the same
 Model: random GLM-4 (8 query / 2 KV heads of dim 64, ffn 1408, vocab 32,768, float32, partial
 rotary 0.5). Both sides: AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay), gradient
 clipping at 1.0, the loss over every next token of the batch, float32. glm-jax: one jitted step
-(donated state, remat "none" and "full"), PyTorch: zero_grad, forward with labels, backward,
+(donated state, remat "none", "full" and "segments"), PyTorch: zero_grad, forward with labels, backward,
 clip, step. Each side runs one warm-up step (compilation), then --steps timed steps; the figure is
 the median seconds per step and tokens/s = batch x seq_len / that. The losses of the first steps
 are printed side by side (same weights, same data: they should agree to float32 rounding).
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     batch = Batch(*(jnp.asarray(x[None], jnp.int32) for x in (ids, ids, np.broadcast_to(np.arange(args.seq_len),
                                                                                        ids.shape), np.ones_like(ids))))
     config = OptimizerConfig(learning_rate=1e-4, schedule="constant", clip_norm=1.0)
-    for remat in ("none", "full"):
+    for remat in ("none", "full", "segments"):
         trainer = Trainer(model.config, model.layout, model.dtype, make_optimizer(config), remat=remat)
         step = jax.jit(trainer.step, donate_argnums=0)
         state = [trainer.init(flat_params(model.state))]
@@ -121,9 +121,9 @@ def main(argv=None) -> int:
               f"float32, AdamW (median of {args.steps})")
         print(f"  torch (SDPA)          {torch_s:7.3f} s/step {tokens / torch_s:9,.0f} tokens/s  losses "
               f"{[round(x, 5) for x in torch_losses[:3]]}")
-        for remat in ("none", "full"):
+        for remat in ("none", "full", "segments"):
             r = result[f"glm_jax_remat_{remat}"]
-            print(f"  glm-jax remat {remat:<7} {r['seconds_per_step']:7.3f} s/step {r['tokens_per_s']:9,.0f} tokens/s  "
+            print(f"  glm-jax remat {remat:<8} {r['seconds_per_step']:7.3f} s/step {r['tokens_per_s']:9,.0f} tokens/s  "
                   f"{r['speedup_vs_torch']:.2f}x torch; losses {[round(x, 5) for x in r['losses']]}")
     return 0
 
