@@ -127,14 +127,24 @@ _context_parallel.defvjp(_cp_fwd, _cp_bwd)
 
 # -- on global arrays ------------------------------------------------------------------------
 
+# Score tiles of the per-device kernel by platform (default 512): on CPU, 256-token tiles made the
+# gradient of a 1,024-token attention (batch 2, 8/2 heads of 64) 150-160 ms against 241-261 ms
+# with 512 (less work wasted on the causal diagonal; interleaved runs).
+TILES = {"cpu": 256}
+
+
 def context_parallel(layout: Layout, *, strategy: str = "ring", causal: bool = True, axis: str = "sequence",
-                     block_q: int = 512, block_k: int = 512, kernel: LocalKernel | None = None) -> AttentionFn:
+                     block_q: int | None = None, block_k: int | None = None,
+                     kernel: LocalKernel | None = None) -> AttentionFn:
     """Attention on global arrays already in device order (see `token_order`), sharded on `axis`:
     q [B, T, Hq, D], k/v [B, T, Hkv, D], indices [B, T], T divisible by the axis size.
+    block_q/block_k: score tiles (default: TILES of the mesh's platform, else 512).
     `kernel` replaces the per-device tile kernel (it then handles causality and tiling itself)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     n = layout.size(axis)
+    tile = TILES.get(layout.mesh.devices.flat[0].platform, 512)
+    block_q, block_k = block_q or tile, block_k or tile
 
     def attend(q, k, v, q_index, k_index):
         b, t, hq, d = q.shape
