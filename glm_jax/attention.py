@@ -388,49 +388,46 @@ def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool,
     the whole attention (all KV). Returns dq [B,T,G,R,D], dk and dv [B,S,G,D] (float32).
     q, k, v and dout may come in any float dtype: each tile is converted to float32 as it is used
     (whole float32 copies of q and dout were two more [T, Hq, D] float32 buffers a layer).
-    The tiles are heads-major ([B,G,R,T,D] queries, [B,G,S,D] keys, transposed once here; see
-    `heads_major`), and a tile every query sees whole skips the mask: on this project's CPU the
-    time-major tiles and the mask on every tile made a 1,024-token backward (batch 2, 8/2 heads)
-    220 ms against PyTorch SDPA's 62-78 ms forward and backward."""
+    A tile every query sees whole skips the mask. The tiles stay time-major: heads-major copies of
+    q and dout (as the forward takes) made the CPU backward 5-10% faster but cost the v5e-8 LoRA
+    step at 131,072 tokens 2.8 GiB of HBM (15.94 GiB of temporaries: out of memory)."""
     nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
-    heads = lambda x: x.transpose(0, 2, 1, 3)                                     # [B,S,G,D] <-> [B,G,S,D]
-    qs = (_tiles(heads_major(q), nq, axis=3), _tiles(q_index, nq), _tiles(heads_major(dout), nq, axis=3),
-          _tiles(lse, nq, axis=3), _tiles(delta, nq, axis=3))
+    qs = (_tiles(q, nq), _tiles(q_index, nq), _tiles(dout, nq), _tiles(lse, nq, axis=3),
+          _tiles(delta, nq, axis=3))
     scale = 1.0 / np.sqrt(q.shape[-1])
 
     def one_kv_tile(dq, kv_t):
-        k_t, v_t, ki_t = kv_t                                                    # [B, G, bk, D]
+        k_t, v_t, ki_t = kv_t
         k_t, v_t = f32(k_t, v_t)
 
         def step(dkv, q_tile):
-            q_t, qi_t, do_t, lse_t, de_t = q_tile                                # q_t, do_t [B, G, R, bq, D]
+            q_t, qi_t, do_t, lse_t, de_t = q_tile
             q_t, do_t = f32(q_t, do_t)
             mask = visible(qi_t, ki_t, causal)                                   # [B, bq, bk]
 
             def grads(dkv, masked: bool):
                 dk, dv = dkv
-                p = jnp.exp(_scores(q_t, k_t, kv_layout="bgsd") - lse_t[..., None])   # [B, G, R, bq, bk]
+                p = jnp.exp(_scores(q_t, k_t, q_layout="btgrd") - lse_t[..., None])   # [B, G, R, bq, bk]
                 if masked:
                     p = jnp.where(mask[:, None, None], p, 0.0)
-                dv = dv + jnp.einsum("bgrts,bgrtd->bgsd", p, do_t, precision=HIGHEST)
-                dp = jnp.einsum("bgrtd,bgsd->bgrts", do_t, v_t, precision=HIGHEST)
+                dv = dv + jnp.einsum("bgrts,btgrd->bsgd", p, do_t, precision=HIGHEST)
+                dp = jnp.einsum("btgrd,bsgd->bgrts", do_t, v_t, precision=HIGHEST)
                 ds = p * (dp - de_t[..., None]) * scale
-                dk = dk + jnp.einsum("bgrts,bgrtd->bgsd", ds, q_t, precision=HIGHEST)
-                return (dk, dv), jnp.einsum("bgrts,bgsd->bgrtd", ds, k_t, precision=HIGHEST)
+                dk = dk + jnp.einsum("bgrts,btgrd->bsgd", ds, q_t, precision=HIGHEST)
+                return (dk, dv), jnp.einsum("bgrts,bsgd->btgrd", ds, k_t, precision=HIGHEST)
 
-            branch = jnp.where(mask.all(), 2, jnp.where(mask.any(), 1, 0))
+            branch = jnp.where(mask.all(), 2, jnp.where(mask.any(), 1, 0))        # hidden, masked, whole
             return jax.lax.switch(branch, [lambda dkv: (dkv, jnp.zeros_like(q_t)),
                                            functools.partial(grads, masked=True),
                                            functools.partial(grads, masked=False)], dkv)
 
         zeros = jnp.zeros(k_t.shape, jnp.float32)
         (dk, dv), dq_tiles = jax.lax.scan(step, (zeros, zeros), qs)
-        return dq + _untile(dq_tiles, axis=3), (dk, dv)
+        return dq + _untile(dq_tiles), (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(one_kv_tile, jnp.zeros(heads_major(q).shape, jnp.float32),
-                                (_tiles(heads(k), nk, axis=2), _tiles(heads(v), nk, axis=2), _tiles(k_index, nk)))
-    dk, dv = (heads(_untile(x, axis=2)) for x in (dk, dv))
-    return dq.transpose(0, 3, 1, 2, 4), dk, dv
+    dq, (dk, dv) = jax.lax.scan(one_kv_tile, jnp.zeros(q.shape, jnp.float32),
+                                (_tiles(k, nk), _tiles(v, nk), _tiles(k_index, nk)))
+    return dq, _untile(dk), _untile(dv)
 
 
 def f32(*xs):
