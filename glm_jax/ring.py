@@ -128,8 +128,8 @@ _context_parallel.defvjp(_cp_fwd, _cp_bwd)
 # -- on global arrays ------------------------------------------------------------------------
 
 # Score tiles of the per-device kernel by platform (default 512): on CPU, 256-token tiles made the
-# gradient of a 1,024-token attention (batch 2, 8/2 heads of 64) 150-160 ms against 241-261 ms
-# with 512 (less work wasted on the causal diagonal; interleaved runs).
+# gradient of a 1,024-token attention (batch 2, 8/2 heads of 64) 136-163 ms against 232-425 ms
+# with 512 (less work wasted on the causal diagonal; four interleaved runs).
 TILES = {"cpu": 256}
 
 
