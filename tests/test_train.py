@@ -186,6 +186,18 @@ def test_counted_budget_gives_the_same_loss_and_gradients(spec):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
+def test_loss_gradients_take_three_products_a_chunk():
+    """Differentiated, the chunked loss makes its gradients in its one pass over the chunks: the
+    logits, dh and dW products (three, not four with the chunks rematerialised in the backward
+    pass), and a frozen output layer (LoRA) costs no dW product at all."""
+    layout = Layout(one_device())
+    h, w = jnp.zeros((2, 24, 16)), jnp.zeros((40, 16))
+    y = jnp.zeros((2, 24), jnp.int32)
+    loss = lambda h, w: cross_entropy(h, w, y, layout, chunk=8)[0]
+    products = lambda argnums: str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(h, w)).count("dot_general")
+    assert products((0, 1)) == 3 and products(0) == 2
+
+
 def test_counted_budget():
     """A power of two covering the row with the most counted labels; None when it would not save much."""
     labels = np.full((3, 2, 512), IGNORE)
