@@ -389,7 +389,7 @@ def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool,
     q, k, v and dout may come in any float dtype: each tile is converted to float32 as it is used
     (whole float32 copies of q and dout were two more [T, Hq, D] float32 buffers a layer).
     A tile every query sees whole skips the mask. The tiles stay time-major: heads-major copies of
-    q and dout (as the forward takes) made the CPU backward 5-10% faster but cost the v5e-8 LoRA
+    q and dout (as the forward takes) made the CPU backward 5-10% faster (three interleaved runs) but cost the v5e-8 LoRA
     step at 131,072 tokens 2.8 GiB of HBM (15.94 GiB of temporaries: out of memory)."""
     nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
     qs = (_tiles(q, nq), _tiles(q_index, nq), _tiles(dout, nq), _tiles(lse, nq, axis=3),

@@ -359,7 +359,7 @@ def _finetune(args) -> int:
     return 0
 
 
-REMAT_CHOICES = ("full", "dots", "none", "segments")
+REMAT_CHOICES = ("full", "dots", "none", "segments")   # model.REMATS, listed here so --help imports no jax
 REMAT_HELP = ("what a block keeps for the backward pass: only its input (full), its matmul outputs (dots), "
               "everything (none), or full with only every ceil(sqrt(layers))-th block input kept through the "
               "forward pass (segments: one more forward, a fraction of the block inputs)")

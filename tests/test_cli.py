@@ -93,3 +93,11 @@ def test_config_missing_a_key(reference, tmp_path, capsys, source, key, command)
     assert main([command, *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing key" in err and repr(key) in err
+
+
+def test_remat_choices_are_the_models():
+    """The CLI lists the remat policies without importing jax: the same set as the model's."""
+    from glm_jax.cli import REMAT_CHOICES
+    from glm_jax.model import REMATS
+
+    assert sorted(REMAT_CHOICES) == sorted(REMATS)
