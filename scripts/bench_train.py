@@ -8,8 +8,9 @@ Model: random GLM-4 (8 query / 2 KV heads of dim 64, ffn 1408, vocab 32,768, flo
 rotary 0.5). Both sides: AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay), gradient
 clipping at 1.0, the loss over every next token of the batch, float32. glm-jax: one jitted step
 (donated state, remat "none", "full" and "segments"), PyTorch: zero_grad, forward with labels, backward,
-clip, step. Each side runs one warm-up step (compilation), then --steps timed steps; the figure is
-the median seconds per step and tokens/s = batch x seq_len / that. The losses of the first steps
+clip, step. Two untimed rounds (compilation, first use of the buffers), then --steps rounds each time one step of
+every side in turn (so the machine's drifts fall on all sides alike); the figure is the median
+seconds per step and tokens/s = batch x seq_len / that, and the range of the per-round ratios. The losses of the first steps
 are printed side by side (same weights, same data: they should agree to float32 rounding).
 """
 
@@ -26,11 +27,13 @@ import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from _timing import timings  # noqa: E402
 
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
+REMATS = ("none", "full", "segments")
 
 
 def torch_model(args, folder: pathlib.Path):
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per side (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=6, help="timed rounds, one step of every side each (after two untimed rounds)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     # PyTorch
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     t_ids = torch.from_numpy(ids)
-    torch_losses = []
+    losses = {"torch": []}
 
     def torch_step():
         opt.zero_grad(set_to_none=True)
@@ -89,42 +92,54 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
         opt.step()
-        torch_losses.append(float(loss.detach()))
-
-    torch_step()
-    torch_s = statistics.median(timings(torch_step, args.steps))
-    result["torch"] = {"seconds_per_step": torch_s, "tokens_per_s": tokens / torch_s, "losses": torch_losses[:3]}
+        losses["torch"].append(float(loss.detach()))
 
     # glm-jax, same initial weights (the saved folder) and data
     model = glm_jax.load(folder, mesh=make_mesh("sequence=1", jax.devices()[:1]))
     batch = Batch(*(jnp.asarray(x[None], jnp.int32) for x in (ids, ids, np.broadcast_to(np.arange(args.seq_len),
                                                                                        ids.shape), np.ones_like(ids))))
     config = OptimizerConfig(learning_rate=1e-4, schedule="constant", clip_norm=1.0)
-    for remat in ("none", "full", "segments"):
+
+    def jax_side(remat):
         trainer = Trainer(model.config, model.layout, model.dtype, make_optimizer(config), remat=remat)
         step = jax.jit(trainer.step, donate_argnums=0)
         state = [trainer.init(flat_params(model.state))]
-        losses = []
+        losses[remat] = []
 
         def jax_step():
             state[0], metrics = step(state[0], {}, batch)
-            losses.append(float(metrics["loss"]))          # waits for the step
+            losses[remat].append(float(metrics["loss"]))          # waits for the step
+        return jax_step
 
-        jax_step()
-        s = statistics.median(timings(jax_step, args.steps))
-        result[f"glm_jax_remat_{remat}"] = {"seconds_per_step": s, "tokens_per_s": tokens / s, "losses": losses[:3],
-                                            "speedup_vs_torch": torch_s / s}
+    sides = {"torch": torch_step, **{remat: jax_side(remat) for remat in REMATS}}
+    for _ in range(2):                                            # warm-up: compilation, then first-touch
+        for fn in sides.values():                                 # of the buffers (a first round ran 3-4x slower)
+            fn()
+    # round-robin: each round times one step of every side, so drifts in the machine's speed fall on all
+    seconds = {name: [] for name in sides}
+    for _ in range(args.steps):
+        for name, fn in sides.items():
+            time.sleep(float(os.environ.get("BENCH_PAUSE", 0)))
+            seconds[name] += timings(fn, 1)
+    torch_s = statistics.median(seconds["torch"])
+    result["torch"] = {"seconds_per_step": torch_s, "tokens_per_s": tokens / torch_s, "losses": losses["torch"][:3]}
+    for remat in REMATS:
+        s = statistics.median(seconds[remat])
+        result[f"glm_jax_remat_{remat}"] = {"seconds_per_step": s, "tokens_per_s": tokens / s,
+                                            "losses": losses[remat][:3], "speedup_vs_torch": torch_s / s,
+                                            "speedup_per_round": [t / j for t, j in zip(seconds["torch"], seconds[remat])]}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"train step, {args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq_len} tokens, "
               f"float32, AdamW (median of {args.steps})")
         print(f"  torch (SDPA)          {torch_s:7.3f} s/step {tokens / torch_s:9,.0f} tokens/s  losses "
-              f"{[round(x, 5) for x in torch_losses[:3]]}")
-        for remat in ("none", "full", "segments"):
+              f"{[round(x, 5) for x in losses['torch'][:3]]}")
+        for remat in REMATS:
             r = result[f"glm_jax_remat_{remat}"]
             print(f"  glm-jax remat {remat:<8} {r['seconds_per_step']:7.3f} s/step {r['tokens_per_s']:9,.0f} tokens/s  "
-                  f"{r['speedup_vs_torch']:.2f}x torch; losses {[round(x, 5) for x in r['losses']]}")
+                  f"{r['speedup_vs_torch']:.2f}x torch (rounds {min(r['speedup_per_round']):.2f}-"
+                  f"{max(r['speedup_per_round']):.2f}x); losses {[round(x, 5) for x in r['losses']]}")
     return 0
 
 
