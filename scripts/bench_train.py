@@ -27,7 +27,6 @@ import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from _timing import timings  # noqa: E402
@@ -119,7 +118,6 @@ def main(argv=None) -> int:
     seconds = {name: [] for name in sides}
     for _ in range(args.steps):
         for name, fn in sides.items():
-            time.sleep(float(os.environ.get("BENCH_PAUSE", 0)))
             seconds[name] += timings(fn, 1)
     torch_s = statistics.median(seconds["torch"])
     result["torch"] = {"seconds_per_step": torch_s, "tokens_per_s": tokens / torch_s, "losses": losses["torch"][:3]}

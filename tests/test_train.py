@@ -354,3 +354,16 @@ def test_packing_equals_the_examples_run_separately(tmp_path, mesh):
     # without the segments the examples see each other: a different loss
     crossed = jax.jit(trainer.gradients)(params, {}, batch_of(packed, labels, positions))
     assert abs(float(crossed[1]) - float(want[1])) > 1e-4
+
+
+def test_output_layer_gradient_takes_the_logit_gradient_as_it_is():
+    """The output layer's gradient accumulates transposed ([H, V] += hᵀ·d) so that XLA's CPU matmul
+    reads the chunk's logit gradient d [tokens, V] as it lies: accumulated as [V, H] += dᵀ·h, the
+    compiled step first copied d into a [V, tokens] transpose (0.23-0.31 s of a 2.6 s train step
+    at vocab 32,768)."""
+    layout = Layout(one_device())
+    h, w = jnp.zeros((2, 256, 64)), jnp.zeros((4096, 64))
+    y = jnp.zeros((2, 256), jnp.int32)
+    grad = jax.jit(jax.grad(lambda h, w: cross_entropy(h, w, y, layout, chunk=256)[0], argnums=(0, 1)))
+    hlo = grad.lower(h, w).compile().as_text()
+    assert "f32[4096,512]" not in hlo                  # d transposed: [V, tokens]
