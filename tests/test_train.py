@@ -367,3 +367,27 @@ def test_output_layer_gradient_takes_the_logit_gradient_as_it_is():
     grad = jax.jit(jax.grad(lambda h, w: cross_entropy(h, w, y, layout, chunk=256)[0], argnums=(0, 1)))
     hlo = grad.lower(h, w).compile().as_text()
     assert "f32[4096,512]" not in hlo                  # d transposed: [V, tokens]
+
+
+def test_optimizer_state_is_sharded_like_the_weights_under_jit():
+    """Full fine-tuning on an FSDP-style layout: the jitted init (how compile-report sizes the
+    step) lays out the float32 master weights and every parameter-shaped optimizer leaf as the
+    weight is sharded. optax's zeros_like left Adam's moments replicated: the whole model's
+    moments on every chip."""
+    from glm_jax.config import GLMConfig
+    from glm_jax.params import param_specs
+
+    config = GLMConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    layout = Layout.create(make_mesh("sequence=4", jax.devices()[:4]), weights_over_sequence=True)
+    specs = param_specs(config, jnp.bfloat16)
+    weights = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.sharding(s.axes, s.shape))
+               for n, s in specs.items()}
+    trainer = Trainer(config, layout, jnp.bfloat16, make_optimizer(OptimizerConfig()))
+    state = jax.jit(trainer.init).lower(weights).compile().output_shardings
+    moments = [m for key in ("mu", "nu") for _, m in optax.tree_utils.tree_get_all_with_path(state["opt_state"], key)]
+    assert len(moments) == 2
+    for name, spec in specs.items():
+        like = lambda sharding: sharding.is_equivalent_to(layout.sharding(spec.axes, spec.shape), len(spec.shape))
+        assert like(state["params"][name]) and all(like(m[name]) for m in moments), name
+    assert layout.spec(specs["embed"].axes, specs["embed"].shape) == jax.sharding.PartitionSpec(None, "sequence")

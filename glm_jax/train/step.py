@@ -21,7 +21,7 @@ from flax import nnx
 
 from ..config import GLMConfig
 from ..model import device_order_call
-from ..params import split_model
+from ..params import param_specs, split_model
 from ..sharding import Layout
 from .lora import LoRAConfig, attach, merge
 from .loss import IGNORE, cross_entropy, shift_labels
@@ -167,6 +167,16 @@ class Trainer:
 
     def init(self, params: Params) -> dict:
         """The train state of the trained `params` (weights or adapters): float32 copies, never the
-        caller's arrays (the step donates its state)."""
-        master = {k: jnp.array(v, jnp.float32, copy=True) for k, v in params.items()}
-        return {"params": master, "opt_state": self.optimizer.init(master), "step": jnp.int32(0)}
+        caller's arrays (the step donates its state). The master weights and every parameter-shaped
+        leaf of the optimizer state are laid out as the layout shards that weight (adapters:
+        replicated): optax makes its state with zeros_like, which under `jax.jit` came back
+        replicated (the full fine-tuning step's Adam moments whole on every chip)."""
+        specs = param_specs(self.config, self.dtype)
+
+        def place(x: jax.Array, name: str) -> jax.Array:
+            return self.layout.constrain(x, specs[name].axes if name in specs else (None,) * x.ndim)
+
+        master = {k: place(jnp.array(v, jnp.float32, copy=True), k) for k, v in params.items()}
+        opt_state = optax.tree_utils.tree_map_params(self.optimizer, place, self.optimizer.init(master),
+                                                     {k: k for k in master})
+        return {"params": master, "opt_state": opt_state, "step": jnp.int32(0)}
