@@ -8,10 +8,11 @@ Model: random GLM-4 (8 query / 2 KV heads of dim 64, ffn 1408, vocab 32,768, flo
 rotary 0.5). Both sides: AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay), gradient
 clipping at 1.0, the loss over every next token of the batch, float32. glm-jax: one jitted step
 (donated state, remat "none", "full" and "segments"), PyTorch: zero_grad, forward with labels, backward,
-clip, step. Two untimed rounds (compilation, first use of the buffers), then --steps rounds each time one step of
-every side in turn (so the machine's drifts fall on all sides alike); the figure is the median
-seconds per step and tokens/s = batch x seq_len / that, and the range of the per-round ratios. The losses of the first steps
-are printed side by side (same weights, same data: they should agree to float32 rounding).
+clip, step. Two untimed rounds (compilation, first use of the buffers), then --steps rounds,
+each timing one step of every side in turn (so the machine's drifts fall on all sides alike).
+Figures: the median seconds per step, tokens/s = batch x seq_len / that, and the range of the
+per-round ratios. The losses of the first steps are printed side by side (same weights, same
+data: they should agree to float32 rounding).
 """
 
 from __future__ import annotations
