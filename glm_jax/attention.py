@@ -393,8 +393,9 @@ def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool,
     transposed ([B, G, D, bk]: qᵀ·ds and doᵀ·p, products XLA's CPU matmul takes without copying
     ds or p). On this CPU a 1,024-token attention gradient (batch 2, 8/2 heads of 64) took 0.70x
     the time of time-major tiles (median of 15 interleaved rounds, 119.5 against 169.9 ms);
-    heads-major copies of the whole q and dout were 5-10% faster but cost the v5e-8 LoRA step at
-    131,072 tokens 2.8 GiB of HBM (15.94 GiB of temporaries: out of memory)."""
+    heads-major copies of the whole q and dout (tried on 27 Nov before this) were 5-10% faster but
+    cost the v5e-8 LoRA step at 131,072 tokens 2.8 GiB of HBM (15.94 GiB of temporaries: out of
+    memory); these per-tile copies leave it at 13.11 GiB."""
     nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
     qs = (_tiles(q, nq), _tiles(q_index, nq), _tiles(dout, nq), _tiles(lse, nq, axis=3),
           _tiles(delta, nq, axis=3))

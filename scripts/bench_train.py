@@ -11,7 +11,9 @@ clipping at 1.0, the loss over every next token of the batch, float32. glm-jax: 
 clip, step. Two untimed rounds (compilation, first use of the buffers), then --steps rounds,
 each timing one step of every side in turn (so the machine's drifts fall on all sides alike).
 Figures: the median seconds per step, tokens/s = batch x seq_len / that, and the range of the
-per-round ratios. The losses of the first steps are printed side by side (same weights, same
+per-round ratios; and the floor: the step's model FLOPs (forward and backward, no remat) at the
+best float32 product rate jax or torch reaches on this machine in the same run, with each side's
+fraction of it. The losses of the first steps are printed side by side (same weights, same
 data: they should agree to float32 rounding).
 """
 
@@ -30,7 +32,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _timing import timings  # noqa: E402
+from _timing import best_time, timings  # noqa: E402
 
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
 REMATS = ("none", "full", "segments")
@@ -51,6 +53,24 @@ def torch_model(args, folder: pathlib.Path):
     return model.train()
 
 
+def matmul_rate(m: int, k: int, n: int, repeats: int = 3) -> dict:
+    """Best float32 GFLOP/s of one [m, k] x [k, n] product on this machine, by jax and by torch (the
+    train step's largest products are the loss's [tokens, hidden] x [hidden, vocab])."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    xa, xb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    product = jax.jit(jnp.matmul)
+    product(xa, xb).block_until_ready()
+    flops = 2.0 * m * k * n
+    return {"jax": flops / best_time(lambda: product(xa, xb).block_until_ready(), repeats) / 1e9,
+            "torch": flops / best_time(lambda: ta @ tb, repeats) / 1e9}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -66,6 +86,7 @@ def main(argv=None) -> int:
     import torch
 
     import glm_jax
+    from glm_jax.compile_report import model_flops
     from glm_jax.params import flat_params
     from glm_jax.sharding import make_mesh
     from glm_jax.train.step import Batch, OptimizerConfig, Trainer, make_optimizer
@@ -127,6 +148,14 @@ def main(argv=None) -> int:
         result[f"glm_jax_remat_{remat}"] = {"seconds_per_step": s, "tokens_per_s": tokens / s,
                                             "losses": losses[remat][:3], "speedup_vs_torch": torch_s / s,
                                             "speedup_per_round": [t / j for t, j in zip(seconds["torch"], seconds[remat])]}
+    # the floor: the step's model FLOPs (forward + backward, remat none) at the best product rate measured now
+    rate = matmul_rate(tokens, args.hidden, 32768)
+    flops = 3 * model_flops(model.config, args.batch, args.seq_len, (args.seq_len + 1) / 2)
+    floor = flops / (max(rate.values()) * 1e9)
+    result["floor"] = {"step_flops": flops, "matmul_gflops_per_s": rate, "seconds_per_step": floor,
+                       "torch_fraction": floor / torch_s,
+                       **{f"glm_jax_remat_{r}_fraction": floor / result[f"glm_jax_remat_{r}"]["seconds_per_step"]
+                          for r in REMATS}}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -139,6 +168,11 @@ def main(argv=None) -> int:
             print(f"  glm-jax remat {remat:<8} {r['seconds_per_step']:7.3f} s/step {r['tokens_per_s']:9,.0f} tokens/s  "
                   f"{r['speedup_vs_torch']:.2f}x torch (rounds {min(r['speedup_per_round']):.2f}-"
                   f"{max(r['speedup_per_round']):.2f}x); losses {[round(x, 5) for x in r['losses']]}")
+        f = result["floor"]
+        print(f"  floor: {flops / 1e9:,.0f} GFLOP a step at {max(rate.values()):.0f} GFLOP/s (the best float32 "
+              f"[{tokens} x {args.hidden}] x [{args.hidden} x 32768] product now: jax {rate['jax']:.0f}, torch "
+              f"{rate['torch']:.0f}) = {floor:.3f} s; torch at {f['torch_fraction']:.0%} of it, glm-jax "
+              + ", ".join(f"{r} {f[f'glm_jax_remat_{r}_fraction']:.0%}" for r in REMATS))
     return 0
 
 
