@@ -1,0 +1,55 @@
+"""Every choice and default of glm-jax, declared once.
+
+The CLI, the Python API, the engine, fine-tuning and the evaluations read these names; nothing
+else restates a choice list or a default. This module imports nothing heavy (no JAX), so
+`glm-jax --help` stays fast.
+"""
+
+from __future__ import annotations
+
+# -- numerics --------------------------------------------------------------------------------------
+DTYPES = ("bfloat16", "float32")             # compute / storage dtypes of the weights
+KV_CACHE_DTYPES = ("int8",)                  # besides the weights' dtype (the default, None)
+
+# -- attention -------------------------------------------------------------------------------------
+ATTENTIONS = ("auto", "exact", "blockwise")  # single-device attention of `Model.logits`
+STRATEGIES = ("ring", "allgather")           # context-parallel attention over the `sequence` axis
+# The engine's attention kernels: "auto" picks "gpu" on a GPU and "xla" elsewhere; "xla" is the
+# portable tile loop; "gpu" is cuDNN flash attention for prefill chunks and the Pallas decode
+# kernel for decode steps (a cache held by one device).
+KERNELS = ("auto", "xla", "gpu")
+DEFAULT_KERNEL = "auto"
+
+# -- the engine ------------------------------------------------------------------------------------
+PREFILL_CHUNK = 512            # prompt tokens per prefill step (bounds prefill activations)
+STEPS_PER_CALL = 8             # decode tokens per device call between host round trips (generate, chat)
+SERVE_STEPS_PER_CALL = 4       # the server's: a new request waits at most one burst for its prefill
+MAX_BATCH = 8                  # requests decoded together by `Model.engine` and `serve` (cache rows)
+MAX_QUEUE = 64                 # requests a server lets wait for a row; more get HTTP 429
+SERVE_MAX_MODEL_LEN = 8192     # `serve`'s default context per request (at most the model's)
+CHAT_MAX_MODEL_LEN = 32768     # `chat`'s default context for the whole conversation (at most the model's)
+SHUTDOWN_TIMEOUT = 30.0        # seconds a draining engine / server waits for requests in flight
+
+# -- training --------------------------------------------------------------------------------------
+# What a block keeps for its backward pass: "none" everything, "dots" its matmul outputs, "full"
+# only its input, "segments" as full with only every ceil(sqrt(layers))-th block input kept.
+REMATS = ("none", "dots", "full", "segments")
+DEFAULT_REMAT = "full"
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+LOSS_CHUNK = 1024              # tokens per cross-entropy chunk (no [T, vocab] logits)
+
+# -- files -----------------------------------------------------------------------------------------
+HF_LAYOUTS = ("chatglm", "glm")    # the original remote-code layout, transformers' native one
+COMPILE_CACHE_ENV = "GLM_JAX_COMPILE_CACHE"
+
+REMAT_HELP = ("what a block keeps for the backward pass: only its input (full), its matmul outputs (dots), "
+              "everything (none), or full with only every ceil(sqrt(layers))-th block input kept through the "
+              "forward pass (segments: one more forward, a fraction of the block inputs)")
+
+
+def check_choice(name: str, value: str, choices) -> str:
+    """`value` if it is one of `choices`, else ValueError naming the option and the choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+    return value
