@@ -2,8 +2,9 @@
 
 from .api import Model, load
 from .attention import blockwise_attention, exact_attention
-from .chat import GenerationDefaults, parse_response
+from .chat import parse_response
 from .config import PRESETS, ConfigError, GLMConfig
+from .generation import GenerationDefaults
 from .model import GLM, forward
 from .ring import context_parallel, ring_attention
 from .sharding import Layout, make_mesh

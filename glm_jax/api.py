@@ -15,7 +15,7 @@ from flax import nnx
 from .attention import AttentionFn
 from .config import GLMConfig
 from .model import forward
-from .chat import GenerationDefaults
+from .generation import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
 from .generate import Engine, to_host
 from .kvcache import cache_dtype
