@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from glm_jax.config import GLMConfig
+from glm_jax.options import DTYPES
 from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params
 from glm_jax.progress import Progress
 
@@ -29,14 +30,13 @@ from .layout import CHATGLM, hf_tensors
 
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 SOURCE, EXTRA = "hf_source.json", "hf_extra.safetensors"
-DTYPE_NAMES = {"bfloat16", "float32"}
 
 
 def np_dtype(name: str):
     import ml_dtypes
 
-    if name not in DTYPE_NAMES:
-        raise ConversionError(f"unsupported dtype {name!r}; choose bfloat16 or float32")
+    if name not in DTYPES:
+        raise ConversionError(f"unsupported dtype {name!r}; choose from {', '.join(DTYPES)}")
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
 
 

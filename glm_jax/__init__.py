@@ -1,16 +1,35 @@
-"""glm-jax: GLM-4-9B (Chat, Chat-1M, base) in JAX/Flax."""
+"""glm-jax: GLM-4-9B (Chat, Chat-1M, base) in JAX/Flax.
 
-from .api import Model, load
-from .attention import blockwise_attention, exact_attention
-from .chat import GenerationDefaults, parse_response
-from .config import PRESETS, ConfigError, GLMConfig
-from .model import GLM, forward
-from .ring import context_parallel, ring_attention
-from .sharding import Layout, make_mesh
-from .tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer
+The names below are imported on first use, so that importing a JAX-free module of the package
+(`glm_jax.cli` for `glm-jax --help`, `glm_jax.options`, `glm_jax.tokenizer`) starts no JAX.
+"""
 
-__all__ = [
-    "GLM", "GLMConfig", "PRESETS", "ConfigError", "GenerationDefaults", "Layout", "Model", "SPECIAL_TOKENS",
-    "StreamDecoder", "Tokenizer", "blockwise_attention", "context_parallel", "exact_attention", "forward",
-    "load", "make_mesh", "parse_response", "ring_attention",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "Model": "api", "load": "api",
+    "blockwise_attention": "attention", "exact_attention": "attention",
+    "parse_response": "chat",
+    "PRESETS": "config", "ConfigError": "config", "GLMConfig": "config",
+    "GenerationDefaults": "generation",
+    "GLM": "model", "forward": "model",
+    "context_parallel": "ring", "ring_attention": "ring",
+    "Layout": "sharding", "make_mesh": "sharding",
+    "SPECIAL_TOKENS": "tokenizer", "StreamDecoder": "tokenizer", "Tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

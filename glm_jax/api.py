@@ -15,23 +15,22 @@ from flax import nnx
 from .attention import AttentionFn
 from .config import GLMConfig
 from .model import forward
-from .chat import GenerationDefaults
+from .generation import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
 from .generate import Engine, to_host
 from .kvcache import cache_dtype
+from .options import DTYPES, MAX_BATCH, PREFILL_CHUNK, STEPS_PER_CALL, check_choice
 from .sampling import MAX_STOP_IDS
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def _dtype(name):
-    if name is None or name in DTYPES.values():
+    """A name of `options.DTYPES` -> its jnp dtype; None and such a jnp dtype pass through."""
+    if name is None or name in {getattr(jnp, n) for n in DTYPES}:
         return name
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose bfloat16 or float32")
-    return DTYPES[name]
+    return getattr(jnp, check_choice("dtype", name, DTYPES))
 
 
 class Model:
@@ -39,8 +38,8 @@ class Model:
 
     def __init__(self, config: GLMConfig, graphdef: nnx.GraphDef, state: nnx.State, *,
                  attention: str | AttentionFn = "auto", layout: Layout | None = None, strategy: str = "ring",
-                 path: pathlib.Path | None = None, prefill_chunk: int = 512, kv_cache_dtype: str | None = None,
-                 kernel: str = "auto"):
+                 path: pathlib.Path | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 kv_cache_dtype: str | None = None, kernel: str = "auto"):
         self.config, self.graphdef, self.state, self.layout, self.path = config, graphdef, state, layout, path
         self.prefill_chunk, self.kv_cache_dtype, self.kernel = prefill_chunk, kv_cache_dtype, kernel
         cache_dtype(kv_cache_dtype, self.dtype)                          # fails early on a bad name
@@ -98,7 +97,8 @@ class Model:
         """Sampling defaults and stop ids of `generate` (and the CLI): the folder's generation_config.json."""
         return GenerationDefaults.from_folder(self.path) if self.path is not None else GenerationDefaults()
 
-    def engine(self, *, max_batch: int = 8, max_model_len: int | None = None, steps_per_call: int = 8,
+    def engine(self, *, max_batch: int = MAX_BATCH, max_model_len: int | None = None,
+               steps_per_call: int = STEPS_PER_CALL,
                max_queue: int | None = None) -> Engine:
         """A continuous-batching engine on this model's weights (for a server or a chat): a cache of
         `max_batch` rows of `max_model_len` slots (default: the config's context length), allocated
@@ -173,7 +173,7 @@ class Model:
 
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
-         attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = 512,
+         attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = PREFILL_CHUNK,
          kv_cache_dtype: str | None = None, kernel: str = "auto") -> Model:
     """Loads a converted glm-jax folder, or an HF folder (either layout, converted in memory).
 
@@ -196,7 +196,7 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     layout = None if mesh is None else Layout(make_mesh(mesh))
     if json.loads(config_file.read_text()).get("model_type") == "glm_jax":
         config = GLMConfig.load(config_file)
-        target = _dtype(dtype) or DTYPES[config.dtype]
+        target = _dtype(dtype) or _dtype(config.dtype)
         specs = param_specs(config, target)
         arrays = load_params(path / PARAMS_DIR, specs, _shardings(specs, layout))
     else:
@@ -204,7 +204,7 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
         from glm_jax.convert.hf import iter_params
 
         config, _, ckpt, plan = open_hf(path)
-        target = _dtype(dtype) or DTYPES.get(config.dtype, jnp.bfloat16)
+        target = _dtype(dtype) or (_dtype(config.dtype) if config.dtype in DTYPES else jnp.bfloat16)
         specs = param_specs(config, target)
         shardings = _shardings(specs, layout)
         arrays = {n: jax.device_put(a, shardings[n])

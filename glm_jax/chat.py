@@ -1,4 +1,4 @@
-"""The GLM-4 chat format in plain Python: prompt rendering, response parsing, generation defaults.
+"""The GLM-4 chat format in plain Python: prompt rendering and response parsing.
 
 `render` reproduces the published Jinja chat template as transformers renders it (trim_blocks,
 lstrip_blocks, `tojson` = `json.dumps(ensure_ascii=False)`):
@@ -14,23 +14,15 @@ There is no end-of-turn token: generation stops on `<|endoftext|>`, `<|user|>` o
 
 from __future__ import annotations
 
-import itertools
 import json
-import pathlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-if TYPE_CHECKING:
-    from glm_jax.tokenizer import Tokenizer
+from typing import Any, NamedTuple
 
 ROLES = ("system", "user", "assistant", "observation")
 
 # glm-4-9b-chat-1m's template says "GLM-4"; glm-4-9b-chat's says "ChatGLM".
 DEFAULT_ASSISTANT_NAME = "GLM-4"
-
-GENERATION_CONFIG = "generation_config.json"
 
 _TOOL_PROMPT_HEAD = (
     "\n你是一个名为 {name} 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
@@ -137,36 +129,6 @@ def render(
     return segments
 
 
-def apply_chat_template(
-    tokenizer: Tokenizer,
-    messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool = True,
-    tokenize: bool = True,
-    split_special_tokens: bool = False,
-) -> list[int] | str:
-    """The prompt for `messages` as ids (`tokenize=True`) or as a string.
-
-    With `split_special_tokens=False` the string is tokenized whole, as the original does, so
-    special-token strings inside message content become special tokens. With True, only the
-    template's own role markers are special; content is encoded as ordinary text, so user input
-    cannot forge a turn.
-    """
-    segments = render(messages, add_generation_prompt, tokenizer.assistant_name)
-    text = "".join(s.text for s in segments)
-    if not tokenize:
-        return text
-    if not split_special_tokens:
-        return tokenizer.encode(text)
-    ids: list[int] = []
-    # Runs of text between two special tokens are encoded together, as whole-string encoding does.
-    for special, run in itertools.groupby(segments, key=lambda s: s.special):
-        if special:
-            ids += [tokenizer.special_tokens[s.text] for s in run]
-        else:
-            ids += tokenizer.encode("".join(s.text for s in run), split_special_tokens=True)
-    return ids
-
-
 _TOOL_NAME = re.compile(r"\S+")
 
 
@@ -198,65 +160,3 @@ def parse_response(text: str) -> dict[str, Any]:
                 "tool_call": {"name": name, "arguments": arguments},
             }
     return {"role": "assistant", "content": text.strip()}
-
-
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """Stop ids and sampling defaults: the one source `Model.generate` and the CLI take them from.
-    The class defaults are glm-4-9b-chat-1m's published ones.
-
-    `top_k` is absent from the published generation_config.json files; transformers then applies
-    its own default of 50, which is what the original's sampling used.
-    """
-
-    stop_ids: tuple[int, ...] = (151329, 151336, 151338)  # <|endoftext|>, <|user|>, <|observation|>
-    pad_id: int = 151329
-    do_sample: bool = True
-    temperature: float = 0.8
-    top_p: float = 0.8
-    top_k: int = 50
-    max_length: int = 1024000
-
-    def sampling(self, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 stop_ids: Sequence[int] | None = None) -> dict[str, Any]:
-        """A generation's temperature, top_p, top_k and stop_ids: each one given, else these defaults.
-        do_sample=False (transformers' switch for greedy search) makes the default temperature 0."""
-        return {"temperature": (self.temperature if self.do_sample else 0.0) if temperature is None else temperature,
-                "top_p": self.top_p if top_p is None else top_p,
-                "top_k": self.top_k if top_k is None else top_k,
-                "stop_ids": self.stop_ids if stop_ids is None else tuple(stop_ids)}
-
-    @classmethod
-    def from_folder(cls, folder: str | pathlib.Path) -> GenerationDefaults:
-        """Reads `generation_config.json` in `folder`; the class defaults where it or a key is absent."""
-        path = pathlib.Path(folder) / GENERATION_CONFIG
-        if not path.is_file():
-            return cls()
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        defaults = cls()
-
-        def value(key: str, default: Any, kind: type) -> Any:  # null counts as absent
-            raw = config.get(key)
-            return default if raw is None else kind(raw)
-
-        stop = config.get("eos_token_id")
-        stop_ids = defaults.stop_ids if stop is None else tuple(stop) if isinstance(stop, list) else (stop,)
-        if not stop_ids or not all(type(i) is int for i in stop_ids):
-            raise ValueError(f"{path}: eos_token_id must be an int or a list of ints, got {stop!r}")
-        try:
-            return cls(
-                stop_ids=stop_ids,
-                pad_id=value("pad_token_id", defaults.pad_id, int),
-                do_sample=value("do_sample", defaults.do_sample, bool),
-                temperature=value("temperature", defaults.temperature, float),
-                top_p=value("top_p", defaults.top_p, float),
-                top_k=value("top_k", defaults.top_k, int),
-                max_length=value("max_length", defaults.max_length, int),
-            )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad value ({e})") from None

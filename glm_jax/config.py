@@ -8,7 +8,7 @@ import pathlib
 import warnings
 from typing import Any
 
-from .chat import GenerationDefaults
+from .generation import GenerationDefaults
 
 
 class ConfigError(ValueError):
@@ -32,7 +32,7 @@ class GLMConfig:
     max_seq_len: int = 131072
     qkv_bias: bool = True
     # config.json's eos_token_id and pad_token_id, kept so `export` writes them back. Generation
-    # reads its stop and pad ids from generation_config.json only (chat.GenerationDefaults).
+    # reads its stop and pad ids from generation_config.json only (generation.GenerationDefaults).
     eos_token_ids: tuple[int, ...] = GenerationDefaults.stop_ids
     pad_token_id: int | None = GenerationDefaults.pad_id
     dtype: str = "bfloat16"  # the dtype the weights were published in

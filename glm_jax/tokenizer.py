@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import itertools
 import json
 import numbers
 import pathlib
@@ -103,7 +104,6 @@ class Tokenizer:
       special_tokens: special-token string -> id.
       assistant_name: the name the tool prompt gives the assistant ("GLM-4" for the 1M model,
         "ChatGLM" for the 128K one).
-      generation: sampling defaults and stop ids (from generation_config.json when present).
     """
 
     def __init__(
@@ -111,7 +111,6 @@ class Tokenizer:
         ranks: Mapping[bytes, int],
         *,
         assistant_name: str = chat.DEFAULT_ASSISTANT_NAME,
-        generation: chat.GenerationDefaults = chat.GenerationDefaults(),
     ) -> None:
         n = len(ranks)
         self.special_tokens: dict[str, int] = {t: n + i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -122,14 +121,13 @@ class Tokenizer:
         self.vocab_size: int = self._encoding.n_vocab
         self.prefix_ids: list[int] = [self.special_tokens[t] for t in PREFIX_TOKENS]
         self.assistant_name = assistant_name
-        self.generation = generation
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> Tokenizer:
         """Loads `tokenizer.model` from a file path or the folder holding it.
 
-        `tokenizer_config.json` (chat template: the assistant's name) and `generation_config.json`
-        (stop ids, sampling defaults) in the same folder are used when present.
+        `tokenizer_config.json` in the same folder (its chat template names the assistant) is used
+        when present.
         """
         path = pathlib.Path(path)
         vocab = path / VOCAB_FILE if path.is_dir() else path
@@ -140,18 +138,12 @@ class Tokenizer:
         return cls(
             _load_ranks(vocab),
             assistant_name=_assistant_name(config) if config.is_file() else chat.DEFAULT_ASSISTANT_NAME,
-            generation=chat.GenerationDefaults.from_folder(folder),
         )
 
     @property
     def eos_id(self) -> int:
         """Id of `<|endoftext|>`."""
         return self.special_tokens["<|endoftext|>"]
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Generation stops on any of these (`<|endoftext|>`, `<|user|>`, `<|observation|>`)."""
-        return self.generation.stop_ids
 
     def encode(
         self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False
@@ -183,13 +175,18 @@ class Tokenizer:
         return [self.prefix_ids + ids for ids in batch] if add_special_tokens else batch
 
     def decode_bytes(self, ids: Iterable[int], skip_special_tokens: bool = False) -> bytes:
-        """Ids -> the raw bytes they stand for (possibly ending inside a UTF-8 character)."""
+        """Ids -> the raw bytes they stand for (possibly ending inside a UTF-8 character).
+
+        `skip_special_tokens` drops every id without text: the special tokens and the ids past the
+        vocabulary (the model's embedding is padded further, and a model may sample such an id).
+        Otherwise an id outside the vocabulary is a ValueError.
+        """
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy/jax arrays too
+        if skip_special_tokens:
+            ids = [i for i in ids if i < self._num_ranks]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if skip_special_tokens:
-            ids = [i for i in ids if i < self._num_ranks]
         return self._encoding.decode_bytes(ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -207,14 +204,28 @@ class Tokenizer:
         tokenize: bool = True,
         split_special_tokens: bool = False,
     ) -> list[int] | str:
-        """Renders a conversation in the GLM-4 chat format; see `glm_jax.chat.apply_chat_template`."""
-        return chat.apply_chat_template(
-            self,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=tokenize,
-            split_special_tokens=split_special_tokens,
-        )
+        """The prompt for `messages` in the GLM-4 chat format (`glm_jax.chat.render`), as ids
+        (`tokenize=True`) or as a string.
+
+        With `split_special_tokens=False` the string is tokenized whole, as the original does, so
+        special-token strings inside message content become special tokens. With True, only the
+        template's own role markers are special; content is encoded as ordinary text, so user input
+        cannot forge a turn.
+        """
+        segments = chat.render(messages, add_generation_prompt, self.assistant_name)
+        text = "".join(s.text for s in segments)
+        if not tokenize:
+            return text
+        if not split_special_tokens:
+            return self.encode(text)
+        ids: list[int] = []
+        # Runs of text between two special tokens are encoded together, as whole-string encoding does.
+        for special, run in itertools.groupby(segments, key=lambda s: s.special):
+            if special:
+                ids += [self.special_tokens[s.text] for s in run]
+            else:
+                ids += self.encode("".join(s.text for s in run), split_special_tokens=True)
+        return ids
 
     def parse_response(self, text: str) -> dict[str, Any]:
         """Decoded assistant output -> a message; see `glm_jax.chat.parse_response`."""

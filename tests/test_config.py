@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from glm_jax.chat import GenerationDefaults
+from glm_jax.generation import GenerationDefaults
 from glm_jax.config import PRESETS, ConfigError, GLMConfig
 
 

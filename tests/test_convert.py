@@ -144,11 +144,3 @@ def test_failure_mid_conversion_leaves_nothing(reference, tmp_path, monkeypatch)
                  "--force"]) == 2
     assert (tmp_path / "dst" / "old").read_text() == "previous model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
-
-
-def test_help_documents_every_command(capsys):
-    for command in ("convert", "export", "parity"):
-        with pytest.raises(SystemExit) as exit_:
-            main([command, "--help"])
-        assert exit_.value.code == 0
-        assert "usage: glm-jax " + command in capsys.readouterr().out

@@ -13,7 +13,6 @@ from conftest import reference_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glm_jax.chat import GenerationDefaults
 from glm_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 GLM4_SPECIAL_IDS = dict(zip(SPECIAL_TOKENS, range(151329, 151343)))
@@ -67,8 +66,6 @@ def test_vocabulary_and_special_ids(tok: Tokenizer) -> None:
     assert tok.special_tokens == GLM4_SPECIAL_IDS
     assert tok.prefix_ids == [151331, 151333]
     assert tok.eos_id == 151329
-    assert tok.stop_ids == (151329, 151336, 151338)
-    assert tok.generation == GenerationDefaults()  # a bare file: the 1M model's published defaults
     assert tok.assistant_name == "GLM-4"
 
 
@@ -148,6 +145,20 @@ def test_stream_decoder_holds_back_a_split_character(tok: Tokenizer) -> None:
     assert decoder.push(ids[:3]) == "龘" and decoder.flush() == "\ufffd"  # an unfinished character
 
 
+def test_padding_ids_have_no_text(tok: Tokenizer) -> None:
+    # The model's embedding has 151,552 rows, past the 151,343 ids of the tokenizer: a sampled
+    # padding id is dropped with the special tokens, and refused when they are kept.
+    ids = tok.encode("Hi 你好")
+    padded = [151343, *ids[:2], 151551, *ids[2:], 151400]
+    assert tok.decode(padded, skip_special_tokens=True) == "Hi 你好"
+    decoder = tok.stream_decoder(skip_special_tokens=True)
+    assert "".join(decoder.push(i) for i in padded) + decoder.flush() == "Hi 你好"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode(padded)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([-1, *ids], skip_special_tokens=True)
+
+
 def test_stream_decoder_skip_special_tokens(tok: Tokenizer) -> None:
     decoder = tok.stream_decoder(skip_special_tokens=True)
     assert decoder.push(tok.encode("Hi<|user|>")) == "Hi"
@@ -199,14 +210,9 @@ def test_folder_with_configs(tmp_path: pathlib.Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"chat_template": "{% if tools %}你是一个名为 TinyGLM 的人工智能助手。{% endif %}"})
     )
-    (tmp_path / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": 7, "temperature": 0.5, "top_k": 3, "max_length": 99})
-    )
     for path in (tmp_path, tmp_path / "tokenizer.model"):  # the folder, or the file inside it
         tiny = Tokenizer.from_file(path)
         assert tiny.assistant_name == "TinyGLM"
-        assert tiny.stop_ids == (7,)
-        assert tiny.generation == GenerationDefaults(stop_ids=(7,), temperature=0.5, top_k=3, max_length=99)
 
 
 def test_unrecognised_chat_template_warns(tmp_path: pathlib.Path) -> None:
@@ -254,10 +260,6 @@ def test_corrupt_configs(tmp_path: pathlib.Path) -> None:
     write_vocab(tmp_path, BYTES)
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: not a readable JSON file"):
-        Tokenizer.from_file(tmp_path)
-    (tmp_path / "tokenizer_config.json").unlink()
-    (tmp_path / "generation_config.json").write_text("[1, 2")
-    with pytest.raises(ValueError, match="generation_config.json: not a readable JSON file"):
         Tokenizer.from_file(tmp_path)
 
 

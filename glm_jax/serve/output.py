@@ -25,7 +25,6 @@ class StopText:
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
         self._decoder = tokenizer.stream_decoder(skip_special_tokens=True)
-        self._vocab_size = tokenizer.vocab_size
         self._stops = list(stops)
         self._hold = max(map(len, self._stops), default=1) - 1
         self._pending = ""
@@ -33,8 +32,7 @@ class StopText:
 
     def push(self, ids: Iterable[int]) -> str:
         """New ids -> the text now known to precede any stop string (possibly "")."""
-        # The embedding is padded past the tokenizer's ids; such an id has no text.
-        return self._scan(self._decoder.push([i for i in ids if i < self._vocab_size]), final=False)
+        return self._scan(self._decoder.push(ids), final=False)
 
     def finish(self) -> str:
         """The held-back rest, once generation has ended."""

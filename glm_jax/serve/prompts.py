@@ -21,7 +21,6 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from glm_jax import chat
 from glm_jax.serve.protocol import ChatMessage, Tool
 from glm_jax.tokenizer import TOKENIZER_CONFIG, Tokenizer
 
@@ -86,7 +85,7 @@ class ChatPrompt:
         self.template: jinja2.Template | None = None
         if template_source is not None:
             template = compile_template(template_source)
-            builtin = chat.apply_chat_template(tokenizer, SAMPLE_CONVERSATION, tokenize=False)
+            builtin = tokenizer.apply_chat_template(SAMPLE_CONVERSATION, tokenize=False)
             try:
                 same = template.render(messages=SAMPLE_CONVERSATION, add_generation_prompt=True) == builtin
             except jinja2.TemplateError:
@@ -111,5 +110,5 @@ class ChatPrompt:
         """GLM-4 messages -> prompt ids ending in the generation prompt. Raises ValueError for
         messages the format cannot render (jinja2.TemplateError from a folder template)."""
         if self.template is None:
-            return chat.apply_chat_template(self._tokenizer, messages, split_special_tokens=True)
+            return self._tokenizer.apply_chat_template(messages, split_special_tokens=True)
         return self._tokenizer.encode(self.template.render(messages=messages, add_generation_prompt=True))

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from ..options import DEFAULT_REMAT, LOSS_CHUNK, OPTIMIZERS, SCHEDULES
+
 ADAPTERS = "adapters"   # LoRA runs: the adapters alone (Orbax, float32) and adapter_config.json
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json", "hf_source.json",
               "hf_extra.safetensors")
@@ -31,15 +33,15 @@ class FinetuneConfig:
     seq_len: int = 2048
     grad_accum: int = 1
     learning_rate: float = 1e-5
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
+    optimizer: str = OPTIMIZERS[0]
+    schedule: str = SCHEDULES[0]
     warmup_steps: int | None = None      # default: 10% of the steps
     weight_decay: float = 0.0
     clip_norm: float = 1.0               # 0: off
     mesh: str | None = None
-    remat: str = "full"
+    remat: str = DEFAULT_REMAT
     gradient_fence: bool = True          # see Trainer.fence
-    loss_chunk: int = 1024
+    loss_chunk: int = LOSS_CHUNK
     lora_rank: int | None = None         # None: full fine-tuning
     lora_alpha: float | None = None      # default 2 x rank
     lora_targets: str | None = None      # default: every attention and MLP projection

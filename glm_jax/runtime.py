@@ -1,0 +1,47 @@
+"""The process's JAX set-up for the command line: which platforms JAX starts, the compilation cache.
+
+Importing this module imports no JAX; each function imports it when called.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from glm_jax.options import COMPILE_CACHE_ENV
+
+# Device nodes of the accelerators JAX finds on its own: TPU (accel driver, vfio driver), NVIDIA, AMD, WSL2 GPUs.
+ACCELERATOR_NODES = ("accel*", "vfio", "nvidia*", "kfd", "dxg")
+
+
+def default_platforms(dev: pathlib.Path = pathlib.Path("/dev")) -> str | None:
+    """JAX_PLATFORMS for a machine whose user set none: None (JAX chooses) where an accelerator's
+    device node exists, else "cpu", so that an installed libtpu (the [tpu] extra, for TPU compiles
+    on any machine) is not started: off a TPU VM that costs start-up time and prints errors."""
+    return None if any(next(dev.glob(node), None) for node in ACCELERATOR_NODES) else "cpu"
+
+
+def select_platforms() -> None:
+    """Sets `default_platforms()` as JAX's platforms unless the user set JAX_PLATFORMS."""
+    import jax
+
+    if jax.config.jax_platforms is None and (platforms := default_platforms()):  # None: no JAX_PLATFORMS set
+        jax.config.update("jax_platforms", platforms)
+
+
+def compile_cache_dir(flag: str | None) -> pathlib.Path | None:
+    """The persistent compilation cache folder: --compile-cache, else $GLM_JAX_COMPILE_CACHE, else
+    $XDG_CACHE_HOME/glm-jax/jax (~/.cache/glm-jax/jax); None for "off"."""
+    cache_home = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    folder = flag or os.environ.get(COMPILE_CACHE_ENV) or str(cache_home / "glm-jax" / "jax")
+    return None if folder == "off" else pathlib.Path(folder).expanduser()
+
+
+def use_compile_cache(folder: pathlib.Path | None) -> None:
+    """JAX's persistent compilation cache in `folder` (None: none), for every program: the default
+    threshold (1 s of compile time) would skip a small model's, so a second run would compile them again."""
+    import jax
+
+    if folder is not None:
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
