@@ -1,3 +1,5 @@
+import functools
+import json
 import os
 import pathlib
 
@@ -29,3 +31,33 @@ def reference() -> pathlib.Path:
     if not path.is_dir():
         pytest.fail(f"reference folder not found at {path}; set GLM_JAX_REFERENCE")
     return path
+
+
+@functools.cache
+def glm4_tokenizer():
+    """The real GLM-4 vocabulary, loaded once per session."""
+    from glm_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(reference_dir() / "tokenizer.model")
+
+
+@functools.cache
+def golden_cases(kind: str) -> list[dict]:
+    """The tokenizer cases of one kind (text, chat, ...) with the original tokenizer's ids."""
+    lines = (reference_dir() / "tokenizer_cases.jsonl").read_text(encoding="utf-8").splitlines()
+    return [case for case in map(json.loads, lines) if case["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(reference, tmp_path_factory):
+    """A tiny random GLM-4 with the real vocabulary, tokenizer and generation config (converted from
+    a Hugging Face folder)."""
+    from glm_jax.convert.checkpoint import convert
+    from glm_jax.testing import random_config, write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    config = random_config(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                           head_dim=8)
+    write_random_checkpoint(root / "hf", config, reference=reference)
+    convert(root / "hf", root / "model", progress=False)
+    return root / "model"

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 import glm_jax
+from glm_jax.config import GLMConfig
 from glm_jax.convert.checkpoint import convert, export
+from glm_jax.testing import write_random_checkpoint
 
 
 def rel(a, b):
@@ -78,18 +80,13 @@ transformers = pytest.importorskip("transformers")
 
 
 def random_glm(tmp_path, *, heads, kv_heads, rope_theta, head_dim=16, hidden=64, layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GlmConfig(
-        vocab_size=300, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
-        max_position_embeddings=8192, pad_token_id=None, eos_token_id=[1])
-    model = transformers.GlmForCausalLM(cfg).eval()
-    with torch.no_grad():  # every weight random, norms around 1, so no term can hide
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    return model
+    """transformers' GlmForCausalLM of a random `glm`-layout folder written at tmp_path."""
+    config = GLMConfig(vocab_size=300, hidden_size=hidden, intermediate_size=96, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta, max_seq_len=8192,
+                       eos_token_ids=(1,), pad_token_id=None, dtype="float32")
+    # every weight random (std 0.08), norms around 1, so no term can hide
+    write_random_checkpoint(tmp_path, config, layout="glm", seed=seed, std=0.08, force=True)
+    return transformers.GlmForCausalLM.from_pretrained(tmp_path).eval()
 
 
 @pytest.mark.parametrize("heads, kv_heads, rope_theta, seq, batch", [

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,24 +33,10 @@ def tok(reference):
 @pytest.fixture(scope="module")
 def tiny(reference, tmp_path_factory):
     """A random 1-layer GLM-4 (hidden 64, float32) with the real vocabulary and tokenizer files."""
-    import jax.numpy as jnp
-    from flax import nnx
+    from glm_jax.testing import random_config, write_random_model
 
-    from glm_jax.model import GLM
-    from glm_jax.params import PARAMS_DIR, flat_params, save_params
-
-    folder = tmp_path_factory.mktemp("needle") / "tiny"
-    config = glm_jax.PRESETS["glm-4-9b-chat-1m"].replace(
-        hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
-        max_seq_len=MAX_SEQ_LEN, dtype="float32")
-    folder.mkdir()
-    model = GLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    save_params(folder / PARAMS_DIR, [flat_params(nnx.split(model)[1])])
-    config.save(folder / "config.json")
-    shutil.copy(reference / "tokenizer.model", folder)
-    for name in ("tokenizer_config.json", "generation_config.json"):
-        shutil.copy(reference / "models" / "glm-4-9b-chat-1m" / name, folder)
-    return folder
+    config = random_config(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=MAX_SEQ_LEN)
+    return write_random_model(tmp_path_factory.mktemp("needle") / "tiny", config, reference=reference)
 
 
 def corpus_text(sentences: int = 400, seed: int = 0) -> str:
