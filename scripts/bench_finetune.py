@@ -8,7 +8,7 @@
    generation files from tests/data), seeded: `--layers` layers, hidden `--hidden`, the full
    151,552-token vocabulary (the tokenizer's special tokens sit at the top of it).
 2. Training data, JSONL in `glm-jax finetune`'s chat form: one user turn built by the needle
-   evaluation's own code (glm_jax/evals/needle.py: the built-in filler haystack, the needle
+   evaluation's own code (glm_jax/evals/needle/: the built-in filler haystack, the needle
    `The special magic {city} number is: {7-digit number}.` at a random depth, the question and
    INSTRUCTION below), prompts of `--min-len`..`--max-len` tokens, and an assistant turn holding the
    number. The loss counts only the assistant turn (its "\\n", the digits and `<|endoftext|>`).
