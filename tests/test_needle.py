@@ -68,7 +68,26 @@ def haystacks(tok, tmp_path_factory):
             "jsonl": H.load_haystack(folder / "book.jsonl", tok)}
 
 
-# -- prompts: exact by construction ----------------------------------------------------------------
+# -- haystack --------------------------------------------------------------------------------------
+
+def test_sentences_and_haystack_files(tok, haystacks, tmp_path):
+    sentences, separators = H.split_sentences('One. "Two!" Three?\n\nFour and\nfive 3.14 x. 六。七！ Eight')
+    assert sentences == ["One.", '"Two!"', "Three?", "Four and", "five 3.14 x.", "六。", "七！", "Eight"]
+    assert separators == ["", " ", " ", "\n\n", "\n", " ", "", " "]
+    text = corpus_text()
+    rebuilt = haystacks["text"].sentences[0] + "".join(sep + s for sep, s in zip(haystacks["text"].separators[1:],
+                                                                               haystacks["text"].sentences[1:]))
+    assert rebuilt == text.strip()
+    assert haystacks["jsonl"].sentences == haystacks["text"].sentences   # records joined by blank lines
+    folder = tmp_path / "essays"
+    folder.mkdir()
+    (folder / "b.txt").write_text("Second essay.")
+    (folder / "a.txt").write_text("First essay.")
+    assert H.load_haystack(folder, tok).sentences == ("First essay.", "Second essay.")
+    assert haystacks["filler"].repeat and not haystacks["text"].repeat
+
+
+# -- prompt: exact by construction -----------------------------------------------------------------
 
 def check_prompt(tok, haystack, length, needles, question, offset, prompt):
     ids = prompt.ids
@@ -141,22 +160,7 @@ def test_multi_needle_positions_follow_depth(tok, haystacks):
         assert starts == sorted(starts)
 
 
-def test_sentences_and_haystack_files(tok, haystacks, tmp_path):
-    sentences, separators = H.split_sentences('One. "Two!" Three?\n\nFour and\nfive 3.14 x. 六。七！ Eight')
-    assert sentences == ["One.", '"Two!"', "Three?", "Four and", "five 3.14 x.", "六。", "七！", "Eight"]
-    assert separators == ["", " ", " ", "\n\n", "\n", " ", "", " "]
-    text = corpus_text()
-    rebuilt = haystacks["text"].sentences[0] + "".join(sep + s for sep, s in zip(haystacks["text"].separators[1:],
-                                                                               haystacks["text"].sentences[1:]))
-    assert rebuilt == text.strip()
-    assert haystacks["jsonl"].sentences == haystacks["text"].sentences   # records joined by blank lines
-    folder = tmp_path / "essays"
-    folder.mkdir()
-    (folder / "b.txt").write_text("Second essay.")
-    (folder / "a.txt").write_text("First essay.")
-    assert H.load_haystack(folder, tok).sentences == ("First essay.", "Second essay.")
-    assert haystacks["filler"].repeat and not haystacks["text"].repeat
-
+# -- plan: the grid and its cases ------------------------------------------------------------------
 
 def test_plan_is_seeded_and_cells_are_independent(tok, haystacks):
     haystack = haystacks["text"]
@@ -178,14 +182,6 @@ def test_plan_is_seeded_and_cells_are_independent(tok, haystacks):
         assert case.context_length - len(prompt.ids) < 60
 
 
-def test_scoring_is_substring():
-    assert R.is_correct("4821937", "The special magic Lisbon number is: 4821937.")
-    assert R.is_correct("4821937", "48219370")
-    assert not R.is_correct("4821937", "482193")
-    assert not R.is_correct("4821937", "4,821,937")
-    assert not R.is_correct("4821937", "")
-
-
 def test_grid_arguments():
     assert PL.parse_lengths("8000, 1000,1000") == [1000, 8000]
     assert PL.parse_lengths(None, 1000, 2000, 3) == [1000, 1500, 2000]
@@ -194,12 +190,24 @@ def test_grid_arguments():
     assert PL.parse_depths("100,0,12.5") == [0, 12.5, 100]
 
 
+# -- results: scoring ------------------------------------------------------------------------------
+
+def test_scoring_is_substring():
+    assert R.is_correct("4821937", "The special magic Lisbon number is: 4821937.")
+    assert R.is_correct("4821937", "48219370")
+    assert not R.is_correct("4821937", "482193")
+    assert not R.is_correct("4821937", "4,821,937")
+    assert not R.is_correct("4821937", "")
+
+
+# -- runner ----------------------------------------------------------------------------------------
+
 def test_model_config_of_either_folder(tiny, reference):
     assert runner.model_config(tiny).max_seq_len == MAX_SEQ_LEN
     assert runner.model_config(reference / "models" / "glm-4-9b-chat-1m").max_seq_len == 1048576
 
 
-# -- the command, with a model that reads the prompt ----------------------------------------------
+# -- runner and results: the command, with a model that reads the prompt ---------------------------
 
 class Oracle:
     """Stands in for a model: answers the asked city's number when that needle lies in the first 40% of
