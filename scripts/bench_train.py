@@ -44,7 +44,8 @@ def torch_model(args, folder: pathlib.Path):
     from glm_jax.testing import random_config
 
     config = random_config(vocab_size=32768, hidden_size=args.hidden, intermediate_size=1408, num_layers=args.layers,
-                           num_heads=8, num_kv_heads=2, head_dim=64, rope_theta=1e4, max_seq_len=8192)
+                           num_heads=8, num_kv_heads=2, head_dim=64, rope_theta=1e4, max_seq_len=8192,
+                           eos_token_ids=(1,), pad_token_id=None)
     return hf_random_model(folder, config).train()
 
 
