@@ -3,6 +3,8 @@ the model folders glm-jax and Hugging Face read.
 
 Every weight is normal with std `std` (norm weights 1 + normal with std `norm_std`), drawn from a
 generator seeded by (seed, the tensor's name): a tensor does not depend on the others or their order.
+The in-memory model and glm-jax folders draw by glm-jax's names, Hugging Face folders by theirs: the
+same seed gives different weights in the two (a converted folder holds the checkpoint's).
 """
 
 from __future__ import annotations
