@@ -61,3 +61,19 @@ def tiny_chat_model(reference, tmp_path_factory):
     write_random_checkpoint(root / "hf", config, reference=reference)
     convert(root / "hf", root / "model", progress=False)
     return root / "model"
+
+
+def random_glm(folder, *, heads, kv_heads, rope_theta, head_dim=16, hidden=64, layers=2, seed=0):
+    """transformers' GlmForCausalLM (eval mode) of a random `glm`-layout folder written at `folder`
+    (vocabulary 300): glm_jax.load(folder) has the same weights."""
+    import transformers
+
+    from glm_jax.config import GLMConfig
+    from glm_jax.testing import write_random_checkpoint
+
+    config = GLMConfig(vocab_size=300, hidden_size=hidden, intermediate_size=96, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta, max_seq_len=8192,
+                       eos_token_ids=(1,), pad_token_id=None, dtype="float32")
+    # every weight random (std 0.08), norms around 1, so no term can hide
+    write_random_checkpoint(folder, config, layout="glm", seed=seed, std=0.08, force=True)
+    return transformers.GlmForCausalLM.from_pretrained(folder).eval()

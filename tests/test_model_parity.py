@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import random_glm
 
 import glm_jax
-from glm_jax.config import GLMConfig
 from glm_jax.convert.checkpoint import convert, export
-from glm_jax.testing import write_random_checkpoint
 
 
 def rel(a, b):
@@ -77,16 +76,6 @@ def test_attention_choice_does_not_change_logits(reference, attention):
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def random_glm(tmp_path, *, heads, kv_heads, rope_theta, head_dim=16, hidden=64, layers=2, seed=0):
-    """transformers' GlmForCausalLM of a random `glm`-layout folder written at tmp_path."""
-    config = GLMConfig(vocab_size=300, hidden_size=hidden, intermediate_size=96, num_layers=layers, num_heads=heads,
-                       num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta, max_seq_len=8192,
-                       eos_token_ids=(1,), pad_token_id=None, dtype="float32")
-    # every weight random (std 0.08), norms around 1, so no term can hide
-    write_random_checkpoint(tmp_path, config, layout="glm", seed=seed, std=0.08, force=True)
-    return transformers.GlmForCausalLM.from_pretrained(tmp_path).eval()
 
 
 @pytest.mark.parametrize("heads, kv_heads, rope_theta, seq, batch", [
