@@ -22,7 +22,7 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _timing import best_time  # noqa: E402
+from _bench import best_time  # noqa: E402
 
 from glm_jax.attention import blockwise_attention, exact_attention  # noqa: E402
 from glm_jax.ring import ring_attention, tile_sizes, token_order  # noqa: E402

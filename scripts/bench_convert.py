@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 
+from glm_jax import options
+
 
 def drop_caches() -> bool:
     subprocess.run(["sync"], check=True)
@@ -42,7 +44,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=pathlib.Path, required=True, help="HF folder (e.g. a full-size random one)")
     parser.add_argument("--work", type=pathlib.Path, required=True, help="scratch folder for the outputs")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
+    parser.add_argument("--dtype", choices=options.DTYPES, default=None)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     size = sum(p.stat().st_size for p in args.src.iterdir() if p.suffix == ".safetensors")

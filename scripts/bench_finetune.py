@@ -8,7 +8,7 @@
    generation files from tests/data), seeded: `--layers` layers, hidden `--hidden`, the full
    151,552-token vocabulary (the tokenizer's special tokens sit at the top of it).
 2. Training data, JSONL in `glm-jax finetune`'s chat form: one user turn built by the needle
-   evaluation's own code (glm_jax/evals/needle.py: the built-in filler haystack, the needle
+   evaluation's own code (glm_jax/evals/needle/: the built-in filler haystack, the needle
    `The special magic {city} number is: {7-digit number}.` at a random depth, the question and
    INSTRUCTION below), prompts of `--min-len`..`--max-len` tokens, and an assistant turn holding the
    number. The loss counts only the assistant turn (its "\\n", the digits and `<|endoftext|>`).
@@ -45,7 +45,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 INSTRUCTION = "Answer with the number only."
 # Cities held out of training: the held-out cases draw from all of needle.CITIES, these included.
 HELD_OUT_CITIES = 10
-SIDE_FILES = ("tokenizer_config.json", "generation_config.json")
 EVAL_BATCH = 8     # held-out prompts per generate call
 
 
@@ -90,31 +89,17 @@ QUICK = dict(steps=3, batch_size=1, seq_len=256, min_len=64, max_len=96, train_e
 
 
 def model_config(layers: int, hidden: int, max_seq_len: int):
-    import glm_jax
+    from glm_jax.testing import random_config
 
-    heads, kv_heads = 4, 4
-    return glm_jax.PRESETS["glm-4-9b-chat-1m"].replace(
-        hidden_size=hidden, intermediate_size=2 * hidden if hidden >= 64 else 64, num_layers=layers,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads, rope_theta=10000.0,
-        max_seq_len=max_seq_len, dtype="float32")
+    return random_config(hidden_size=hidden, intermediate_size=2 * hidden if hidden >= 64 else 64, num_layers=layers,
+                         num_heads=4, num_kv_heads=4, rope_theta=10000.0, max_seq_len=max_seq_len)
 
 
 def make_model(folder: pathlib.Path, config, seed: int) -> None:
-    """A random glm-jax model folder (the model's own initialisation, seeded) with the real tokenizer."""
-    import jax.numpy as jnp
-    from flax import nnx
+    """A random glm-jax model folder (seeded) with the real tokenizer."""
+    from glm_jax.testing import write_random_model
 
-    from glm_jax.model import GLM
-    from glm_jax.params import PARAMS_DIR, flat_params, save_params
-
-    ref = reference_dir()
-    folder.mkdir(parents=True)
-    model = GLM(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    save_params(folder / PARAMS_DIR, [flat_params(nnx.split(model)[1])])
-    config.save(folder / "config.json")
-    shutil.copy(ref / "tokenizer.model", folder / "tokenizer.model")
-    for name in SIDE_FILES:
-        shutil.copy(ref / "models" / "glm-4-9b-chat-1m" / name, folder / name)
+    write_random_model(folder, config, seed=seed, reference=reference_dir())
 
 
 # -- the task --------------------------------------------------------------------------------------
@@ -216,7 +201,6 @@ def evaluate(folder: pathlib.Path, tokenizer, haystack, cases, max_new_tokens: i
     from glm_jax.evals import needle as N
 
     model = glm_jax.load(folder)
-    vocab = tokenizer.vocab_size
     prompts = [build(tokenizer, haystack, needle, length, offset)[0] for needle, length, offset in cases]
     rows = []
     for i in range(0, len(cases), EVAL_BATCH):
@@ -224,7 +208,7 @@ def evaluate(folder: pathlib.Path, tokenizer, haystack, cases, max_new_tokens: i
         outs = model.generate([prompts[j].ids for j in group], max_new_tokens=max_new_tokens, temperature=0)
         for j, ids in zip(group, outs):
             needle, _, offset = cases[j]
-            response = tokenizer.decode([t for t in ids if t < vocab], skip_special_tokens=True)
+            response = tokenizer.decode(ids, skip_special_tokens=True)
             rows.append({"city": needle.city, "number": needle.number, "depth_percent": needle.depth,
                          "prompt_tokens": len(prompts[j].ids), "haystack_offset": offset,
                          "needle_token_index": prompts[j].needle_token_indices[0], "response": response,

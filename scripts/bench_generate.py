@@ -17,7 +17,7 @@ import pathlib
 import tempfile
 
 import numpy as np
-from _timing import best_time, memory_bandwidth
+from _bench import best_time, decode_bytes, hf_random_model, memory_bandwidth
 
 
 def main() -> int:
@@ -34,25 +34,19 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    import transformers
 
     import glm_jax
+    from glm_jax.testing import random_config
 
-    torch.manual_seed(0)
-    cfg = transformers.GlmConfig(
-        vocab_size=151552, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e8, "partial_rotary_factor": 0.5},
-        max_position_embeddings=8192, pad_token_id=None, eos_token_id=None)
-    hf = transformers.GlmForCausalLM(cfg).eval()
-    params = sum(p.numel() for p in hf.parameters())
-    prompt = np.random.default_rng(0).integers(0, 151552, (1, args.prompt))
+    config = random_config(hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=args.layers,
+                           num_heads=args.heads, num_kv_heads=args.kv_heads, rope_theta=1e8, max_seq_len=8192)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_random_model(pathlib.Path(tmp) / "model", config)
+        model = glm_jax.load(pathlib.Path(tmp) / "model", prefill_chunk=args.prompt)
+    params = config.num_params
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, args.prompt))
     results = {"parameters": params, "prompt": args.prompt, "new_tokens": args.new,
                "torch_threads": torch.get_num_threads()}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        model = glm_jax.load(pathlib.Path(tmp), prefill_chunk=args.prompt)
 
     def jax_run(n):
         return model.generate([prompt[0].tolist()], max_new_tokens=n, temperature=0, stop_ids=(), reuse=False)
@@ -68,9 +62,7 @@ def main() -> int:
         t1, tn = best_time(lambda: run(1), args.repeats), best_time(lambda: run(args.new), args.repeats)
         results[name] = {"prefill_tokens_per_s": args.prompt / t1,
                          "decode_tokens_per_s": (args.new - 1) / (tn - t1)}
-    # per token: every weight but the embedding table (one row of it), and the KV cache so far
-    bytes_per_step = (params - 151552 * args.hidden) * 4 + args.layers * 2 * args.kv_heads * \
-        (args.hidden // args.heads) * 4 * (args.prompt + args.new // 2)
+    bytes_per_step = decode_bytes(config, args.prompt + args.new // 2, weight_itemsize=4, kv_itemsize=4)
     results["decode_bytes_per_token"] = bytes_per_step
     results["memory"] = memory_bandwidth()
     for name in ("glm_jax", "transformers"):

@@ -50,7 +50,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _timing import memory_bandwidth  # noqa: E402
+from _bench import decode_bytes, hf_random_model, memory_bandwidth  # noqa: E402
+
+from glm_jax import options  # noqa: E402
 
 VOCAB = 151552
 PREFILL_REPEAT_LIMIT_S = 30.0   # transformers prefills longer than this are timed once
@@ -124,7 +126,7 @@ def main() -> int:
     parser.add_argument("--prompts", default="16384,61440", help="prompt lengths, comma-separated")
     parser.add_argument("--new", type=int, default=16, help="new tokens per run (decode: the last N-1 of them)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prefill-chunk", type=int, default=512, help="glm-jax Model prefill_chunk")
+    parser.add_argument("--prefill-chunk", type=int, default=options.PREFILL_CHUNK, help="glm-jax Model prefill_chunk")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -132,7 +134,7 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--ffn", type=int, default=1408)
     parser.add_argument("--skip-transformers", action="store_true", help="time glm-jax only")
-    parser.add_argument("--kv-cache-dtype", choices=("int8",), default=None,
+    parser.add_argument("--kv-cache-dtype", choices=options.KV_CACHE_DTYPES, default=None,
                         help="also time glm-jax with this KV cache (side glm_jax_int8), against its own roofline")
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     parser.add_argument("--out", type=pathlib.Path, help="also write the JSON to this file")
@@ -153,18 +155,17 @@ def main() -> int:
 
     import glm_jax
 
-    torch.manual_seed(0)
-    cfg = transformers.GlmConfig(
-        vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e8, "partial_rotary_factor": 0.5},
-        max_position_embeddings=max(prompts) + args.new, pad_token_id=None, eos_token_id=None)
-    hf = transformers.GlmForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
-    params = sum(p.numel() for p in hf.parameters())
+    from glm_jax.testing import random_config
+
+    config = random_config(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.ffn,
+                           num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                           head_dim=args.head_dim, rope_theta=1e8, max_seq_len=max(prompts) + args.new)
+    params = config.num_params
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        model = glm_jax.load(pathlib.Path(tmp), prefill_chunk=args.prefill_chunk)
-        quantized = args.kv_cache_dtype and glm_jax.load(pathlib.Path(tmp), prefill_chunk=args.prefill_chunk,
+        folder = pathlib.Path(tmp) / "model"
+        hf = hf_random_model(folder, config)
+        model = glm_jax.load(folder, prefill_chunk=args.prefill_chunk)
+        quantized = args.kv_cache_dtype and glm_jax.load(folder, prefill_chunk=args.prefill_chunk,
                                                          kv_cache_dtype=args.kv_cache_dtype)
 
     command = shlex.join(["python", "scripts/bench_long.py", *sys.argv[1:]])
@@ -182,19 +183,17 @@ def main() -> int:
         "lengths": [],
     }
     read_bytes_per_s = results["memory"]["read_gb_per_s"] * 1e9
-    kv_bytes_per_token = args.layers * 2 * args.kv_heads * args.head_dim * 4
     rng = np.random.default_rng(0)
     for length in prompts:
         prompt = rng.integers(0, VOCAB, length).tolist()
-        step_bytes = (params - (VOCAB - 1) * args.hidden) * 4 + kv_bytes_per_token * (length + args.new / 2)
+        step_bytes = decode_bytes(config, length + args.new / 2, weight_itemsize=4, kv_itemsize=4)
         row = {"prompt": length, "decode_bytes_per_token": step_bytes,
                "roofline_ms_per_token": 1e3 * step_bytes / read_bytes_per_s}
         first_call, prefill, decode, jax_tokens = glm_jax_runs(model, prompt, args.new, args.repeats)
         row["glm_jax"] = {"first_call_s": first_call, "prefill_s": summary(prefill),
                           "decode_ms_per_token": summary([1e3 * d for d in decode]), "tokens": jax_tokens}
         if quantized:   # int8 values and a float32 scale per token, layer and KV head
-            int8_bytes = step_bytes - kv_bytes_per_token * (length + args.new / 2) * (1 - (args.head_dim + 4) /
-                                                                                       (4 * args.head_dim))
+            int8_bytes = decode_bytes(config, length + args.new / 2, weight_itemsize=4, kv_itemsize=1)
             first_call, prefill, decode, tokens = glm_jax_runs(quantized, prompt, args.new, args.repeats)
             row["glm_jax_int8"] = {"first_call_s": first_call, "prefill_s": summary(prefill),
                                    "decode_ms_per_token": summary([1e3 * d for d in decode]), "tokens": tokens,

@@ -39,7 +39,6 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import shlex  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -62,18 +61,12 @@ WORDS = ("time year people way day man thing woman life child world school state
 
 def make_model(folder: pathlib.Path) -> pathlib.Path:
     """The random HF-layout checkpoint with the GLM-4 tokenizer (ours and a transformers one)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_random_checkpoint import make
-
-    from glm_jax.config import PRESETS
     from glm_jax.convert.layout import GLM
+    from glm_jax.testing import random_config, write_random_checkpoint
 
-    config = PRESETS["glm-4-9b-chat-1m"].replace(hidden_size=512, intermediate_size=1408, num_layers=2, num_heads=8,
-                                                num_kv_heads=2, head_dim=128, dtype="float32")
-    model = folder / "model"
-    make(config, model, layout=GLM, num_shards=1, progress=False)
-    shutil.copy(DATA / "tokenizer.model", model)
-    shutil.copy(DATA / "models" / "glm-4-9b-chat-1m" / "generation_config.json", model)
+    config = random_config(hidden_size=512, intermediate_size=1408, num_layers=2, num_heads=8, num_kv_heads=2,
+                           head_dim=128)
+    model = write_random_checkpoint(folder / "model", config, layout=GLM, reference=DATA)
     hf_tokenizer(model)
     return model
 

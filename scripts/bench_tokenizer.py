@@ -17,7 +17,7 @@ import tiktoken
 import tiktoken.load
 
 from glm_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-from _timing import best_time
+from _bench import best_time
 
 CHINESE = (
     "今天天气很好我们去公园散步吧人工智能模型的训练需要大量数据和计算资源语言理解与生成是自然处理的核心任务"

@@ -32,25 +32,21 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _timing import best_time, timings  # noqa: E402
+from _bench import best_time, hf_random_model, rounds  # noqa: E402
 
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))
 REMATS = ("none", "full", "segments")
 
 
 def torch_model(args, folder: pathlib.Path):
-    import torch
-    import transformers
+    """transformers' GlmForCausalLM (SDPA, training mode) of a random model written at folder, which
+    glm_jax.load reads: both sides start from the same weights."""
+    from glm_jax.testing import random_config
 
-    torch.manual_seed(0)
-    cfg = transformers.GlmConfig(
-        vocab_size=32768, hidden_size=args.hidden, intermediate_size=1408, num_hidden_layers=args.layers,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-        max_position_embeddings=8192, pad_token_id=None, eos_token_id=[1], attn_implementation="sdpa")
-    model = transformers.GlmForCausalLM(cfg)
-    model.save_pretrained(folder)
-    return model.train()
+    config = random_config(vocab_size=32768, hidden_size=args.hidden, intermediate_size=1408, num_layers=args.layers,
+                           num_heads=8, num_kv_heads=2, head_dim=64, rope_theta=1e4, max_seq_len=8192,
+                           eos_token_ids=(1,), pad_token_id=None)
+    return hf_random_model(folder, config).train()
 
 
 def matmul_rate(m: int, k: int, n: int, repeats: int = 3) -> dict:
@@ -133,14 +129,7 @@ def main(argv=None) -> int:
         return jax_step
 
     sides = {"torch": torch_step, **{remat: jax_side(remat) for remat in REMATS}}
-    for _ in range(2):                                            # warm-up: compilation, then first-touch
-        for fn in sides.values():                                 # of the buffers (a first round ran 3-4x slower)
-            fn()
-    # round-robin: each round times one step of every side, so drifts in the machine's speed fall on all
-    seconds = {name: [] for name in sides}
-    for _ in range(args.steps):
-        for name, fn in sides.items():
-            seconds[name] += timings(fn, 1)
+    seconds = rounds(sides, args.steps)      # after two untimed rounds: compilation, first use of the buffers
     torch_s = statistics.median(seconds["torch"])
     result["torch"] = {"seconds_per_step": torch_s, "tokens_per_s": tokens / torch_s, "losses": losses["torch"][:3]}
     for remat in REMATS:

@@ -20,6 +20,8 @@ import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from glm_jax import options  # noqa: E402
+
 
 def step_logits(model, kv_cache_dtype, prompt, tokens):
     """Logits [len(tokens), V] of each decode step after `prompt`, fed `tokens` one at a time."""
@@ -77,7 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=pathlib.Path, help="model folders with a reference.npz prompt")
     parser.add_argument("--new", type=int, default=200, help="decode steps (default 200)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+    parser.add_argument("--dtype", choices=options.DTYPES, default=None,
                         help="compute dtype (default: the stored weights')")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args()

@@ -1,3 +1,5 @@
+import functools
+import json
 import os
 import pathlib
 
@@ -29,3 +31,49 @@ def reference() -> pathlib.Path:
     if not path.is_dir():
         pytest.fail(f"reference folder not found at {path}; set GLM_JAX_REFERENCE")
     return path
+
+
+@functools.cache
+def glm4_tokenizer():
+    """The real GLM-4 vocabulary, loaded once per session."""
+    from glm_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(reference_dir() / "tokenizer.model")
+
+
+@functools.cache
+def golden_cases(kind: str) -> list[dict]:
+    """The tokenizer cases of one kind (text, chat, ...) with the original tokenizer's ids."""
+    lines = (reference_dir() / "tokenizer_cases.jsonl").read_text(encoding="utf-8").splitlines()
+    return [case for case in map(json.loads, lines) if case["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(reference, tmp_path_factory):
+    """A tiny random GLM-4 with the real vocabulary, tokenizer and generation config (converted from
+    a Hugging Face folder)."""
+    from glm_jax.convert.checkpoint import convert
+    from glm_jax.testing import random_config, write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    config = random_config(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                           head_dim=8)
+    write_random_checkpoint(root / "hf", config, reference=reference)
+    convert(root / "hf", root / "model", progress=False)
+    return root / "model"
+
+
+def random_glm(folder, *, heads, kv_heads, rope_theta, head_dim=16, hidden=64, layers=2, seed=0):
+    """transformers' GlmForCausalLM (eval mode) of a random `glm`-layout folder written at `folder`
+    (vocabulary 300): glm_jax.load(folder) has the same weights."""
+    import transformers
+
+    from glm_jax.config import GLMConfig
+    from glm_jax.testing import write_random_checkpoint
+
+    config = GLMConfig(vocab_size=300, hidden_size=hidden, intermediate_size=96, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=rope_theta, max_seq_len=8192,
+                       eos_token_ids=(1,), pad_token_id=None, dtype="float32")
+    # every weight random (std 0.08), norms around 1, so no term can hide
+    write_random_checkpoint(folder, config, layout="glm", seed=seed, std=0.08, force=True)
+    return transformers.GlmForCausalLM.from_pretrained(folder).eval()

@@ -79,13 +79,3 @@ def test_non_empty_out_is_refused(tmp_path, capsys):
     assert "--force replaces it" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
-
-def test_help_lists_every_flag(capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for flag in ("--out", "--force", "--results", "--quick", "--steps", "--batch-size", "--seq-len", "--min-len",
-                 "--max-len", "--train-examples", "--lr", "--warmup-steps", "--layers", "--hidden", "--eval-cases",
-                 "--seed", "--print-every"):
-        assert flag in text, flag

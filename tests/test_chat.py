@@ -10,11 +10,10 @@ from typing import Any
 
 import jinja2
 import pytest
-from conftest import reference_dir
+from conftest import glm4_tokenizer, golden_cases, reference_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from test_tokenizer import glm4_tokenizer, golden_cases
 
 from glm_jax import chat
 from glm_jax.chat import parse_response

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from test_generate import tiny_chat_model  # noqa: F401 (a fixture)
 
 import glm_jax
 from glm_jax.cli import main

@@ -12,7 +12,7 @@ from glm_jax.cli import main
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from test_model_parity import random_glm  # noqa: E402  (tests/ is on sys.path)
+from conftest import random_glm  # noqa: E402  (tests/ is on sys.path)
 
 SEQ = 24
 

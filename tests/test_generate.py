@@ -1,7 +1,6 @@
 """The sampler: exact greedy continuations, cache correctness, sampling controls, the CLI."""
 
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -100,30 +99,6 @@ def test_bad_generation_parameters(reference, kwargs, message):
     args = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         model.generate(args.pop("prompts"), **args)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(reference, tmp_path_factory):
-    """A tiny random GLM-4 with the real vocabulary, tokenizer and generation config."""
-    import importlib.util
-    import pathlib
-
-    from glm_jax.config import PRESETS
-    from glm_jax.convert.checkpoint import convert
-
-    script = pathlib.Path(__file__).parents[1] / "scripts" / "make_random_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_random_checkpoint", script)
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
-    root = tmp_path_factory.mktemp("tiny")
-    config = PRESETS["glm-4-9b-chat-1m"].replace(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                                                num_kv_heads=2, head_dim=8, dtype="float32")
-    make.make(config, root / "hf", num_shards=1, progress=False)
-    shutil.copy(reference / "tokenizer.model", root / "hf")
-    for name in ("tokenizer_config.json", "generation_config.json"):
-        shutil.copy(reference / "models" / "glm-4-9b-chat-1m" / name, root / "hf")
-    convert(root / "hf", root / "model", progress=False)
-    return root / "model"
 
 
 def test_cli_generate_json_and_streaming(tiny_chat_model, capsys):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import random_glm
 
 import glm_jax
 from glm_jax.convert.checkpoint import convert, export
@@ -75,21 +76,6 @@ def test_attention_choice_does_not_change_logits(reference, attention):
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def random_glm(tmp_path, *, heads, kv_heads, rope_theta, head_dim=16, hidden=64, layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GlmConfig(
-        vocab_size=300, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
-        max_position_embeddings=8192, pad_token_id=None, eos_token_id=[1])
-    model = transformers.GlmForCausalLM(cfg).eval()
-    with torch.no_grad():  # every weight random, norms around 1, so no term can hide
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    return model
 
 
 @pytest.mark.parametrize("heads, kv_heads, rope_theta, seq, batch", [

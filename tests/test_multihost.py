@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from glm_jax.convert.checkpoint import convert
-from test_generate import tiny_chat_model  # noqa: F401 (a fixture)
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,11 @@ import pytest
 
 import glm_jax
 from glm_jax.cli import main
-from glm_jax.evals import needle as N
+from glm_jax.evals.needle import haystack as H
+from glm_jax.evals.needle import plan as PL
+from glm_jax.evals.needle import prompt as P
+from glm_jax.evals.needle import results as R
+from glm_jax.evals.needle import runner
 from glm_jax.tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 4096
@@ -30,24 +33,10 @@ def tok(reference):
 @pytest.fixture(scope="module")
 def tiny(reference, tmp_path_factory):
     """A random 1-layer GLM-4 (hidden 64, float32) with the real vocabulary and tokenizer files."""
-    import jax.numpy as jnp
-    from flax import nnx
+    from glm_jax.testing import random_config, write_random_model
 
-    from glm_jax.model import GLM
-    from glm_jax.params import PARAMS_DIR, flat_params, save_params
-
-    folder = tmp_path_factory.mktemp("needle") / "tiny"
-    config = glm_jax.PRESETS["glm-4-9b-chat-1m"].replace(
-        hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
-        max_seq_len=MAX_SEQ_LEN, dtype="float32")
-    folder.mkdir()
-    model = GLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    save_params(folder / PARAMS_DIR, [flat_params(nnx.split(model)[1])])
-    config.save(folder / "config.json")
-    shutil.copy(reference / "tokenizer.model", folder)
-    for name in ("tokenizer_config.json", "generation_config.json"):
-        shutil.copy(reference / "models" / "glm-4-9b-chat-1m" / name, folder)
-    return folder
+    config = random_config(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=MAX_SEQ_LEN)
+    return write_random_model(tmp_path_factory.mktemp("needle") / "tiny", config, reference=reference)
 
 
 def corpus_text(sentences: int = 400, seed: int = 0) -> str:
@@ -75,26 +64,45 @@ def haystacks(tok, tmp_path_factory):
     paragraphs = text.split("\n\n")
     (folder / "book.jsonl").write_text("".join(json.dumps({"text": p, "id": i}) + "\n"
                                                for i, p in enumerate(paragraphs)), encoding="utf-8")
-    return {"filler": N.load_haystack(None, tok), "text": N.load_haystack(folder / "book.txt", tok),
-            "jsonl": N.load_haystack(folder / "book.jsonl", tok)}
+    return {"filler": H.load_haystack(None, tok), "text": H.load_haystack(folder / "book.txt", tok),
+            "jsonl": H.load_haystack(folder / "book.jsonl", tok)}
 
 
-# -- prompts: exact by construction ----------------------------------------------------------------
+# -- haystack --------------------------------------------------------------------------------------
+
+def test_sentences_and_haystack_files(tok, haystacks, tmp_path):
+    sentences, separators = H.split_sentences('One. "Two!" Three?\n\nFour and\nfive 3.14 x. 六。七！ Eight')
+    assert sentences == ["One.", '"Two!"', "Three?", "Four and", "five 3.14 x.", "六。", "七！", "Eight"]
+    assert separators == ["", " ", " ", "\n\n", "\n", " ", "", " "]
+    text = corpus_text()
+    rebuilt = haystacks["text"].sentences[0] + "".join(sep + s for sep, s in zip(haystacks["text"].separators[1:],
+                                                                               haystacks["text"].sentences[1:]))
+    assert rebuilt == text.strip()
+    assert haystacks["jsonl"].sentences == haystacks["text"].sentences   # records joined by blank lines
+    folder = tmp_path / "essays"
+    folder.mkdir()
+    (folder / "b.txt").write_text("Second essay.")
+    (folder / "a.txt").write_text("First essay.")
+    assert H.load_haystack(folder, tok).sentences == ("First essay.", "Second essay.")
+    assert haystacks["filler"].repeat and not haystacks["text"].repeat
+
+
+# -- prompt: exact by construction -----------------------------------------------------------------
 
 def check_prompt(tok, haystack, length, needles, question, offset, prompt):
     ids = prompt.ids
     assert len(ids) <= length                                               # never over
     assert tok.decode(ids) == prompt.text                                   # the ids are the rendered prompt
-    content = N._render(haystack, offset, prompt.haystack_sentences, sorted(needles, key=lambda x: x.depth),
-                        question, np.concatenate([[0], np.cumsum(N._sequence(
+    content = P.render(haystack, offset, prompt.haystack_sentences, sorted(needles, key=lambda x: x.depth),
+                        question, np.concatenate([[0], np.cumsum(H.window(
                             haystack, offset, prompt.haystack_sentences, haystack.counts))]))[0]
-    assert ids == N.prompt_ids(tok, content)
-    more = N.available_sentences(haystack, offset)
+    assert ids == P.prompt_ids(tok, content)
+    more = H.available_sentences(haystack, offset)
     if more is None or prompt.haystack_sentences < more:                   # one more sentence is over
         n = prompt.haystack_sentences + 1
-        longer = N._render(haystack, offset, n, needles, question,
-                           np.concatenate([[0], np.cumsum(N._sequence(haystack, offset, n, haystack.counts))]))[0]
-        assert len(N.prompt_ids(tok, longer)) > length
+        longer = P.render(haystack, offset, n, needles, question,
+                           np.concatenate([[0], np.cumsum(H.window(haystack, offset, n, haystack.counts))]))[0]
+        assert len(P.prompt_ids(tok, longer)) > length
     assert prompt.text.startswith("[gMASK]<sop><|user|>\n") and prompt.text.endswith(question + "<|assistant|>")
     raw = prompt.text.encode()
     for needle, index in zip(sorted(needles, key=lambda x: x.depth), prompt.needle_token_indices):
@@ -109,10 +117,10 @@ def check_prompt(tok, haystack, length, needles, question, offset, prompt):
 @pytest.mark.parametrize("depth", [0, 33, 100])
 def test_prompt_length_and_needle_position_are_exact(tok, haystacks, kind, length, depth):
     haystack = haystacks[kind]
-    needle = N.Needle("Lisbon", 4821937, float(depth))
+    needle = P.Needle("Lisbon", 4821937, float(depth))
     question = needle.question()
     offset = 3 if kind == "filler" else 17
-    prompt = N.build_prompt(tok, haystack, length, [needle], question, offset)
+    prompt = P.build_prompt(tok, haystack, length, [needle], question, offset)
     check_prompt(tok, haystack, length, [needle], question, offset, prompt)
     assert length - len(prompt.ids) < 40                               # a sentence short at most
     head = len(tok.encode("[gMASK]<sop><|user|>\n"))                       # 4 tokens
@@ -130,21 +138,21 @@ def test_exact_for_every_length_never_over(tok, haystacks):
     for kind in ("filler", "text"):
         haystack = haystacks[kind]
         for length in range(90, 1400, 53):
-            needle = N.Needle("Oslo", 1000000 + length, 50.0)
-            prompt = N.build_prompt(tok, haystack, length, [needle], needle.question(), 5)
+            needle = P.Needle("Oslo", 1000000 + length, 50.0)
+            prompt = P.build_prompt(tok, haystack, length, [needle], needle.question(), 5)
             check_prompt(tok, haystack, length, [needle], needle.question(), 5, prompt)
 
 
 def test_multi_needle_positions_follow_depth(tok, haystacks):
-    assert N.needle_depths(0, 4) == [0, 25, 50, 75]
-    assert N.needle_depths(75, 4) == [25, 50, 75, 100]
-    assert N.needle_depths(100, 2) == [50, 100]
-    assert N.needle_depths(40, 1) == [40]
+    assert P.needle_depths(0, 4) == [0, 25, 50, 75]
+    assert P.needle_depths(75, 4) == [25, 50, 75, 100]
+    assert P.needle_depths(100, 2) == [50, 100]
+    assert P.needle_depths(40, 1) == [40]
     for kind in ("filler", "text"):
-        needles = [N.Needle(city, 2000000 + i, d) for i, (city, d) in
-                   enumerate(zip(("Rome", "Cairo", "Lima"), N.needle_depths(25, 3)))][::-1]   # any order in
+        needles = [P.Needle(city, 2000000 + i, d) for i, (city, d) in
+                   enumerate(zip(("Rome", "Cairo", "Lima"), P.needle_depths(25, 3)))][::-1]   # any order in
         question = needles[1].question()
-        prompt = N.build_prompt(tok, haystacks[kind], 900, needles, question, 0)
+        prompt = P.build_prompt(tok, haystacks[kind], 900, needles, question, 0)
         check_prompt(tok, haystacks[kind], 900, needles, question, 0, prompt)
         indices = prompt.needle_token_indices
         assert len(indices) == 3 and list(indices) == sorted(indices) and len(set(indices)) == 3
@@ -152,65 +160,54 @@ def test_multi_needle_positions_follow_depth(tok, haystacks):
         assert starts == sorted(starts)
 
 
-def test_sentences_and_haystack_files(tok, haystacks, tmp_path):
-    sentences, separators = N.split_sentences('One. "Two!" Three?\n\nFour and\nfive 3.14 x. 六。七！ Eight')
-    assert sentences == ["One.", '"Two!"', "Three?", "Four and", "five 3.14 x.", "六。", "七！", "Eight"]
-    assert separators == ["", " ", " ", "\n\n", "\n", " ", "", " "]
-    text = corpus_text()
-    rebuilt = haystacks["text"].sentences[0] + "".join(sep + s for sep, s in zip(haystacks["text"].separators[1:],
-                                                                               haystacks["text"].sentences[1:]))
-    assert rebuilt == text.strip()
-    assert haystacks["jsonl"].sentences == haystacks["text"].sentences   # records joined by blank lines
-    folder = tmp_path / "essays"
-    folder.mkdir()
-    (folder / "b.txt").write_text("Second essay.")
-    (folder / "a.txt").write_text("First essay.")
-    assert N.load_haystack(folder, tok).sentences == ("First essay.", "Second essay.")
-    assert haystacks["filler"].repeat and not haystacks["text"].repeat
-
+# -- plan: the grid and its cases ------------------------------------------------------------------
 
 def test_plan_is_seeded_and_cells_are_independent(tok, haystacks):
     haystack = haystacks["text"]
-    a = N.plan_cases(tok, haystack, [300, 1000], [0, 50], 3, 2, seed=1)
-    assert a == N.plan_cases(tok, haystack, [300, 1000], [0, 50], 3, 2, seed=1)
-    assert a != N.plan_cases(tok, haystack, [300, 1000], [0, 50], 3, 2, seed=2)
-    assert [c for c in a if c.context_length == 1000] == N.plan_cases(tok, haystack, [1000], [0, 50], 3, 2, seed=1)
+    a = PL.plan_cases(tok, haystack, [300, 1000], [0, 50], 3, 2, seed=1)
+    assert a == PL.plan_cases(tok, haystack, [300, 1000], [0, 50], 3, 2, seed=1)
+    assert a != PL.plan_cases(tok, haystack, [300, 1000], [0, 50], 3, 2, seed=2)
+    assert [c for c in a if c.context_length == 1000] == PL.plan_cases(tok, haystack, [1000], [0, 50], 3, 2, seed=1)
     assert len(a) == 2 * 2 * 3
     for case in a:
         cities = [n.city for n in case.needles]
         assert len(set(cities)) == 2 and all(1_000_000 <= n.number <= 9_999_999 for n in case.needles)
-        assert [n.depth for n in case.needles] == N.needle_depths(case.depth_percent, 2)
+        assert [n.depth for n in case.needles] == P.needle_depths(case.depth_percent, 2)
     samples = [c for c in a if c.context_length == 1000 and c.depth_percent == 0]
     assert len({c.needles for c in samples}) == 3 and len({c.offset for c in samples}) > 1
     # offsets leave the haystack enough sentences for the length
     for case in a:
-        prompt = N.build_prompt(tok, haystack, case.context_length, case.needles, case.needles[0].question(),
+        prompt = P.build_prompt(tok, haystack, case.context_length, case.needles, case.needles[0].question(),
                                 case.offset)
         assert case.context_length - len(prompt.ids) < 60
 
 
-def test_scoring_is_substring():
-    assert N.is_correct("4821937", "The special magic Lisbon number is: 4821937.")
-    assert N.is_correct("4821937", "48219370")
-    assert not N.is_correct("4821937", "482193")
-    assert not N.is_correct("4821937", "4,821,937")
-    assert not N.is_correct("4821937", "")
-
-
 def test_grid_arguments():
-    assert N.parse_lengths("8000, 1000,1000") == [1000, 8000]
-    assert N.parse_lengths(None, 1000, 2000, 3) == [1000, 1500, 2000]
-    assert N.parse_depths(None) == [0, 25, 50, 75, 100]
-    assert N.parse_depths(None, 4) == [0, 33.3, 66.7, 100]
-    assert N.parse_depths("100,0,12.5") == [0, 12.5, 100]
+    assert PL.parse_lengths("8000, 1000,1000") == [1000, 8000]
+    assert PL.parse_lengths(None, 1000, 2000, 3) == [1000, 1500, 2000]
+    assert PL.parse_depths(None) == [0, 25, 50, 75, 100]
+    assert PL.parse_depths(None, 4) == [0, 33.3, 66.7, 100]
+    assert PL.parse_depths("100,0,12.5") == [0, 12.5, 100]
 
+
+# -- results: scoring ------------------------------------------------------------------------------
+
+def test_scoring_is_substring():
+    assert R.is_correct("4821937", "The special magic Lisbon number is: 4821937.")
+    assert R.is_correct("4821937", "48219370")
+    assert not R.is_correct("4821937", "482193")
+    assert not R.is_correct("4821937", "4,821,937")
+    assert not R.is_correct("4821937", "")
+
+
+# -- runner ----------------------------------------------------------------------------------------
 
 def test_model_config_of_either_folder(tiny, reference):
-    assert N.model_config(tiny).max_seq_len == MAX_SEQ_LEN
-    assert N.model_config(reference / "models" / "glm-4-9b-chat-1m").max_seq_len == 1048576
+    assert runner.model_config(tiny).max_seq_len == MAX_SEQ_LEN
+    assert runner.model_config(reference / "models" / "glm-4-9b-chat-1m").max_seq_len == 1048576
 
 
-# -- the command, with a model that reads the prompt ----------------------------------------------
+# -- runner and results: the command, with a model that reads the prompt ---------------------------
 
 class Oracle:
     """Stands in for a model: answers the asked city's number when that needle lies in the first 40% of
@@ -280,7 +277,7 @@ def test_run_summary_heatmap_and_resume(tiny, oracle, tmp_path, capsys):
     assert summary["by_length"] == {"300": pytest.approx(1 / 3), "600": pytest.approx(1 / 3)}
     assert summary["by_depth"] == {"0": 1.0, "50": 0.0, "100": 0.0} and summary["complete"]
     assert "built-in filler" in summary["haystack"] and summary["done"] == summary["prompts"] == 12
-    assert N.accuracy_grid(summary).tolist() == [[1, 1], [0, 0], [0, 0]]
+    assert R.accuracy_grid(summary).tolist() == [[1, 1], [0, 0], [0, 0]]
     png = out / "heatmap.png"
     assert summary["heatmap"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     green, red = colour_share(png, (0x0C, 0xD7, 0x9F)), colour_share(png, (0xF0, 0x49, 0x6E))
@@ -345,7 +342,7 @@ def test_resume_after_kill(tiny, tmp_path):
     assert f"6 prompts, {done} done" in again.stderr
     final = results.read_text()
     assert final.startswith(first[:first.rindex("\n") + 1])                 # finished lines kept as they were
-    keys = [N.result_key(r) for r in rows(out)]
+    keys = [R.result_key(r) for r in rows(out)]
     assert sorted(keys) == [(n, d, 0, 0) for n in (200, 300) for d in (0.0, 50.0, 100.0)]   # no duplicates
     for r in rows(out):
         assert 0 < r["prompt_tokens"] <= r["context_length"] and 1 <= r["new_tokens"] <= 3

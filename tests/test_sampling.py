@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from glm_jax import GLM, GLMConfig, Layout, make_mesh
+from glm_jax import GLMConfig, Layout, make_mesh
 from glm_jax.generate import Engine, SamplingParams
 from glm_jax.sampling import TOP_K_MAX, argmax, sample
+from glm_jax.testing import random_model
 
 SAMPLE = jax.jit(sample)
 
@@ -159,9 +159,7 @@ def engine():
     """A random one-layer GLM with a 16-token vocabulary; near-uniform next-token distributions."""
     config = GLMConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                        num_kv_heads=2, head_dim=8, max_seq_len=1024, dtype="float32")
-    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: GLM(config, dtype=jnp.float32)))
-    rng = np.random.default_rng(0)                          # numpy: eager nnx init compiles every op
-    state = jax.tree.map(lambda a: jnp.asarray(rng.normal(scale=0.02, size=a.shape), a.dtype), shapes)
+    _, graphdef, state = random_model(config)
     return Engine(config, graphdef, state, Layout(make_mesh("sequence=1", jax.devices()[:1])), prefill_chunk=8,
                   steps_per_call=4)
 

@@ -22,7 +22,6 @@ import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
-from test_generate import tiny_chat_model  # noqa: F401 (a fixture)
 
 import glm_jax
 from glm_jax import chat

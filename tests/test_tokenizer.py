@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import pathlib
 
 import numpy as np
 import pytest
-from conftest import reference_dir
+from conftest import glm4_tokenizer, golden_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glm_jax.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 GLM4_SPECIAL_IDS = dict(zip(SPECIAL_TOKENS, range(151329, 151343)))
-
-
-@functools.cache
-def glm4_tokenizer() -> Tokenizer:
-    """The real GLM-4 vocabulary, loaded once per session (test_chat.py shares it)."""
-    return Tokenizer.from_file(reference_dir() / "tokenizer.model")
-
-
-@functools.cache
-def golden_cases(kind: str) -> list[dict]:
-    lines = (reference_dir() / "tokenizer_cases.jsonl").read_text(encoding="utf-8").splitlines()
-    return [case for case in map(json.loads, lines) if case["kind"] == kind]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from glm_jax.train.step import Batch, OptimizerConfig, Trainer, decays, make_opt
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from test_model_parity import random_glm  # noqa: E402  (tests/ is on sys.path)
+from conftest import random_glm  # noqa: E402  (tests/ is on sys.path)
 
 
 def rel(a, b):

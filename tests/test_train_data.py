@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from test_tokenizer import glm4_tokenizer
+from conftest import glm4_tokenizer
 
 from glm_jax.tokenizer import Tokenizer
 from glm_jax.train.data import IGNORE, Batch, Batches, DataError, Example, read_examples
