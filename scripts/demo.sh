@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 source scripts/_venv.sh
 ensure_venv test            # parity needs torch and transformers
 # Off a TPU VM, keep JAX from starting an installed libtpu (test.sh installs it for TPU compiles):
-# glm-jax makes that choice for itself (glm_jax/cli.py); the same choice here serves the other steps.
-export JAX_PLATFORMS="${JAX_PLATFORMS-$(.venv/bin/python -c 'from glm_jax.cli import default_platforms as p; print(p() or "")')}"
+# glm-jax makes that choice for itself (glm_jax/runtime.py); the same choice here serves the other steps.
+export JAX_PLATFORMS="${JAX_PLATFORMS-$(.venv/bin/python -c 'from glm_jax.runtime import default_platforms as p; print(p() or "")')}"
 work="${DEMO_DIR:-$(mktemp -d)}"
 echo "== 1/5 a random GLM-4 (4 layers, hidden 256, vocab 151,552) in the chatglm layout: $work/hf"
 .venv/bin/python scripts/make_random_checkpoint.py --preset demo --out "$work/hf" --force
