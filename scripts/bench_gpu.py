@@ -96,11 +96,10 @@ sys.path.insert(1, str(ROOT))   # this checkout's glm_jax, installed or not (a G
 START = time.perf_counter()
 GiB = 1 << 30
 
-# The prefill attention kernel of every Engine this script makes (--kernel): "auto" (the
-# library's default: cudnn on a GPU), "xla" (portable) or "cudnn" (cuDNN flash attention for prefill
-# chunks); section accuracy measures both against a float32 reference.
-DEFAULT_KERNEL = "auto"
-KERNEL_CHOICES = ("auto", "xla", "cudnn")
+# The attention kernel of every Engine this script makes (--kernel, one of options.KERNELS): "auto"
+# (the library's default: gpu on a GPU), "xla" (portable) or "gpu" (cuDNN flash attention for
+# prefill chunks, the Pallas kernel for decode); section accuracy measures both against a float32 reference.
+from glm_jax.options import DEFAULT_KERNEL, KERNELS  # noqa: E402
 
 # device_kind substring (first match wins): dense bf16 FLOP/s and HBM bytes/s, as NVIDIA states them.
 DATASHEET = (
@@ -229,7 +228,7 @@ class Bench:
 
 
 def make_generator(bench: Bench):
-    from glm_jax.generate import Engine
+    from glm_jax.engine import Engine
 
     return Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
                   kernel=bench.args.kernel, serving=False)
@@ -420,7 +419,7 @@ def attention_call_seconds(attend, q, q_index, k, v, index, repeats: int = 50) -
 
 
 def section_decode_kernel(bench: Bench) -> dict:
-    """The decode step's attention: the Pallas kernel that kernel "cudnn" ("auto" on a GPU) uses for
+    """The decode step's attention: the Pallas kernel that kernel "gpu" ("auto" on a GPU) uses for
     one token a row, against XLA's tiles (kernel "xla"). Per case (the 1K and 32K contexts' filled
     slots, prompt + 1 + N/2, and the int8 cache at 32K): one layer's attention call alone (one row,
     the model's heads, the engine's cache bucket, bf16 or int8 with random scales), microseconds
@@ -432,9 +431,10 @@ def section_decode_kernel(bench: Bench) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from glm_jax.attention import PAD
-    from glm_jax.generate import Engine, cache_length
-    from glm_jax.kvcache import cache_ops, cache_order
+    from glm_jax.attention import PAD, group_queries, heads_major, normalized, ungroup
+    from glm_jax.engine import Engine, cache_length
+    from glm_jax.engine.cache import cache_ops, cache_order
+    from glm_jax.kernels.decode_pallas import decode_by_length
 
     bench.need_model()
     c, layout = bench.config, bench.layout
@@ -444,6 +444,13 @@ def section_decode_kernel(bench: Bench) -> dict:
              "int8_32k": ("context_32k", "int8")}
     f32 = lambda x: x.astype(jnp.float32)
     out: dict = {"cache_order": order, "attention": {}}
+    interpret = layout.mesh.devices.flat[0].platform != "gpu"   # off GPUs, Pallas' interpreter runs it
+
+    def pallas(q, q_index, k, v, k_index, k_scale=None, v_scale=None):   # the kernel on the one-row cache
+        state = decode_by_length(heads_major(group_queries(q, g)), k, v, q_index[:, 0] + 1, jnp.arange(q.shape[0]),
+                                 k_scale, v_scale, kv_layout=order, interpret=interpret)
+        return ungroup(normalized(state), q.dtype)
+
     for name, (context, dtype) in cases.items():
         prompt, new = bench.scale.contexts[context]
         filled = prompt + 1 + new // 2
@@ -460,7 +467,7 @@ def section_decode_kernel(bench: Bench) -> dict:
             scales, held = (), (f32(k), f32(v))
         index = jnp.where(jnp.arange(slots) < filled, jnp.arange(slots), PAD).astype(jnp.int32)[None]
         q_index = jnp.full((1, 1), filled - 1, jnp.int32)
-        kernels = {kernel: cache_ops(layout, order, kernel=kernel)[1] for kernel in ("xla", "cudnn")}
+        kernels = {"xla": cache_ops(layout, order, kernel="xla")[1], "pallas": pallas}
         got = {kernel: f32(jax.jit(attend)(q, q_index, k, v, index, *scales)) for kernel, attend in kernels.items()}
         reference = jax.jit(kernels["xla"])(f32(q), q_index, *held, index)
         seconds = {kernel: attention_call_seconds(functools.partial(attend, k_scale=scales[0], v_scale=scales[1])
@@ -468,10 +475,10 @@ def section_decode_kernel(bench: Bench) -> dict:
                    for kernel, attend in kernels.items()}
         out["attention"][name] = {
             "filled_slots": filled, "cache_slots": slots, "cache_dtype": dtype or "bfloat16",
-            "microseconds": {"xla": seconds["xla"] * 1e6, "pallas": seconds["cudnn"] * 1e6},
-            "speedup": seconds["xla"] / seconds["cudnn"],
-            "max_abs_pallas_vs_xla": float(jnp.abs(got["cudnn"] - got["xla"]).max()),
-            "max_abs_pallas_vs_float32": float(jnp.abs(got["cudnn"] - reference).max()),
+            "microseconds": {"xla": seconds["xla"] * 1e6, "pallas": seconds["pallas"] * 1e6},
+            "speedup": seconds["xla"] / seconds["pallas"],
+            "max_abs_pallas_vs_xla": float(jnp.abs(got["pallas"] - got["xla"]).max()),
+            "max_abs_pallas_vs_float32": float(jnp.abs(got["pallas"] - reference).max()),
             "max_abs_xla_vs_float32": float(jnp.abs(got["xla"] - reference).max())}
         log(f"decode_kernel {name}: {out['attention'][name]}")
     engines: dict = {}
@@ -640,8 +647,7 @@ def chunk_logits(config, graphdef, state, layout, kernel: str, prompt: list[int]
     import jax
     import numpy as np
 
-    from glm_jax.generate import cache_length
-    from glm_jax.kvcache import init_cache, model_step
+    from glm_jax.engine import cache_length, init_cache, model_step
 
     step = jax.jit(functools.partial(model_step, graphdef, layout=layout, kernel=kernel, last_only=False),
                    donate_argnums=(1,))
@@ -693,7 +699,7 @@ def section_accuracy(bench: Bench) -> dict:
                                                       prompt, chunk)}
     if gpu:
         paths["glm_jax_bf16_cudnn"] = lambda: chunk_logits(bench.config, bench.graphdef, bench.state, bench.layout,
-                                                           "cudnn", prompt, chunk)
+                                                           "gpu", prompt, chunk)
     paths["transformers_bf16_sdpa"] = lambda: hf_logits(bench, prompt)
     logits, result = {}, {"prompt_tokens": len(prompt), "chunk": chunk}
     for name, fn in paths.items():
@@ -734,7 +740,7 @@ def abstract_cache_bytes(config, length: int, **cache_kwargs) -> int:
     import jax
     import jax.numpy as jnp
 
-    from glm_jax.kvcache import abstract_cache, cache_dtype
+    from glm_jax.engine import abstract_cache, cache_dtype
     from glm_jax.sharding import Layout, make_mesh
 
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
@@ -840,7 +846,7 @@ def section_prefill_128k(bench: Bench) -> dict:
 def section_int8_32k(bench: Bench) -> dict:
     """The int8 KV cache at the 32K context: decode and prefill speed against the bf16 cache's
     (context_32k), and how many of the bf16 cache's greedy tokens it reproduces."""
-    from glm_jax.generate import Engine
+    from glm_jax.engine import Engine
 
     bench.need_model()
     gen = Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
@@ -960,8 +966,8 @@ def parse_args(argv=None):
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip optional sections once this many seconds are nearly spent (default 420)")
     parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill step (default 4096; 128 with --small)")
-    parser.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNEL_CHOICES,
-                        help="prefill attention kernel of the timed Engines (default auto: cudnn on a GPU)")
+    parser.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNELS,
+                        help="attention kernel of the timed Engines (default auto: gpu on a GPU)")
     parser.add_argument("--sections", help=f"optional sections to run, comma-separated (default all: "
                                            f"{','.join(OPTIONAL)})")
     parser.add_argument("--profile", metavar="DIR",

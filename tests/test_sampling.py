@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from glm_jax import GLM, GLMConfig, Layout, make_mesh
-from glm_jax.generate import Engine, SamplingParams
+from glm_jax.engine import Engine, SamplingParams
 from glm_jax.sampling import TOP_K_MAX, argmax, sample
 
 SAMPLE = jax.jit(sample)
