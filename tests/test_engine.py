@@ -210,7 +210,7 @@ def test_plan_survives_pack_and_unpack():
     ("temperature", -0.5, "temperature must be >= 0"), ("top_p", 0.0, r"top_p must lie in \(0, 1\]"),
     ("top_p", 1.5, "top_p"), ("top_k", -1, "top_k must be >= 0"), ("max_tokens", -1, "max_tokens must be >= 0"),
     ("stop_ids", tuple(range(MAX_STOP_IDS + 1)), f"at most {MAX_STOP_IDS} stop ids"),
-    ("stop_ids", (5, -1), "stop ids must be >= 0")])
+    ("top_p", 1e-50, "top_p"), ("stop_ids", (5, -1), "stop ids must be >= 0")])
 def test_sampling_params_validate_themselves(field, value, message):
     """Every way in (the API, the server, the engine) builds SamplingParams, which refuse bad values."""
     with pytest.raises(ValueError, match=message):

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from ..sampling import MAX_STOP_IDS
 
 
@@ -25,7 +27,7 @@ class SamplingParams:
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (0 < self.top_p <= 1 and np.float32(self.top_p) > 0):    # the device takes it as float32
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
