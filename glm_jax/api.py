@@ -17,10 +17,8 @@ from .config import GLMConfig
 from .model import forward
 from .generation import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
-from .generate import Engine, to_host
-from .kvcache import cache_dtype
+from .engine import Engine, SamplingParams, cache_dtype, to_host
 from .options import DTYPES, MAX_BATCH, PREFILL_CHUNK, STEPS_PER_CALL, check_choice
-from .sampling import MAX_STOP_IDS
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
 
@@ -133,7 +131,8 @@ class Model:
         token as it is produced (streaming). reuse: a prompt that extends one of an earlier call
         (still held by the engine's cache) prefills only the rest; False prefills it whole."""
         sampling = self.generation_defaults.sampling(temperature, top_p, top_k, stop_ids)
-        temperature, top_p, top_k = sampling["temperature"], sampling["top_p"], sampling["top_k"]
+        SamplingParams(max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], seed,
+                       tuple(sampling["stop_ids"]))                      # raises ValueError for a bad one
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id lists or strings")
         if all(isinstance(p, str) for p in prompts):
@@ -141,14 +140,6 @@ class Model:
                 raise ValueError("string prompts need a tokenizer.model in the model folder; pass token ids")
             prompts = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
         prompts = [list(map(int, p)) for p in prompts]
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         vocab = self.config.vocab_size
@@ -160,8 +151,6 @@ class Model:
                              f"context length {self.config.max_seq_len}")
         if max_new_tokens == 0:
             return [[] for _ in prompts]
-        if len(sampling["stop_ids"]) > MAX_STOP_IDS:
-            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(sampling['stop_ids'])}")
         with self._own_mesh():
             return self._engine.generate(prompts, max_new_tokens=max_new_tokens, seed=seed, on_token=on_token,
                                          progress=progress, reuse=reuse, **sampling)
@@ -185,9 +174,9 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     prefill_chunk: tokens per prefill step in `generate` (bounds prefill activations).
     kv_cache_dtype: the KV cache's storage in `generate`: None (the weights' dtype) or "int8"
       (per-token, per-head float32 scales; dequantized inside the attention).
-    kernel: attention in `generate`: "auto" (cudnn on a GPU, xla elsewhere), "xla" (portable)
-      or "cudnn" (on a GPU, for a cache held by one device: cuDNN flash attention for prefill
-      chunks, a Pallas kernel for decode steps).
+    kernel: attention in `generate` (options.KERNELS): "auto" (gpu on a GPU, xla elsewhere), "xla"
+      (portable) or "gpu" (GPUs only; for a cache held by one device: cuDNN flash attention for
+      prefill chunks, a Pallas kernel for decode steps).
     """
     path = pathlib.Path(path)
     config_file = path / "config.json"

@@ -94,8 +94,8 @@ def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
 def heads_major(q: jax.Array) -> jax.Array:
     """Grouped queries [B, T, G, R, D] -> [B, G, R, T, D], the layout `update` takes: each KV
     group's R*T query rows are one contiguous matrix, so a score tile is one plain batched matmul
-    (with time-major queries XLA on CPU transposes them for every tile: a 16K prefill chunk loop ran
-    1.6x slower). Callers transpose once, outside their tile loops."""
+    (with time-major queries XLA on CPU transposes them for every tile). Callers transpose once,
+    outside their tile loops."""
     return q.transpose(0, 2, 3, 1, 4)
 
 
@@ -112,8 +112,7 @@ def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     "bsgd") or [B,G,S,D] ("bgsd"), mask [B,T,S] (None: every key visible to every query). int8 k/v
     come with float32 scales (kv_layout without d): scores are (q . k) * k_scale and probabilities
     are multiplied by v_scale before p . v: the int8 block is only converted as the products'
-    operand (whether XLA materialises that conversion is the compiler's choice: not on the H100,
-    cache-sized temporaries on TPU v5e, a float32 copy of each tile on CPU)."""
+    operand (whether XLA materialises that conversion is the compiler's choice)."""
     per_key = lambda x: jnp.einsum(f"{kv_layout.replace('d', '')}->bgs", x)[:, :, None, None, :]  # [B,G,1,1,S]
     if k_scale is not None:
         k, v = k.astype(q.dtype), v.astype(q.dtype)
@@ -214,10 +213,8 @@ def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale
     see `update`); k_index [B,S]. [C, block_k] score tiles over the filled slots only (a loop that
     stops at `live_slots`), every query of the chunk at once; S % block_k == 0 (a cache of at most
     block_k slots is one tile). A tile every query sees whole (all but the chunk's own diagonal
-    tiles, and all but the last for decode) skips the mask. Decode takes this loop too: one
-    masked pass over all S slots made a 16K-token decode step 26.6 ms on this project's CPU
-    benchmark, against 16.6 ms (90% of the memory roofline) for the loop, and it would read slots
-    never written.
+    tiles, and all but the last for decode) skips the mask. Decode takes this loop too: it reads
+    only the filled tiles, never slots that were not written.
     int8 k/v: with their scales ([B,S,G] or [B,G,S]), see `update`.
     rows (int32 [b]): q and k_index are of these rows of a larger k/v: one row is sliced tile by
     tile (no copy of it), several are gathered.
@@ -251,151 +248,18 @@ def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale
     return jax.lax.fori_loop(0, tiles, step, state)
 
 
-def cudnn_chunk(q, k, v, start, implementation: str = "cudnn") -> State:
-    """A prefill chunk by fused attention (cuDNN's flash attention on GPU): q [B,C,Hq,D] at slots
-    [start, start+C) of a cache k/v [B,S,G,D] that one device holds whole, every row filled from
-    slot 0. The chunk's causal self-attention and its attention to slots [0, start) are two fused
-    calls, merged by their float32 log-sum-exp (the public `jax.nn.dot_product_attention` rounds
-    cuDNN's to the activation dtype, so the cuDNN call is the module behind it).
-    implementation "xla": the same through jax.nn's XLA path (CPU tests)."""
-    b, c, hq, d = q.shape
-    g = k.shape[2]
-
-    def run(keys, values, causal, kv_len=None):
-        lengths = None if kv_len is None else (jnp.full((b,), c, jnp.int32), jnp.full((b,), kv_len, jnp.int32))
-        if implementation == "cudnn":
-            from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
-
-            mask = {(True, False): MaskType.CAUSAL, (False, True): MaskType.PADDING}[causal, lengths is not None]
-            q_len, kv_len = lengths or (None, None)
-            out, lse = dot_product_attention(q, keys, values, q_seqlen=q_len, kv_seqlen=kv_len, scale=1.0 / np.sqrt(d),
-                                             mask_type=mask, return_residual=True)                # lse [B, Hq, C]
-        else:
-            out, lse = jax.nn.dot_product_attention(
-                q, keys, values, is_causal=causal, query_seq_lengths=lengths and lengths[0],
-                key_value_seq_lengths=lengths and lengths[1], implementation=implementation, return_residual=True)
-            lse = lse.transpose(0, 2, 1)                                         # [B, C, Hq] -> [B, Hq, C]
-        out = out.astype(jnp.float32).reshape(b, c, g, hq // g, d).transpose(0, 2, 3, 1, 4)  # [B,G,R,C,D]
-        return as_state(out, lse.astype(jnp.float32).reshape(b, g, hq // g, c))
-
-    own = run(*(jax.lax.dynamic_slice_in_dim(x, start, c, 1) for x in (k, v)), True)
-    return jax.lax.cond(start > 0, lambda: merge(own, run(k, v, False, start)), lambda: own)
-
-
-DECODE_PROGRAMS = 128   # decode kernel: at least this many programs when the cache allows (an H100 has 132 SMs)
-
-
-def decode_tiles(slots: int, programs: int) -> tuple[int, int] | None:
-    """(block_k, splits) of `decode_by_length` for a cache of `slots` slots and `programs` (rows x
-    KV groups) programs per split: the largest power-of-two tile of 16 to 128 slots dividing the
-    cache, and the number of equal slot ranges, a divisor of the tile count, that brings the
-    programs to DECODE_PROGRAMS; None when no such tile divides the cache."""
-    block = next((b for b in (128, 64, 32, 16) if slots % b == 0), None)
-    if block is None:
-        return None
-    tiles = slots // block
-    want = max(1, -(-DECODE_PROGRAMS // programs))
-    return block, max(d for d in range(1, min(tiles, want) + 1) if tiles % d == 0)
-
-
-def decode_by_length(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, rows: jax.Array,
-                     k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, *,
-                     kv_layout: str = "bsgd", interpret: bool = False) -> State:
-    """One query a row against cache rows filled from slot 0, as one Pallas (Triton) kernel: the
-    decode step's attention on a GPU, where XLA spends about ten small kernels a layer on it and
-    its tile loop took 441-470 µs a layer at 32K on an H100 (this kernel: 44-48 µs).
-    q [b,G,R,1,D] (`heads_major`); k/v [B,S,G,D] (or [B,G,S,D], kv_layout); lengths int32 [b]: query
-    row i sees slots [0, lengths[i]) of cache row rows[i] (0: nothing). int8 k/v come with float32
-    scales [B,S,G] (or [B,G,S]), applied as in `update`: each tile is converted to q's dtype in
-    the kernel. The slots are cut into `splits` equal ranges (`decode_tiles`); a program per (row,
-    KV group, range) folds its range's filled tiles of block_k slots into a float32 online-softmax
-    state, stopping at the row's length; the ranges' states are merged here by log-sum-exp.
-    interpret: run the kernel in Pallas' interpreter (CPU tests)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    b, g, r, _, d = q.shape
-    seq = kv_layout.index("s")
-    slots = k.shape[seq]
-    block_k, splits = decode_tiles(slots, b * g)
-    span = slots // splits
-    rp = max(16, 1 << (r - 1).bit_length())        # Triton's dot wants 16+ rows (GQA groups here have 8)
-    qp = jnp.pad(q[:, :, :, 0], ((0, 0), (0, 0), (0, rp - r), (0, 0)))                # [b, G, Rp, D]
-    scale = 1.0 / np.sqrt(d)
-    scaled = k_scale is not None
-
-    def kernel(lengths_ref, rows_ref, q_ref, k_ref, v_ref, *refs):
-        ks_ref, vs_ref, acc_ref, m_ref, l_ref = refs if scaled else (None, None, *refs)
-        i, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        row, length = rows_ref[i], lengths_ref[i]
-        start = j * span
-        tiles = jax.lax.div(jnp.clip(length - start, 0, span) + (block_k - 1), block_k)   # filled tiles here
-        qt = q_ref[...]                                                                # [Rp, D]
-
-        def tile(ref, t):      # [block_k, D] of K or V, [block_k] of a scale
-            at = pl.ds(start + t * block_k, block_k)
-            return ref[row, at, h] if kv_layout == "bsgd" else ref[row, h, at]
-
-        def step(t, carry):
-            acc, m, l = carry
-            first = start + t * block_k
-            s = plgpu.dot(qt, tile(k_ref, t).astype(qt.dtype), trans_b=True) * scale  # [Rp, block_k] f32
-            if scaled:
-                s = s * tile(ks_ref, t)[None, :]
-            slot = first + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-            s = jnp.where(slot < length, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp(s - m_new[:, None])
-            correction = jnp.exp(m - m_new)
-            weights = p * jnp.where(slot < length, tile(vs_ref, t)[None, :], 0.0) if scaled else p
-            vt = tile(v_ref, t).astype(qt.dtype)  # slots past the length may hold anything (0 * NaN is NaN)
-            column = first + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
-            vt = jnp.where(column < length, vt, jnp.zeros_like(vt))
-            pv = plgpu.dot(weights.astype(vt.dtype), vt)                              # [Rp, D] f32
-            return acc * correction[:, None] + pv, m_new, l * correction + p.sum(axis=1)
-
-        init = (jnp.zeros((rp, d), jnp.float32), jnp.full((rp,), -jnp.inf, jnp.float32),
-                jnp.zeros((rp,), jnp.float32))
-        acc, m, l = jax.lax.fori_loop(0, tiles, step, init)
-        acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
-
-    whole = pl.BlockSpec()                            # the whole array, indexed in the kernel
-    scales = (k_scale, v_scale) if scaled else ()
-    acc, m, l = pl.pallas_call(
-        kernel, grid=(b, g, splits),
-        in_specs=[whole, whole, pl.BlockSpec((None, None, rp, d), lambda i, h, j: (i, h, 0, 0)), whole, whole]
-        + [whole] * len(scales),
-        out_specs=[pl.BlockSpec((None, None, None, rp, d), lambda i, h, j: (j, i, h, 0, 0)),
-                   pl.BlockSpec((None, None, None, rp), lambda i, h, j: (j, i, h, 0)),
-                   pl.BlockSpec((None, None, None, rp), lambda i, h, j: (j, i, h, 0))],
-        out_shape=[jax.ShapeDtypeStruct((splits, b, g, rp, d), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, b, g, rp), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, b, g, rp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="decode_by_length",
-    )(lengths.astype(jnp.int32), rows.astype(jnp.int32), qp, k, v, *scales)
-    m, l, acc = m[..., :r, None], l[..., :r, None], acc[..., :r, None, :]          # [splits, b, G, R, 1(, D)]
-    top = m.max(axis=0)
-    weight = jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top))                     # 0 for an empty range
-    return State(m=top, l=(l * weight).sum(axis=0), acc=(acc * weight[..., None]).sum(axis=0))
-
-
 def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool, block_q: int,
                    block_k: int):
     """Gradients of attention w.r.t. q, k, v for one KV sequence, tile by tile (float32).
 
     q/dout [B,T,G,R,D]; k/v [B,S,G,D]; lse/delta [B,G,R,T] with delta = sum(dout * out, -1) over
     the whole attention (all KV). Returns dq [B,T,G,R,D], dk and dv [B,S,G,D] (float32).
-    q, k, v and dout may come in any float dtype: each tile is converted to float32 as it is used
-    (whole float32 copies of q and dout were two more [T, Hq, D] float32 buffers a layer).
+    q, k, v and dout may come in any float dtype: each tile is converted to float32 as it is used.
     A tile every query sees whole skips the mask. The inputs stay time-major; each tile is made
     heads-major as it is used ([B, G, R*bq, D]: one matrix a KV group), and dK/dV accumulate
     transposed ([B, G, D, bk]: qᵀ·ds and doᵀ·p, products XLA's CPU matmul takes without copying
-    ds or p). On this CPU a 1,024-token attention gradient (batch 2, 8/2 heads of 64) took 0.70x
-    the time of time-major tiles (median of 15 interleaved rounds, 119.5 against 169.9 ms);
-    heads-major copies of the whole q and dout (tried on 27 Nov before this) were 5-10% faster but
-    cost the v5e-8 LoRA step at 131,072 tokens 2.8 GiB of HBM (15.94 GiB of temporaries: out of
-    memory); these per-tile copies leave it at 13.11 GiB."""
+    ds or p). Per-tile heads-major copies, not whole ones of q and dout: whole copies are two
+    more [T, Hq, D] buffers a layer."""
     nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
     qs = (_tiles(q, nq), _tiles(q_index, nq), _tiles(dout, nq), _tiles(lse, nq, axis=3),
           _tiles(delta, nq, axis=3))

@@ -11,7 +11,6 @@ argument, output, alias and temporary bytes per device from `memory_analysis()`,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 
@@ -22,8 +21,8 @@ from flax import nnx
 from .config import GLMConfig
 from .model import abstract_model
 from .params import param_specs
-from .generate import decode_burst, init_rows, prefill_row
-from .kvcache import abstract_cache, cache_dtype
+from .engine.cache import abstract_cache, cache_dtype, resolve_kernel
+from .engine.programs import programs_for
 from .sharding import Layout, make_mesh
 
 GiB = 1 << 30
@@ -156,8 +155,9 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
                    mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
                    weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None) -> list[ProgramReport]:
-    """Compiles the engine's programs on a `batch`-row cache of `seq_len` slots: one prefill chunk
-    (of one row, as the engine prefills) and one decode step of every row; reports both.
+    """Compiles the engine's own programs (`engine.programs.programs_for`, kernel "auto") on a
+    `batch`-row cache of `seq_len` slots: one prefill chunk (of one row, as the engine prefills)
+    and one decode step of every row; reports both.
     kv_cache_dtype: None (the weights' dtype) or "int8".
 
     The prefill of a `seq_len` prompt is seq_len / chunk runs of the first program, so its
@@ -166,14 +166,15 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
     chip = chip_of(topology)
     graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    prefill = jax.jit(functools.partial(prefill_row, graphdef, layout=layout), donate_argnums=(1,))
-    compiled = prefill.lower(state, cache, i32(), i32(1, chunk), i32(1, chunk),
-                             jax.ShapeDtypeStruct((1, chunk), jnp.bool_)).compile()
+    kernel = resolve_kernel("auto", layout.mesh.devices.flat[0].platform)
+    programs = programs_for(config, graphdef, layout, kernel, batch, seq_len, cache.k[0].dtype)
+    compiled = programs.prefill.lower(state, cache, i32(), i32(1, chunk), i32(1, chunk),
+                                      jax.ShapeDtypeStruct((1, chunk), jnp.bool_)).compile()
     reports = [_report(f"prefill chunk ({chunk} tokens)", compiled, topology, mesh_desc, seq_len, batch, chip,
                        layout, cache, model_flops(config, 1, chunk, seq_len))]
-    rows = jax.eval_shape(lambda: init_rows(batch))
-    decode = jax.jit(functools.partial(decode_burst, graphdef, steps=1, layout=layout), donate_argnums=(1, 2))
-    compiled = decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), i32(batch)).compile()
+    rows = jax.eval_shape(programs.init_rows)
+    compiled = programs.decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), i32(batch),
+                                     steps=1).compile()
     reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
                            model_flops(config, batch, 1, seq_len)))
     return reports

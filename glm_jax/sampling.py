@@ -57,9 +57,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.
 
 def argmax(x: jax.Array) -> jax.Array:
     """[B, V] -> int32 [B]: the first index of each row's maximum (as jnp.argmax), as a max and a
-    min over a masked iota: two vectorised passes, half the time of jnp.argmax's paired reduction on
-    XLA CPU (2.4-2.6 against 5.4-5.6 ms at [16, 151552], 2 cores). The iota is float32 (exact up
-    to 2^24 entries); an int32 one measured 2.6-3.2 ms, within this machine's noise."""
+    min over a masked iota: two vectorised passes instead of jnp.argmax's paired (value, index)
+    reduction, which XLA on CPU runs more slowly. The iota is float32 (exact up to 2^24 entries)."""
     v = x.shape[-1]
     iota = jnp.arange(v, dtype=jnp.float32 if v <= 1 << 24 else jnp.int32)
     top = x.max(axis=-1, keepdims=True)

@@ -31,8 +31,8 @@ def step_logits(model, kv_cache_dtype, prompt, tokens):
     import jax.numpy as jnp
     import numpy as np
 
-    from glm_jax.generate import cache_length
-    from glm_jax.kvcache import cache_dtype, init_cache, model_step
+    from glm_jax.engine import cache_length
+    from glm_jax.engine import cache_dtype, init_cache, model_step
     from glm_jax.sharding import Layout, make_mesh
 
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))

@@ -18,8 +18,6 @@ def test_local_report_fields_and_arithmetic(reference):
     reports = compile_report(config, topology="local", seq_len=4096, batch=2, mesh="tensor=2,sequence=4", chunk=256)
     assert [r.program for r in reports] == ["prefill chunk (256 tokens)", "decode step"]
     for r in reports:
-        assert r.peak_bytes_per_device == (r.argument_bytes_per_device + r.output_bytes_per_device
-                                           - r.alias_bytes_per_device + r.temp_bytes_per_device)
         # K and V: 2 layers x 2 x [2, 4096, 4 heads, 16] bf16, split 2 (heads) x 4 (positions), plus the index
         assert r.kv_cache_bytes_per_device == 2 * 2 * (2 * 4096 * 4 * 16 * 2) // 8 + 2 * 4096 * 4 // 4
         assert r.alias_bytes_per_device >= r.kv_cache_bytes_per_device   # the cache is donated, updated in place

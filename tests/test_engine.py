@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import glm_jax
-from glm_jax.generate import EngineClosed, QueueFull, SamplingParams
+from glm_jax.engine import EngineClosed, QueueFull, SamplingParams
+from glm_jax.engine.multihost import Chunk, Plan, pack, unpack
+from glm_jax.sampling import MAX_STOP_IDS
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +177,41 @@ def test_forget_prefills_prompts_whole(f32):
     run(engine)
     assert (again.cached, fresh.cached) == (len(prompt) - 1, 0)
     assert first.output == again.output == fresh.output
+
+
+def test_plan_survives_pack_and_unpack():
+    """A round's plan as processes share it: packed into fixed-shape arrays (the same shapes for any
+    plan of the engine's batch and prefill chunk) and unpacked exactly: chunks with and without an
+    admission (every sampling field, seeds past 2**31, floats exact in float32, the precision the
+    device programs take), cancels and a decode selection."""
+    batch, chunk = 4, 16
+    admit = SamplingParams(max_tokens=77, temperature=0.71875, top_p=0.9375, top_k=40, seed=2**32 - 5,
+                           stop_ids=tuple(range(151329, 151329 + MAX_STOP_IDS)))
+    plan = Plan(cancel=np.array([False, True, False, True]),
+                chunks=[Chunk(2, np.arange(16, dtype=np.int32) + 100, start=32, real=16, admit=None),
+                        Chunk(0, np.array([0] * 5 + [7, 8, 9], np.int32), start=3, real=3, admit=admit),
+                        Chunk(3, np.array([151551] * 16, np.int32), start=0, real=16,
+                              admit=SamplingParams(1, temperature=0.0, seed=2**31 + 1))],
+                decode=np.array([1, 3, 4, 4], np.int32), steps=8)
+    packed = pack(plan, batch, chunk)
+    empty = pack(Plan.stopping(batch), batch, chunk)
+    assert {k: (v.shape, v.dtype) for k, v in packed.items()} == {k: (v.shape, v.dtype) for k, v in empty.items()}
+    back = unpack(packed)
+    assert (back.steps, back.stop) == (8, False) and unpack(empty).stop
+    np.testing.assert_array_equal(back.cancel, plan.cancel)
+    np.testing.assert_array_equal(back.decode, plan.decode)
+    assert len(back.chunks) == 3
+    for got, want in zip(back.chunks, plan.chunks):
+        assert (got.row, got.start, got.real, got.admit) == (want.row, want.start, want.real, want.admit)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.5, "temperature must be >= 0"), ("top_p", 0.0, r"top_p must lie in \(0, 1\]"),
+    ("top_p", 1.5, "top_p"), ("top_k", -1, "top_k must be >= 0"), ("max_tokens", -1, "max_tokens must be >= 0"),
+    ("stop_ids", tuple(range(MAX_STOP_IDS + 1)), f"at most {MAX_STOP_IDS} stop ids"),
+    ("top_p", 1e-50, "top_p"), ("stop_ids", (5, -1), "stop ids must be >= 0")])
+def test_sampling_params_validate_themselves(field, value, message):
+    """Every way in (the API, the server, the engine) builds SamplingParams, which refuse bad values."""
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{"max_tokens": 4, field: value})

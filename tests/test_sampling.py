@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from glm_jax import GLMConfig, Layout, make_mesh
-from glm_jax.generate import Engine, SamplingParams
+from glm_jax.engine import Engine, SamplingParams
 from glm_jax.sampling import TOP_K_MAX, argmax, sample
 from glm_jax.testing import random_model
 

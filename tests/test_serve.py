@@ -26,7 +26,7 @@ from schemathesis.generation.modes import GenerationMode
 import glm_jax
 from glm_jax import chat
 from glm_jax.cli import main
-from glm_jax.generate import EngineClosed, QueueFull, Request, SamplingParams
+from glm_jax.engine import EngineClosed, QueueFull, Request, SamplingParams
 from glm_jax.serve import create_app
 from glm_jax.serve.output import ChatText, StopText
 from glm_jax.serve.prompts import ChatPrompt, glm_messages

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from glm_jax.generate import Engine, EngineClosed, QueueFull, SamplingParams
+from glm_jax.engine import Engine, EngineClosed, QueueFull, SamplingParams
 from glm_jax.serve.output import ChatText, Piece, StopText
 from glm_jax.serve.prompts import ChatPrompt, glm_messages
 from glm_jax.serve.protocol import (

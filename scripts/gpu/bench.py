@@ -148,7 +148,7 @@ class Bench:
 
 
 def make_generator(bench: Bench):
-    from glm_jax.generate import Engine
+    from glm_jax.engine import Engine
 
     return Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,
                   kernel=bench.args.kernel, serving=False)

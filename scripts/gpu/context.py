@@ -110,7 +110,7 @@ def section_prefill_128k(bench: Bench) -> dict:
 def section_int8_32k(bench: Bench) -> dict:
     """The int8 KV cache at the 32K context: decode and prefill speed against the bf16 cache's
     (context_32k), and how many of the bf16 cache's greedy tokens it reproduces."""
-    from glm_jax.generate import Engine
+    from glm_jax.engine import Engine
 
     bench.need_model()
     gen = Engine(bench.config, bench.graphdef, bench.state, bench.layout, prefill_chunk=bench.args.prefill_chunk,

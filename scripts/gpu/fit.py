@@ -11,7 +11,7 @@ def abstract_cache_bytes(config, length: int, **cache_kwargs) -> int:
     import jax
     import jax.numpy as jnp
 
-    from glm_jax.kvcache import abstract_cache, cache_dtype
+    from glm_jax.engine import abstract_cache, cache_dtype
     from glm_jax.sharding import Layout, make_mesh
 
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))

@@ -88,8 +88,7 @@ def chunk_logits(config, graphdef, state, layout, kernel: str, prompt: list[int]
     import jax
     import numpy as np
 
-    from glm_jax.generate import cache_length
-    from glm_jax.kvcache import init_cache, model_step
+    from glm_jax.engine import cache_length, init_cache, model_step
 
     step = jax.jit(functools.partial(model_step, graphdef, layout=layout, kernel=kernel, last_only=False),
                    donate_argnums=(1,))

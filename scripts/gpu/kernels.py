@@ -84,9 +84,10 @@ def section_decode_kernel(bench: Bench) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from glm_jax.attention import PAD
-    from glm_jax.generate import Engine, cache_length
-    from glm_jax.kvcache import cache_ops, cache_order
+    from glm_jax.attention import PAD, group_queries, heads_major, normalized, ungroup
+    from glm_jax.engine import Engine, cache_length
+    from glm_jax.engine.cache import cache_ops, cache_order
+    from glm_jax.kernels.decode_pallas import decode_by_length
 
     bench.need_model()
     c, layout = bench.config, bench.layout
@@ -96,6 +97,13 @@ def section_decode_kernel(bench: Bench) -> dict:
              "int8_32k": ("context_32k", "int8")}
     f32 = lambda x: x.astype(jnp.float32)
     out: dict = {"cache_order": order, "attention": {}}
+    interpret = layout.mesh.devices.flat[0].platform != "gpu"   # off GPUs, Pallas' interpreter runs it
+
+    def pallas(q, q_index, k, v, k_index, k_scale=None, v_scale=None):   # the kernel on the one-row cache
+        state = decode_by_length(heads_major(group_queries(q, g)), k, v, q_index[:, 0] + 1, jnp.arange(q.shape[0]),
+                                 k_scale, v_scale, kv_layout=order, interpret=interpret)
+        return ungroup(normalized(state), q.dtype)
+
     for name, (context, dtype) in cases.items():
         prompt, new = bench.scale.contexts[context]
         filled = prompt + 1 + new // 2
@@ -112,7 +120,7 @@ def section_decode_kernel(bench: Bench) -> dict:
             scales, held = (), (f32(k), f32(v))
         index = jnp.where(jnp.arange(slots) < filled, jnp.arange(slots), PAD).astype(jnp.int32)[None]
         q_index = jnp.full((1, 1), filled - 1, jnp.int32)
-        kernels = {kernel: cache_ops(layout, order, kernel=kernel)[1] for kernel in (XLA, GPU)}
+        kernels = {XLA: cache_ops(layout, order, kernel=XLA)[1], GPU: pallas}
         got = {kernel: f32(jax.jit(attend)(q, q_index, k, v, index, *scales)) for kernel, attend in kernels.items()}
         reference = jax.jit(kernels[XLA])(f32(q), q_index, *held, index)
         seconds = {kernel: attention_call_seconds(functools.partial(attend, k_scale=scales[0], v_scale=scales[1])

@@ -1,4 +1,4 @@
-"""The KV cache: its type, shapes and shardings, cache writes and attention, the model step on it.
+"""The KV cache: its type, shapes and shardings, int8 storage, striping, and writes and attention on it.
 
 The cache holds, per layer, K and V [batch, slots, kv_heads, dim] in the weights' dtype ([batch,
 kv_heads, slots, dim] when a device holds one KV head, see `cache_order`), plus one
@@ -8,9 +8,13 @@ attention run inside shard_map: every device writes the slots it owns and attend
 part of the cache; the partial results merge by a log-sum-exp reduction across `sequence`
 (pmax + psum of a [batch, heads, queries, dim] state), so no KV moves per token.
 
-Slots are striped over the `sequence` devices (512 at a time, round robin), so any prefix of the
-sequence is spread evenly and every device has its share of the work at every prefill chunk and
-decode step.
+Slots are striped over the `sequence` devices (STRIPE at a time, round robin), so any prefix of
+the sequence is spread evenly and every device has its share of the work at every prefill chunk
+and decode step.
+
+Attention on the cache has one signature, `(q, q_index, k, v, k_index, k_scale, v_scale, rows)`:
+the sharded `attend` of `cache_ops` takes it, and so does each per-device kernel it dispatches to
+(`tiles`, `pallas_decode`, `cudnn_prefill`), on the device's part of the cache.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .attention import (PAD, cache_forward, cudnn_chunk, decode_by_length, decode_tiles, group_queries, heads_major,
-                        init_state, normalized, ungroup)
-from .config import GLMConfig
-from .sharding import Layout
+from ..attention import (PAD, State, cache_forward, group_queries, heads_major, init_state, normalized,
+                         ungroup)
+from ..config import GLMConfig
+from ..kernels.cudnn import cudnn_chunk
+from ..kernels.decode_pallas import decode_by_length, decode_tiles
+from ..options import KERNELS, KV_CACHE_DTYPES, check_choice
+from ..sharding import Layout
 
 @dataclasses.dataclass
 class KVCache:
@@ -53,17 +59,13 @@ jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index", "k_sca
                                  meta_fields=["order"])
 
 _CACHE_AXES = {"b": "batch", "s": "cache_seq", "g": "kv_heads", "d": "head_dim"}
-KV_CACHE_DTYPES = ("int8",)   # besides the weights' dtype (the default)
 
 
 def cache_dtype(kv_cache_dtype: str | None, weights_dtype):
     """The K/V storage dtype: the weights' unless `kv_cache_dtype` names one of KV_CACHE_DTYPES."""
     if kv_cache_dtype is None:
         return jnp.dtype(weights_dtype)
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)} "
-                         "(default: the weights' dtype)")
-    return jnp.dtype(kv_cache_dtype)
+    return jnp.dtype(check_choice("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES))
 
 
 def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -164,23 +166,32 @@ def _local_slots(slots: jax.Array, length: int, axis: str) -> jax.Array:
     return jnp.where((j % n == jax.lax.axis_index(axis)) & (local < length), local, length)
 
 
-KERNELS = ("auto", "xla", "cudnn")
+def resolve_kernel(kernel: str, platform: str) -> str:
+    """The attention `kernel` (one of options.KERNELS) for a mesh of `platform` devices: "auto" is
+    "gpu" on a GPU and "xla" elsewhere. "gpu" elsewhere than on a GPU is refused (its kernels
+    compile for GPUs only; the CPU tests call them directly, in Pallas' interpreter or through
+    jax.nn's XLA path)."""
+    check_choice("attention kernel", kernel, KERNELS)
+    if kernel == "auto":
+        return "gpu" if platform == "gpu" else "xla"
+    if kernel == "gpu" and platform != "gpu":
+        raise ValueError(f"attention kernel 'gpu' needs GPU devices, not {platform}; use 'auto' or 'xla'")
+    return kernel
 
 
-def prefill_kernel(kernel: str, platform: str) -> str:
-    """The prefill attention `kernel` ("auto", "xla" or "cudnn") resolved for a platform: "auto" is
-    cuDNN on a GPU (as exact as the XLA kernel against a float32 reference on an H200, 4.1x faster
-    at 32K on an H100: see the README's GPU figures) and XLA elsewhere."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; choose from {', '.join(KERNELS)}")
-    return ("cudnn" if platform == "gpu" else "xla") if kernel == "auto" else kernel
+BLOCK_MIN, BLOCK_MAX = 128, 8192   # KV tile sizes of a prefill chunk's score tiles (powers of two)
+# float32 values per score tile: CPU tiles that stay in its caches, TPU, and GPU tiles large
+# enough that the tile loop does not dominate
+SCORE_BUDGETS = {"cpu": 1 << 21, "tpu": 1 << 24, "gpu": 1 << 28}
 
 
 def cache_block(local_length: int, queries: int, budget: int) -> int:
     """KV tile for a prefill chunk over a device's `local_length` slots: score tiles of `queries`
     (chunk tokens x local query heads) rows hold at most `budget` float32 values; a power of two
-    from 128 to 8192 that divides the local length (whole stripes above 512), or all of it."""
-    block = 1 << max(7, min(13, (budget // max(queries, 1)).bit_length() - 1))
+    from BLOCK_MIN to BLOCK_MAX that divides the local length (whole stripes above STRIPE), or all
+    of it."""
+    fits = 1 << (max(1, budget // max(queries, 1)).bit_length() - 1)
+    block = max(BLOCK_MIN, min(BLOCK_MAX, fits))
     if local_length <= block:
         return local_length
     while local_length % block:
@@ -189,10 +200,8 @@ def cache_block(local_length: int, queries: int, budget: int) -> int:
 
 
 def score_budget(platform: str) -> int:
-    """float32 values per prefill score tile: 8 MiB on CPU (tiles that stay in cache: a 16K prefill
-    of the long-context benchmark model took 16.8 s with them, 30.2 s with 64 MiB tiles), 64 MiB
-    on TPU, 1 GiB on GPU (fewer, larger tiles keep the loop from dominating)."""
-    return {"gpu": 1 << 28, "cpu": 1 << 21}.get(platform, 1 << 24)
+    """float32 values per prefill score tile on `platform` (TPU's for any other)."""
+    return SCORE_BUDGETS.get(platform, SCORE_BUDGETS["tpu"])
 
 
 def _owned(rows: jax.Array, local_batch: int, batch_axes) -> tuple[jax.Array, jax.Array]:
@@ -201,13 +210,43 @@ def _owned(rows: jax.Array, local_batch: int, batch_axes) -> tuple[jax.Array, ja
     return (rows >= offset) & (rows < offset + local_batch), rows - offset
 
 
+# -- per-device kernels: q [b,C,Hq,D], q_index [b,C], the device's k/v [B,S,G,D] (or [B,G,S,D])
+#    and k_index [b,S] (already of `rows`), scales or None, rows (local, int32 [b]) or None -> State
+
+def tiles(q, q_index, k, v, k_index, k_scale=None, v_scale=None, rows=None, *, order: str, block_k: int) -> State:
+    """The portable kernel: `cache_forward`'s loop over the filled tiles."""
+    qg = group_queries(q, k.shape[order.index("g")])
+    return cache_forward(init_state(*qg.shape[:2], *qg.shape[2:]), qg, k, v, q_index, k_index, k_scale, v_scale,
+                         block_k=block_k, kv_layout=order, rows=rows)
+
+
+def pallas_decode(q, q_index, k, v, k_index, k_scale=None, v_scale=None, rows=None, *, order: str,
+                  block_k: int) -> State:
+    """One query a row (C = 1) by `decode_by_length`, for the engine's rows (slot p holds position
+    p): the query sees slots [0, q_index] without consulting k_index."""
+    qg = group_queries(q, k.shape[order.index("g")])
+    lengths = jnp.maximum(q_index[:, 0] + 1, 0)
+    return decode_by_length(heads_major(qg), k, v, lengths, jnp.arange(q.shape[0]) if rows is None else rows,
+                            k_scale, v_scale, kv_layout=order)
+
+
+def cudnn_prefill(q, q_index, k, v, k_index, k_scale=None, v_scale=None, rows=None, *, order: str,
+                  block_k: int) -> State:
+    """A prefill chunk (float cache, [B,S,G,D]) by `cudnn_chunk` when its rows are whole (filled
+    from slot 0: cuDNN masks by lengths, not by the index), else by `tiles`."""
+    c = q.shape[1]
+    start = q_index.max() - (c - 1)
+    whole = jnp.all(q_index >= 0) & ((start == 0) | jnp.all(k_index[:, 0] != PAD))
+    kr, vr = (x if rows is None else x[rows] for x in (k, v))
+    return jax.lax.cond(whole, lambda: cudnn_chunk(q, kr, vr, start),
+                        lambda: tiles(q, q_index, k, v, k_index, rows=rows, order=order, block_k=block_k))
+
+
 def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int | None = None, kernel: str = "auto"):
     """(write, attend) on the sharded cache, both shard_mapped over the mesh. `order`: the K/V
-    dim order ("bsgd" or "bgsd"). `kernel`: "xla" (portable), "cudnn" (GPU: prefill chunks of a
-    whole sequence held by one device go to cuDNN's flash attention, and a decode step's one token
-    a row to a Pallas kernel, `decode_by_length`, which reads slots [0, q_index] of the row without
-    consulting k_index: the engine's layout, slot p holding position p; on CPU the same kernels run
-    through XLA and Pallas' interpreter, for tests) or "auto" (cudnn on a GPU, xla elsewhere).
+    dim order ("bsgd" or "bgsd"). `kernel` (see `resolve_kernel`): "xla" runs `tiles`; "gpu" runs,
+    on a cache held by one device, `cudnn_prefill` for prefill chunks of a float "bsgd" cache and
+    `pallas_decode` for decode steps, `tiles` otherwise.
     `budget`: float32 values per prefill score tile (default: `score_budget` of the mesh's chips).
 
     write(cache_part, values, slots, rows=None) -> cache_part with the slots set: K/V take values
@@ -220,7 +259,8 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
     requests) is sliced tile by tile, never copied; several (a decode step of the active rows)
     are gathered.
     """
-    kernel = prefill_kernel(kernel, layout.mesh.devices.flat[0].platform)
+    platform = layout.mesh.devices.flat[0].platform
+    kernel = resolve_kernel(kernel, platform)
     n = layout.size(axis)
     seq, heads_dim = order.index("s"), order.index("g")
 
@@ -262,11 +302,14 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
         idx_spec = P(batch_axes, kv_spec[seq])
         split = kv_spec[heads_dim] or ()
         local_heads = hq // math.prod(layout.size(a) for a in ((split,) if isinstance(split, str) else split))
-        platform = layout.mesh.devices.flat[0].platform
         bk = cache_block(s // n, c * local_heads, budget or score_budget(platform))
-        use_cudnn = kernel == "cudnn" and n == 1 and order == "bsgd" and c > 1 and k_scale is None
-        use_pallas = (kernel == "cudnn" and n == 1 and c == 1 and platform in ("gpu", "cpu")
-                      and decode_tiles(s, b * g) is not None)
+        one_device = kernel == "gpu" and n == 1
+        if one_device and c == 1 and decode_tiles(s, b * g) is not None:
+            run = pallas_decode
+        elif one_device and c > 1 and order == "bsgd" and k_scale is None:
+            run = cudnn_prefill
+        else:
+            run = tiles
         scale_spec = P(*(a for i, a in enumerate(kv_spec) if i != order.index("d")))
 
         def local(q, qi, rows, k, v, ki, *scales):
@@ -274,21 +317,7 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
                 mine, rows = _owned(rows, k.shape[0], batch_axes)
                 rows = jnp.clip(rows, 0, k.shape[0] - 1)
                 ki = ki[rows]
-            qg = group_queries(q, k.shape[heads_dim])
-            empty = init_state(*qg.shape[:2], *qg.shape[2:])
-            xla = lambda: cache_forward(empty, qg, k, v, qi, ki, *scales, block_k=bk, kv_layout=order,
-                                        rows=rows if some_rows else None)
-            if use_pallas:  # the engine's rows: slot p holds position p, the query sees slots [0, q_index]
-                lengths = jnp.maximum(qi[:, 0] + 1, 0)
-                state = decode_by_length(heads_major(qg), k, v, lengths, rows if some_rows else jnp.arange(q.shape[0]),
-                                         *scales, kv_layout=order, interpret=platform == "cpu")
-            elif use_cudnn:  # whole rows only: cuDNN masks by lengths, not by the index
-                start = qi.max() - (c - 1)
-                whole = jnp.all(qi >= 0) & ((start == 0) | jnp.all(ki[:, 0] != PAD))
-                kr, vr = (x[rows] if some_rows else x for x in (k, v))
-                state = jax.lax.cond(whole, lambda: cudnn_chunk(q, kr, vr, start), xla)
-            else:
-                state = xla()
+            state = run(q, qi, k, v, ki, *scales, rows=rows if some_rows else None, order=order, block_k=bk)
             if n > 1:  # log-sum-exp merge of the partial states across the sequence axis
                 m = jax.lax.pmax(state.m, axis)
                 m_safe = jnp.where(m == -jnp.inf, 0.0, m)
@@ -312,32 +341,3 @@ def cache_ops(layout: Layout, order: str, *, axis: str = "sequence", budget: int
 
 
 DROP = 1 << 30  # a slot no device owns: writes to it are dropped
-
-
-def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
-               positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
-               last_only: bool = True, kernel: str = "auto", rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Runs tokens [b, C] at cache slots ([C] shared by the rows, or [b, C] per row), writing their
-    K/V (tokens with valid [b, C] False write nothing and see nothing); returns float32 logits ([b, V]
-    with last_only, else [b, C, V]) and the new cache. b is the cache's batch, or that of `rows`
-    (int32 [b]): the cache rows the tokens go to and attend to (see `cache_ops`)."""
-    model = nnx.merge(graphdef, state)
-    write, attend = cache_ops(layout, cache.order, kernel=kernel)
-    slots = jnp.broadcast_to(slots, tokens.shape)
-    q_index = jnp.where(valid, slots, -1)
-    slots = jnp.where(valid, slots, DROP)
-    index = write(cache.index, slots, slots, rows)
-    ks, vs, k_scales, v_scales = list(cache.k), list(cache.v), list(cache.k_scale), list(cache.v_scale)
-
-    def attend_layer(i, q, k, v):
-        if cache.quantized:
-            (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
-            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots, rows), write(v_scales[i], v_scale, slots, rows)
-        ks[i] = write(ks[i], k.astype(ks[i].dtype), slots, rows)
-        vs[i] = write(vs[i], v.astype(vs[i].dtype), slots, rows)
-        scales = (k_scales[i], v_scales[i]) if cache.quantized else ()
-        return attend(q, q_index, ks[i], vs[i], index, *scales, rows=rows)
-
-    logits = model(tokens, positions, attend_layer, layout=layout, last_only=last_only).astype(jnp.float32)
-    cache = KVCache(tuple(ks), tuple(vs), index, tuple(k_scales), tuple(v_scales), cache.order)
-    return (logits[:, -1] if last_only else logits), cache

@@ -1,4 +1,5 @@
-"""The KV cache's write and attend against float64 numpy attention, on 1 and 8 devices."""
+"""The engine's KV cache (engine/cache.py): write and attend against float64 numpy attention, on 1
+and 8 devices; int8 storage; the kernel choice."""
 
 import functools
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from glm_jax.attention import PAD, cache_forward, init_state, normalized, ungroup
-from glm_jax.kvcache import cache_block, cache_ops, cache_order, prefill_kernel, quantize, score_budget
+from glm_jax.engine.cache import cache_block, cache_ops, cache_order, quantize, resolve_kernel, score_budget
 from glm_jax.sharding import Layout, make_mesh
 
 B, HQ, G, D = 2, 8, 2, 16
@@ -102,48 +103,6 @@ def test_cache_forward_visits_only_filled_tiles(chunk, groups):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("order, length, rows, int8", [
-    ("bsgd", 1152, None, False), ("bgsd", 1152, None, False), ("bsgd", 272, [2, 0], False), ("bgsd", 96, [3, 1], False),
-    ("bsgd", 1152, None, True), ("bgsd", 272, [2, 0], True)])
-def test_decode_kernel_reads_each_row_to_its_length(order, length, rows, int8):
-    """The decode kernel (`kernel="cudnn"`: Pallas on a GPU, its interpreter here) on the engine's
-    rows (slot p holds position p): query row i at slot q_i sees slots [0, q_i] of its cache row
-    and nothing else. Slots past each row's query hold NaN (K/V, or an int8 cache's scales: a
-    stale request's would be finite, NaN proves they are never used), an inactive row (q_index
-    -1) gets zeros; against float64 (int8: on the dequantized values), for every row (rows None)
-    and for selected rows in any order."""
-    rng = np.random.default_rng(3)
-    layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
-    cache_rows = 4
-    k_ref, v_ref = (rng.standard_normal((cache_rows, length, G, D)).astype(np.float32) for _ in range(2))
-    picked = np.arange(cache_rows) if rows is None else np.asarray(rows)
-    q_slot = rng.integers(0, length, len(picked)).astype(np.int32)
-    q_slot[0], q_slot[-1] = length - 1, -1                        # a full row and an inactive one
-    if int8:
-        (k, k_scale), (v, v_scale) = (tuple(np.array(a) for a in quantize(jnp.asarray(x))) for x in (k_ref, v_ref))
-        k_ref, v_ref = k * k_scale[..., None], v * v_scale[..., None]          # what the cache holds
-        poisoned = (k_scale, v_scale)
-    else:
-        k, v = k_ref.copy(), v_ref.copy()
-        poisoned = (k, v)
-    index = np.full((cache_rows, length), PAD, np.int32)
-    for row, slot in zip(picked, q_slot):
-        for x in poisoned:
-            x[row, slot + 1:] = np.nan
-        index[row, :slot + 1] = np.arange(slot + 1)
-    arrays = [k, v] + (list(poisoned) if int8 else [])
-    if order == "bgsd":
-        arrays = [np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in arrays]
-    q = rng.standard_normal((len(picked), 1, HQ, D)).astype(np.float32)
-    _, attend = cache_ops(layout, order, kernel="cudnn")
-    k, v, *scales = (jnp.asarray(x) for x in arrays)
-    got = jax.jit(attend)(jnp.asarray(q), jnp.asarray(q_slot[:, None]), k, v, jnp.asarray(index), *scales,
-                          rows=None if rows is None else jnp.asarray(rows, jnp.int32))
-    want = reference(q, k_ref[picked], v_ref[picked], q_slot[:, None], index[picked])
-    want[q_slot < 0] = 0.0
-    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
-
-
 def test_cache_block():
     """Score tiles within the budget: 4,096 queries x 32 heads on v5e get 128-slot tiles."""
     tpu, gpu = score_budget("tpu"), score_budget("gpu")
@@ -153,30 +112,15 @@ def test_cache_block():
     assert cache_block(2560, 8 * 256, 8 * 256 * 1024) == 512 and cache_block(139264, 4096 * 32, gpu) == 2048
 
 
-def test_prefill_kernel_choice():
-    """"auto" takes cuDNN on GPUs only; explicit choices stand; anything else is refused."""
-    assert [prefill_kernel("auto", p) for p in ("gpu", "cpu", "tpu")] == ["cudnn", "xla", "xla"]
-    assert prefill_kernel("xla", "gpu") == "xla" and prefill_kernel("cudnn", "gpu") == "cudnn"
-    with pytest.raises(ValueError, match="unknown attention kernel 'flash'; choose from auto, xla, cudnn"):
-        prefill_kernel("flash", "gpu")
-
-
-@pytest.mark.parametrize("start", [0, 96, 200])
-def test_fused_chunk_decomposition(start):
-    """The GPU prefill path's decomposition (the chunk's causal self-attention + its attention to
-    slots [0, start), merged by log-sum-exp), run through jax.nn's XLA implementation here."""
-    from glm_jax.attention import cudnn_chunk
-
-    s, chunk = 512, 64
-    rng = np.random.default_rng(start)
-    k, v = (rng.standard_normal((B, s, G, D)).astype(np.float32) for _ in range(2))
-    q = rng.standard_normal((B, chunk, HQ, D)).astype(np.float32)
-    index = np.full((B, s), PAD, np.int32)
-    index[:, :start + chunk] = np.arange(start + chunk)
-    qi = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (B, chunk))
-    state = jax.jit(cudnn_chunk, static_argnums=4)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), start, "xla")
-    got = ungroup(normalized(state), jnp.float32)
-    np.testing.assert_allclose(np.asarray(got), reference(q, k, v, qi, index), rtol=0, atol=2e-5)
+def test_gpu_kernel_is_refused_off_gpus():
+    """Kernel "gpu" compiles for GPUs only: a CPU mesh refuses it instead of running something else;
+    "auto" takes the portable kernel there."""
+    layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
+    with pytest.raises(ValueError, match="kernel 'gpu' needs GPU devices"):
+        cache_ops(layout, "bgsd", kernel="gpu")
+    assert resolve_kernel("auto", "cpu") == "xla"
+    with pytest.raises(ValueError, match="unknown attention kernel 'cudnn'; choose from auto, xla, gpu"):
+        resolve_kernel("cudnn", "gpu")
 
 
 def test_quantize_round_trip():

@@ -1,0 +1,211 @@
+"""The engine's device programs: the model step on the cache, a row's prefill chunk, a row's
+admission, a decode burst, and the one cached set of their jitted forms (`programs_for`).
+
+A decode step, top to bottom: `decode_burst` -> `model_step` (writes the step's K/V into the
+cache and attends over it with `cache.cache_ops`) -> the model (model.py), which calls
+`model_step`'s per-layer `attend(layer, q, k, v)` -> `sample` (sampling.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..attention import PAD
+from ..config import GLMConfig
+from ..sampling import MAX_STOP_IDS, sample
+from ..sharding import Layout
+from .cache import DROP, KVCache, cache_ops, cache_shardings, quantize
+from .multihost import Plan
+
+
+def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
+               positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
+               last_only: bool = True, kernel: str = "auto", rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Runs tokens [b, C] at cache slots ([C] shared by the rows, or [b, C] per row), writing their
+    K/V (tokens with valid [b, C] False write nothing and see nothing); returns float32 logits ([b, V]
+    with last_only, else [b, C, V]) and the new cache. b is the cache's batch, or that of `rows`
+    (int32 [b]): the cache rows the tokens go to and attend to (see `cache_ops`)."""
+    model = nnx.merge(graphdef, state)
+    write, attend_cache = cache_ops(layout, cache.order, kernel=kernel)
+    slots = jnp.broadcast_to(slots, tokens.shape)
+    q_index = jnp.where(valid, slots, -1)
+    slots = jnp.where(valid, slots, DROP)
+    index = write(cache.index, slots, slots, rows)
+    ks, vs, k_scales, v_scales = list(cache.k), list(cache.v), list(cache.k_scale), list(cache.v_scale)
+
+    def attend(i, q, k, v):  # the model's per-layer attention: store this layer's K/V, attend over the cache
+        if cache.quantized:
+            (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
+            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots, rows), write(v_scales[i], v_scale, slots, rows)
+        ks[i] = write(ks[i], k.astype(ks[i].dtype), slots, rows)
+        vs[i] = write(vs[i], v.astype(vs[i].dtype), slots, rows)
+        scales = (k_scales[i], v_scales[i]) if cache.quantized else ()
+        return attend_cache(q, q_index, ks[i], vs[i], index, *scales, rows=rows)
+
+    logits = model(tokens, positions, attend, layout=layout, last_only=last_only).astype(jnp.float32)
+    cache = KVCache(tuple(ks), tuple(vs), index, tuple(k_scales), tuple(v_scales), cache.order)
+    return (logits[:, -1] if last_only else logits), cache
+
+
+@dataclasses.dataclass
+class Rows:
+    """The decode state of every cache row, on device."""
+    token: jax.Array        # [B] int32: the row's next token, drawn, not yet emitted
+    position: jax.Array     # [B] int32: slot (= RoPE position) of the row's next token
+    active: jax.Array       # [B] bool: decoding
+    remaining: jax.Array    # [B] int32: tokens the row may still draw
+    count: jax.Array        # [B] int32: tokens emitted (draw n folds n into the row's key)
+    key: jax.Array          # [B] PRNG keys
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array        # [B] int32
+    top_p: jax.Array        # [B] float32
+    stop_ids: jax.Array     # [B, MAX_STOP_IDS] int32, -1 padded
+
+
+jax.tree_util.register_dataclass(Rows, data_fields=[f.name for f in dataclasses.fields(Rows)], meta_fields=[])
+
+
+def init_rows(batch: int) -> Rows:
+    i32 = lambda: jnp.zeros((batch,), jnp.int32)
+    return Rows(token=i32(), position=i32(), active=jnp.zeros((batch,), bool),
+                remaining=i32(), count=i32(), key=jax.random.split(jax.random.key(0), batch),
+                temperature=jnp.zeros((batch,), jnp.float32), top_k=i32(), top_p=jnp.ones((batch,), jnp.float32),
+                stop_ids=jnp.full((batch, MAX_STOP_IDS), -1, jnp.int32))
+
+
+def admit(rows: Rows, row, logits, position, max_tokens, seed, temperature, top_k, top_p, stop_ids) -> Rows:
+    """Rows with `row` starting to decode: its first token drawn from the prompt's last logits
+    [1, V] (draw 0 of the row's key), and its parameters."""
+    at = lambda x, value: x.at[row].set(value)
+    key = jax.random.key(seed)
+    token = sample(logits, jax.random.fold_in(key, 0)[None], temperature, top_k, top_p)[0]
+    return Rows(token=at(rows.token, token), position=at(rows.position, position), active=at(rows.active, True),
+                remaining=at(rows.remaining, max_tokens), count=at(rows.count, 0),
+                key=at(rows.key, key), temperature=at(rows.temperature, temperature),
+                top_k=at(rows.top_k, top_k), top_p=at(rows.top_p, top_p), stop_ids=at(rows.stop_ids, stop_ids))
+
+
+def prefill_row(graphdef, params, cache: KVCache, row, tokens, positions, valid, *, layout: Layout,
+                kernel: str = "auto") -> tuple[jax.Array, KVCache]:
+    """One prefill chunk of row `row` (int32): tokens, positions, valid [1, C], written at slots =
+    positions. Returns the last token's logits [1, V] and the cache. The row's slots from the
+    chunk's first position on are emptied first: what an earlier request left there is never
+    visible anyway, but the chunk's attention loop runs to the last filled slot."""
+    start = jnp.where(valid, positions, PAD).min()
+    mine = jnp.arange(cache.index.shape[0])[:, None] == row
+    cache = dataclasses.replace(cache, index=jnp.where(mine & (cache.index >= start), PAD, cache.index))
+    return model_step(graphdef, params, cache, tokens, positions, positions, valid, layout=layout, kernel=kernel,
+                      rows=row[None])
+
+
+def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected, *, steps: int, layout: Layout,
+                 kernel: str = "auto") -> tuple[KVCache, Rows, jax.Array]:
+    """Up to `steps` tokens for each active row among `selected` (int32 [b], cache rows; entries
+    >= B pad the bucket; b = B means every row, in order), all on device; fewer once none is
+    active. Only those b rows are computed. cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens
+    [b, steps] (-1 where a row drew nothing). A row stops after a stop id or its last allowed
+    token; those final tokens are not fed back (their K/V are never needed). Each step emits the
+    rows' drawn tokens, feeds them and draws the next from their logits: only tokens [b] carry
+    over between steps and bursts, never the [b, V] logits."""
+    batch = rows.active.shape[0]
+    every = selected.shape[0] == batch     # then selected is 0..B-1 (see Engine._plan): no gathers
+    rows = dataclasses.replace(rows, active=rows.active & ~cancel)
+    sub = jax.tree.map(lambda x: x[jnp.minimum(selected, batch - 1)], rows)           # [b] of each field
+    sub = dataclasses.replace(sub, active=sub.active & (selected < batch))
+    out = jnp.full((selected.shape[0], steps), -1, jnp.int32)
+
+    def cond(carry):
+        i, _, sub, _ = carry
+        return (i < steps) & jnp.any(sub.active)
+
+    def body(carry):
+        i, cache, sub, out = carry
+        token, drawn = sub.token, sub.active                                             # [b] each
+        stop = jnp.any(token[:, None] == sub.stop_ids, axis=-1) | (sub.remaining <= 1)
+        feed = drawn & ~stop
+        logits, cache = model_step(graphdef, params, cache, token[:, None], sub.position[:, None],
+                                   sub.position[:, None], feed[:, None], layout=layout, kernel=kernel,
+                                   rows=None if every else selected)
+        count = sub.count + drawn
+        keys = jax.vmap(jax.random.fold_in)(sub.key, count)
+        following = sample(logits, keys, sub.temperature, sub.top_k, sub.top_p)           # [b]
+        sub = dataclasses.replace(sub, token=jnp.where(feed, following, token), position=sub.position + feed,
+                                  active=feed, count=count, remaining=sub.remaining - drawn)
+        return i + 1, cache, sub, out.at[:, i].set(jnp.where(drawn, token, -1))
+
+    _, cache, sub, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, sub, out))
+    rows = jax.tree.map(lambda full, part: full.at[selected].set(part, mode="drop"), rows, sub)
+    return cache, rows, out
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    init_rows: Callable
+    prefill: Callable
+    admit: Callable
+    decode: Callable
+
+
+@functools.lru_cache(maxsize=16)
+def programs_for(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: int, length: int, dtype) -> Programs:
+    """The engine's programs for one cache shape (`kernel` resolved, see `cache.resolve_kernel`),
+    jitted once: the cache and rows keep fixed shardings (replicated rows) and are donated, so
+    every call after the first reuses the same executable. compile_report compiles these."""
+    cache_sh = cache_shardings(config, layout, batch, length, jnp.dtype(dtype) == jnp.int8)
+    rep = NamedSharding(layout.mesh, P())
+    rows_sh = jax.tree.map(lambda _: rep, jax.eval_shape(lambda: init_rows(batch)))
+    return Programs(
+        init_rows=jax.jit(functools.partial(init_rows, batch), out_shardings=rows_sh),
+        prefill=jax.jit(functools.partial(prefill_row, graphdef, layout=layout, kernel=kernel),
+                        donate_argnums=(1,), out_shardings=(rep, cache_sh)),
+        admit=jax.jit(admit, donate_argnums=(0,), out_shardings=rows_sh),
+        decode=jax.jit(functools.partial(decode_burst, graphdef, layout=layout, kernel=kernel),
+                       static_argnames=("steps",), donate_argnums=(1, 2), out_shardings=(cache_sh, rows_sh, rep)))
+
+
+def run_plan(programs: Programs, state, cache: KVCache, rows: Rows, plan: Plan) -> tuple[KVCache, Rows, jax.Array | None]:
+    """A scheduler round on device: the plan's prefill chunks in order (admitting a row after its
+    prompt's last chunk), then its decode burst. Returns the cache, the rows and the burst's
+    tokens [b, steps] (None without a burst)."""
+    for chunk in plan.chunks:
+        size = len(chunk.tokens)
+        valid = (np.arange(size) >= size - chunk.real)[None]
+        positions = np.where(valid, chunk.start - (size - chunk.real) + np.arange(size), 0).astype(np.int32)
+        logits, cache = programs.prefill(state, cache, jnp.int32(chunk.row), chunk.tokens[None], positions, valid)
+        if chunk.admit is not None:
+            p = chunk.admit
+            stops = np.full(MAX_STOP_IDS, -1, np.int32)
+            stops[:len(p.stop_ids)] = p.stop_ids
+            rows = programs.admit(rows, jnp.int32(chunk.row), logits, jnp.int32(chunk.start + chunk.real),
+                                  jnp.int32(p.max_tokens), jnp.uint32(p.seed % 2**32), jnp.float32(p.temperature),
+                                  jnp.int32(p.top_k), jnp.float32(p.top_p), stops)
+    if not len(plan.decode):
+        return cache, rows, None
+    return programs.decode(state, cache, rows, plan.cancel, plan.decode, steps=plan.steps)
+
+
+def run_all(programs: Programs, state, cache: KVCache, rows: Rows, chunk_sizes, buckets,
+            steps) -> tuple[KVCache, Rows, jax.Array]:
+    """Runs every program on nothing (row B, which does not exist; no slot is written, no row
+    changes), so that each compiles: a prefill of each chunk size, an admission, a decode burst of
+    each row bucket (b < B: padding rows only; b = B: every row, none active) for each of `steps`.
+    Returns the cache, the rows and the last burst's tokens."""
+    batch = rows.active.shape[0]
+    for size in chunk_sizes:
+        zeros = np.zeros((1, size), np.int32)
+        logits, cache = programs.prefill(state, cache, jnp.int32(batch), zeros, zeros, np.zeros((1, size), bool))
+    rows = programs.admit(rows, jnp.int32(batch), logits, jnp.int32(0), jnp.int32(0), jnp.uint32(0), jnp.float32(0),
+                          jnp.int32(0), jnp.float32(1), np.full(MAX_STOP_IDS, -1, np.int32))
+    for b in buckets:
+        for n in steps:
+            selected = np.arange(b, dtype=np.int32) if b == batch else np.full(b, batch, np.int32)
+            cache, rows, tokens = programs.decode(state, cache, rows, np.zeros(batch, bool), selected, steps=n)
+    return cache, rows, tokens

@@ -1,0 +1,110 @@
+"""The decode step's attention as one Pallas (Triton) kernel: one query a row against cache rows
+filled from slot 0, the engine's layout (slot p holds position p)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..attention import State
+
+DECODE_PROGRAMS = 128           # at least this many programs when the cache allows (an H100 has 132 SMs)
+TILE_SLOTS = (128, 64, 32, 16)  # block_k candidates, largest first: a tile must divide the cache
+MIN_ROWS = 16                   # Triton's dot wants 16+ rows (GQA groups of GLM-4 have 8): queries are padded
+NUM_WARPS = 4                   # Triton launch parameters of the kernel
+NUM_STAGES = 2
+
+
+def decode_tiles(slots: int, programs: int) -> tuple[int, int] | None:
+    """(block_k, splits) of `decode_by_length` for a cache of `slots` slots and `programs` (rows x
+    KV groups) programs per split: the largest power-of-two tile of 16 to 128 slots dividing the
+    cache, and the number of equal slot ranges, a divisor of the tile count, that brings the
+    programs to DECODE_PROGRAMS; None when no such tile divides the cache."""
+    block = next((b for b in TILE_SLOTS if slots % b == 0), None)
+    if block is None:
+        return None
+    tiles = slots // block
+    want = max(1, -(-DECODE_PROGRAMS // programs))
+    return block, max(d for d in range(1, min(tiles, want) + 1) if tiles % d == 0)
+
+
+def decode_by_length(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, rows: jax.Array,
+                     k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, *,
+                     kv_layout: str = "bsgd", interpret: bool = False) -> State:
+    """One query a row against cache rows filled from slot 0, as one Pallas (Triton) kernel (XLA
+    spends about ten small kernels a layer on this attention).
+    q [b,G,R,1,D] (`heads_major`); k/v [B,S,G,D] (or [B,G,S,D], kv_layout); lengths int32 [b]: query
+    row i sees slots [0, lengths[i]) of cache row rows[i] (0: nothing). int8 k/v come with float32
+    scales [B,S,G] (or [B,G,S]), applied as in `update`: each tile is converted to q's dtype in
+    the kernel. The slots are cut into `splits` equal ranges (`decode_tiles`); a program per (row,
+    KV group, range) folds its range's filled tiles of block_k slots into a float32 online-softmax
+    state, stopping at the row's length; the ranges' states are merged here by log-sum-exp.
+    interpret: run the kernel in Pallas' interpreter (a test seam for CPUs: the engine never sets it)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    b, g, r, _, d = q.shape
+    seq = kv_layout.index("s")
+    slots = k.shape[seq]
+    block_k, splits = decode_tiles(slots, b * g)
+    span = slots // splits
+    rp = max(MIN_ROWS, 1 << (r - 1).bit_length())
+    qp = jnp.pad(q[:, :, :, 0], ((0, 0), (0, 0), (0, rp - r), (0, 0)))                # [b, G, Rp, D]
+    scale = 1.0 / np.sqrt(d)
+    scaled = k_scale is not None
+
+    def kernel(lengths_ref, rows_ref, q_ref, k_ref, v_ref, *refs):
+        ks_ref, vs_ref, acc_ref, m_ref, l_ref = refs if scaled else (None, None, *refs)
+        i, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        row, length = rows_ref[i], lengths_ref[i]
+        start = j * span
+        tiles = jax.lax.div(jnp.clip(length - start, 0, span) + (block_k - 1), block_k)   # filled tiles here
+        qt = q_ref[...]                                                                # [Rp, D]
+
+        def tile(ref, t):      # [block_k, D] of K or V, [block_k] of a scale
+            at = pl.ds(start + t * block_k, block_k)
+            return ref[row, at, h] if kv_layout == "bsgd" else ref[row, h, at]
+
+        def step(t, carry):
+            acc, m, l = carry
+            first = start + t * block_k
+            s = plgpu.dot(qt, tile(k_ref, t).astype(qt.dtype), trans_b=True) * scale  # [Rp, block_k] f32
+            if scaled:
+                s = s * tile(ks_ref, t)[None, :]
+            slot = first + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            s = jnp.where(slot < length, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp(s - m_new[:, None])
+            correction = jnp.exp(m - m_new)
+            weights = p * jnp.where(slot < length, tile(vs_ref, t)[None, :], 0.0) if scaled else p
+            vt = tile(v_ref, t).astype(qt.dtype)  # slots past the length may hold anything (0 * NaN is NaN)
+            column = first + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+            vt = jnp.where(column < length, vt, jnp.zeros_like(vt))
+            pv = plgpu.dot(weights.astype(vt.dtype), vt)                              # [Rp, D] f32
+            return acc * correction[:, None] + pv, m_new, l * correction + p.sum(axis=1)
+
+        init = (jnp.zeros((rp, d), jnp.float32), jnp.full((rp,), -jnp.inf, jnp.float32),
+                jnp.zeros((rp,), jnp.float32))
+        acc, m, l = jax.lax.fori_loop(0, tiles, step, init)
+        acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+
+    whole = pl.BlockSpec()                            # the whole array, indexed in the kernel
+    scales = (k_scale, v_scale) if scaled else ()
+    acc, m, l = pl.pallas_call(
+        kernel, grid=(b, g, splits),
+        in_specs=[whole, whole, pl.BlockSpec((None, None, rp, d), lambda i, h, j: (i, h, 0, 0)), whole, whole]
+        + [whole] * len(scales),
+        out_specs=[pl.BlockSpec((None, None, None, rp, d), lambda i, h, j: (j, i, h, 0, 0)),
+                   pl.BlockSpec((None, None, None, rp), lambda i, h, j: (j, i, h, 0)),
+                   pl.BlockSpec((None, None, None, rp), lambda i, h, j: (j, i, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((splits, b, g, rp, d), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, g, rp), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, g, rp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        interpret=interpret, name="decode_by_length",
+    )(lengths.astype(jnp.int32), rows.astype(jnp.int32), qp, k, v, *scales)
+    m, l, acc = m[..., :r, None], l[..., :r, None], acc[..., :r, None, :]          # [splits, b, G, R, 1(, D)]
+    top = m.max(axis=0)
+    weight = jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top))                     # 0 for an empty range
+    return State(m=top, l=(l * weight).sum(axis=0), acc=(acc * weight[..., None]).sum(axis=0))
