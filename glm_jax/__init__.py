@@ -4,7 +4,8 @@ from .api import Model, load
 from .attention import blockwise_attention, exact_attention
 from .chat import GenerationDefaults, parse_response
 from .config import PRESETS, ConfigError, GLMConfig
-from .model import GLM, forward
+from .forward import forward
+from .model import GLM
 from .ring import context_parallel, ring_attention
 from .sharding import Layout, make_mesh
 from .tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer

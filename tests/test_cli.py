@@ -98,6 +98,6 @@ def test_config_missing_a_key(reference, tmp_path, capsys, source, key, command)
 def test_remat_choices_are_the_models():
     """The CLI lists the remat policies without importing jax: the same set as the model's."""
     from glm_jax.cli import REMAT_CHOICES
-    from glm_jax.model import REMATS
+    from glm_jax.options import REMATS
 
     assert sorted(REMAT_CHOICES) == sorted(REMATS)
