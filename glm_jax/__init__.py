@@ -2,6 +2,7 @@
 
 The names below are imported on first use, so that importing a JAX-free module of the package
 (`glm_jax.cli` for `glm-jax --help`, `glm_jax.options`, `glm_jax.tokenizer`) starts no JAX.
+The cache-free forward pass of a split model is `glm_jax.forward.forward` (a module, not a name here).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ _HOMES = {
     "parse_response": "chat",
     "PRESETS": "config", "ConfigError": "config", "GLMConfig": "config",
     "GenerationDefaults": "generation",
-    "GLM": "model", "forward": "model",
+    "GLM": "model",
     "context_parallel": "ring", "ring_attention": "ring",
     "Layout": "sharding", "make_mesh": "sharding",
     "SPECIAL_TOKENS": "tokenizer", "StreamDecoder": "tokenizer", "Tokenizer": "tokenizer",

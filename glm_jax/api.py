@@ -14,7 +14,7 @@ from flax import nnx
 
 from .attention import AttentionFn
 from .config import GLMConfig
-from .model import forward
+from .forward import forward
 from .generation import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
 from .engine import Engine, SamplingParams, cache_dtype, to_host

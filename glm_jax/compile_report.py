@@ -20,6 +20,7 @@ from flax import nnx
 
 from .config import GLMConfig
 from .model import abstract_model
+from .options import DEFAULT_REMAT, LOSS_CHUNK
 from .params import param_specs
 from .engine.cache import abstract_cache, cache_dtype, resolve_kernel
 from .engine.programs import programs_for
@@ -182,13 +183,13 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
 
 
 def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
-                 mesh: str | None = None, lora_rank: int | None = None, remat: str = "full",
-                 loss_chunk: int = 1024, dtype=jnp.bfloat16, fence: bool = True) -> ProgramReport:
+                 mesh: str | None = None, lora_rank: int | None = None, remat: str = DEFAULT_REMAT,
+                 loss_chunk: int = LOSS_CHUNK, dtype=jnp.bfloat16, fence: bool = True) -> ProgramReport:
     """Compiles one train step (AdamW, gradient clipping) of `batch` sequences of `seq_len` tokens:
     every weight with float32 master weights and optimizer state, or LoRA adapters of `lora_rank`
     on the frozen weights. Default mesh: every chip on `sequence`, weights and optimizer state
     sharded over all of them (FSDP-style); tokens zigzag over `sequence`, ring attention."""
-    from .train.lora import LoRAConfig, init_adapters
+    from .train.lora import LoRAConfig, trainable_and_frozen
     from .train.step import Batch, OptimizerConfig, Trainer, make_optimizer
 
     layout, mesh_desc = layout_for(topology, mesh or "sequence=-1", True)
@@ -196,13 +197,7 @@ def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, ba
     weights = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.sharding(s.axes, s.shape))
                for n, s in specs.items()}
     lora = LoRAConfig(lora_rank, 2.0 * lora_rank) if lora_rank else None
-    if lora:
-        replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
-        trainable = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated) for n, x in
-                     jax.eval_shape(lambda: init_adapters(lora, specs, jax.random.key(0))).items()}
-        frozen = weights
-    else:
-        trainable, frozen = weights, {}
+    trainable, frozen = trainable_and_frozen(lora, weights, specs, jax.random.key(0), layout.mesh, abstract=True)
     trainer = Trainer(config, layout, dtype, make_optimizer(OptimizerConfig()), remat=remat,
                       loss_chunk=loss_chunk, lora=lora, fence=fence)
     init = jax.jit(trainer.init).lower(trainable).compile()

@@ -1,9 +1,13 @@
 """The GLM-4 decoder in Flax NNX, with the original's numerics (see ../shared/glm4/NOTES.md).
 
 Weights keep torch's [out, in] orientation (dims split, never transposed, so conversion is a
-byte copy); every Param carries `axes`, its logical axis names,
-which the sharding rules map to mesh axes. The forward is pure: `forward(graphdef, state, ...)`
-merges the split state inside `jax.jit`, so the hot path is a function of arrays only.
+byte copy); every Param carries `axes`, its logical axis names, which the sharding rules map to
+mesh axes. A projection's Param may hold a plain array or another kind of weight (a LoRA adapter
+on a frozen weight in training): `dense` multiplies by any kind registered with `register_weight`.
+
+The model is called with an `attend(layer, q, k, v)` function (cache-free attention in
+forward.py, the KV cache in the engine) and, in training, a block runner (train/remat.py) that
+adds rematerialisation and gradient fences around the blocks.
 
 Numerics, as the original PyTorch code does them:
 - matmuls accumulate in float32 and round once to the activation dtype (bias added before rounding);
@@ -16,62 +20,47 @@ Numerics, as the original PyTorch code does them:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import PAD, AttentionFn, get_attention, precision, segment_index
+from .attention import precision
 from .config import GLMConfig
-from .ring import context_parallel, token_order
 from .sharding import Layout
 
 # attend(layer_index, q [B,T,Hq,D], k [B,T,G,D], v [B,T,G,D]) -> [B,T,Hq,D]
 LayerAttend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
-class LowRank:
-    """A weight plus a LoRA adapter, as a Param may hold it in training: base [*out, *in],
-    a [r, *in], b [*out, r]; it multiplies as base + scale * b a, without forming that sum."""
+# -- dense: one matmul for every kind of weight ---------------------------------------------------
 
-    base: jax.Array
-    a: jax.Array
-    b: jax.Array
-    scale: float
-
-    def __getitem__(self, index):   # `param[...]` as for an array Param
-        return self
-
-    @property
-    def dtype(self):
-        return self.base.dtype
+# matmul(eq, x, w) -> einsum(eq, x, w) in float32, for one kind of weight (see `register_weight`).
+Matmul = Callable[[str, jax.Array, Any], jax.Array]
+_MATMULS: dict[type, Matmul] = {}
 
 
-jax.tree_util.register_dataclass(LowRank, data_fields=["base", "a", "b"], meta_fields=["scale"])
+def register_weight(kind: type, matmul: Matmul) -> None:
+    """Lets `dense` take weights of type `kind` (a LoRA adapter on a frozen weight, a quantized
+    weight, ...): `matmul(eq, x, w)` returns einsum(eq, x, w) in float32."""
+    _MATMULS[kind] = matmul
 
 
-def dense(eq: str, x: jax.Array, w: jax.Array | LowRank, b: jax.Array | None = None) -> jax.Array:
-    """einsum with float32 accumulation, optional bias, rounded once to x's dtype. A LowRank
-    weight adds scale * (x a) b: x's contracted dims against a, then b's rank dim."""
-    if isinstance(w, LowRank):
-        (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
-        inner, outer = "".join(c for c in ws if c in xs), "".join(c for c in ws if c not in xs)
-        kept = "".join(c for c in xs if c not in inner)
-        y = jnp.einsum(eq, x, w.base, preferred_element_type=jnp.float32, precision=precision(x, w.base))
-        xa = jnp.einsum(f"{xs},z{inner}->{kept}z", x, w.a, preferred_element_type=jnp.float32,
-                        precision=precision(x, w.a)).astype(x.dtype)                       # [..., r]
-        y = y + w.scale * jnp.einsum(f"{kept}z,{outer}z->{out}", xa, w.b, preferred_element_type=jnp.float32,
-                                     precision=precision(xa, w.b))
-    else:
-        y = _matmul(eq, x, w)
+def _value(p):
+    return p.get_value() if isinstance(p, nnx.Variable) else p
+
+
+def dense(eq: str, x: jax.Array, w, b=None) -> jax.Array:
+    """einsum(eq, x, w) with float32 accumulation, plus the bias b, rounded once to x's dtype.
+    w and b are Params or their values; w is a plain array or a registered kind of weight."""
+    w = _value(w)
+    y = _MATMULS.get(type(w), _matmul)(eq, x, w)
     if b is not None:
-        y = y + b.astype(jnp.float32)
+        y = y + _value(b).astype(jnp.float32)
     return y.astype(x.dtype)
 
 
@@ -151,10 +140,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
                  layout: Layout | None = None):
-        bias = lambda p: None if p is None else p[...]
-        q = dense("bte,hde->bthd", x, self.q_proj[...], bias(self.q_bias))   # [B, T, Hq, D]
-        k = dense("bte,gde->btgd", x, self.k_proj[...], bias(self.k_bias))   # [B, T, G, D]
-        v = dense("bte,gde->btgd", x, self.v_proj[...], bias(self.v_bias))   # [B, T, G, D]
+        q = dense("bte,hde->bthd", x, self.q_proj, self.q_bias)             # [B, T, Hq, D]
+        k = dense("bte,gde->btgd", x, self.k_proj, self.k_bias)             # [B, T, G, D]
+        v = dense("bte,gde->btgd", x, self.v_proj, self.v_bias)             # [B, T, G, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layout is not None:
             repeat = layout.kv_repeat(k.shape[2], q.shape[2])   # > 1 only when tensor > KV heads
@@ -162,7 +150,7 @@ class Attention(nnx.Module):
             q = layout.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
             k, v = (layout.constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in (k, v))
         out = attend(q, k, v)                                                # [B, T, Hq, D]
-        return dense("bthd,ehd->bte", out, self.o_proj[...])
+        return dense("bthd,ehd->bte", out, self.o_proj)
 
 
 MLP_TOKENS = 4096   # tokens per device the MLP takes at once (see MLP.__call__)
@@ -178,9 +166,8 @@ class MLP(nnx.Module):
     def __call__(self, x, layout: Layout | None = None):
         """x [B, T, H] -> [B, T, H]. Past MLP_TOKENS tokens per device, the tokens go through in k
         interleaved groups (token j of every k), one group at a time under `jax.checkpoint`: the
-        [T, 2F] float32 intermediates and their gradients exist for T / k tokens at once (a 131K
-        train step on v5e-8: 1.67 GiB each for the whole sequence), at the cost of one more
-        forward of the MLP in the backward pass."""
+        [T, 2F] float32 intermediates and their gradients exist for T / k tokens at once, at the
+        cost of one more forward of the MLP in the backward pass."""
         b, t, e = x.shape
         n = layout.size("sequence") if layout is not None else 1
         k = t // (n * MLP_TOKENS)
@@ -193,10 +180,10 @@ class MLP(nnx.Module):
         return jnp.moveaxis(out, 0, 2).reshape(b, t, e)
 
     def _tokens(self, x):
-        gate_up = dense("bte,cfe->btcf", x, self.gate_up_proj[...])           # [B, T, 2, F]
+        gate_up = dense("bte,cfe->btcf", x, self.gate_up_proj)           # [B, T, 2, F]
         gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         hidden = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * up
-        return dense("btf,ef->bte", hidden, self.down_proj[...])
+        return dense("btf,ef->bte", hidden, self.down_proj)
 
 
 class Block(nnx.Module):
@@ -211,6 +198,18 @@ class Block(nnx.Module):
             x = layout.constrain(x, ("batch", "seq", "act_embed"))
         x = x + self.attn(self.input_norm(x), cos, sin, attend, layout)
         return x + self.mlp(self.post_attn_norm(x), layout)
+
+
+# run_blocks(blocks, x, call) -> x: runs the blocks over x in order, block i as `call(i, block, x)`.
+# Training passes one that adds remat and gradient fences (train/remat.py).
+BlockRunner = Callable[[Sequence["Block"], jax.Array, Callable[[int, "Block", jax.Array], jax.Array]], jax.Array]
+
+
+def run_in_order(blocks: Sequence[Block], x: jax.Array, call) -> jax.Array:
+    """The plain block runner: each block on the previous one's output."""
+    for i, block in enumerate(blocks):
+        x = call(i, block, x)
+    return x
 
 
 class GLM(nnx.Module):
@@ -230,173 +229,35 @@ class GLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, attend: LayerAttend,
                  *, hidden_states: bool = False, layout: Layout | None = None, last_only: bool = False,
-                 head: bool = True, remat: str = "none", fence: bool = True):
+                 head: bool = True, run_blocks: BlockRunner | None = None):
         """tokens, positions [B, T] -> logits [B, T, V] in the weights' dtype ([B, 1, V] with
         last_only; without `head`, the final-normed hidden state [B, T, H] instead) and, with
         hidden_states, the embedding and every layer's output [L + 1, B, T, H].
-        With a layout, activations are constrained to its logical shardings. `remat` (see REMAT and
-        REMATS): what each block keeps for the backward pass; with a policy (training) and `fence`, every
-        block's weight gradients are fenced to its input gradient (`fence_gradients`)."""
+        With a layout, activations are constrained to its logical shardings. `run_blocks` runs the
+        blocks (default `run_in_order`; training's adds remat, see train/remat.py)."""
         x = self.embed[...][tokens]                                         # [B, T, H]
         cos, sin = rope_tables(positions, self.config, x.dtype)
         hidden = [x]
-        if remat == "segments":
-            if hidden_states:
-                raise ValueError("remat 'segments' keeps no per-layer outputs; hidden_states needs another policy")
-            layers, step = list(enumerate(self.layers)), segment_length(len(self.layers))
-            for start in range(0, len(layers), step):
-                x = _segment(layers[start:start + step], x, cos, sin, attend, layout, fence)
-        else:
-            for i, layer in enumerate(self.layers):
-                x = _block(layer, x, cos, sin, functools.partial(attend, i), layout, remat, fence=fence and i > 0)
-                if hidden_states:
-                    hidden.append(x)
+
+        def call(i: int, block: Block, x: jax.Array) -> jax.Array:
+            return block(x, cos, sin, functools.partial(attend, i), layout)
+
+        if hidden_states:
+            if run_blocks is not None:
+                raise ValueError("hidden_states needs the plain block runner (no remat)")
+            plain = call
+
+            def call(i, block, x):
+                hidden.append(plain(i, block, x))
+                return hidden[-1]
+
+        x = (run_blocks or run_in_order)(list(self.layers), x, call)
         if last_only:
             x = x[:, -1:]
         out = self.final_norm(x)
         if head:
-            out = dense("bte,ve->btv", out, self.lm_head[...])
+            out = dense("bte,ve->btv", out, self.lm_head)
         return (out, jnp.stack(hidden)) if hidden_states else out
-
-
-# What a block keeps for its backward pass: "none" everything, "dots" the matmul outputs (the rest
-# is recomputed), "full" only its input (the whole block is recomputed). "segments" (`_segment`):
-# as "full", but only every `segment_length`-th block input is kept through the forward pass.
-REMAT = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-         "full": jax.checkpoint_policies.nothing_saveable}
-REMATS = (*REMAT, "segments")
-
-
-def segment_length(layers: int) -> int:
-    """Blocks per segment under remat "segments": ceil(sqrt(layers)), which about minimises the
-    block inputs alive at once (layers / s kept through the forward pass, s more inside the
-    segment being differentiated): 40 layers, segments of 7, 13 inputs instead of 40."""
-    return math.ceil(math.sqrt(layers))
-
-
-def _segment(layers: list[tuple[int, Block]], x, cos, sin, attend: LayerAttend, layout: Layout | None,
-             fence: bool):
-    """Consecutive blocks (index, block) under one more `jax.checkpoint` that keeps only the
-    segment's input: the backward pass runs the segment's forward again (each block remat "full"
-    inside it, keeping its own input) just before differentiating its blocks. One more forward of
-    every block, for (layers / s + s) block inputs alive instead of all of them."""
-    graphdefs, states = zip(*(nnx.split(layer) for _, layer in layers))
-
-    def run(states, x):
-        for (i, _), graphdef, state in zip(layers, graphdefs, states):
-            x = _block(nnx.merge(graphdef, state), x, cos, sin, functools.partial(attend, i), layout, "full",
-                       fence=fence and i > 0)
-        return x
-
-    return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(list(states), x)
-
-
-def _block(layer: Block, x, cos, sin, attend, layout: Layout | None, remat: str, fence: bool = False):
-    """One block under `remat`. With `fence` (and a remat policy, i.e. training), the block's
-    weight gradients are fenced to its input's gradient (`fence_gradients`)."""
-    if remat not in REMAT:
-        raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMATS)}")
-    if remat == "none":
-        return layer(x, cos, sin, attend, layout)
-    graphdef, state = nnx.split(layer)
-    if fence:
-        x, state = fence_gradients(x, state)
-    run = lambda state, x: nnx.merge(graphdef, state)(x, cos, sin, attend, layout)
-    return jax.checkpoint(run, policy=REMAT[remat])(state, x)
-
-
-@jax.custom_vjp
-def _fence(x, weights):
-    return x, weights
-
-
-def _fence_fwd(x, weights):
-    return (x, weights), None
-
-
-def _fence_bwd(_, cotangents):
-    return jax.lax.optimization_barrier(cotangents)
-
-
-_fence.defvjp(_fence_fwd, _fence_bwd)
-
-
-def fence_gradients(x, state):
-    """(x, state) unchanged; in the backward pass, the gradients of the block's trained weights
-    (a LowRank's a and b if the state has any, else every weight) leave together with x's through
-    one optimization barrier. So the previous block's backward cannot start before this block's
-    weight gradients are computed: left free, XLA deferred those small [in, r] / [out, r] dots
-    (contractions over all tokens) to the end of the step, next to the all-reduce of every
-    gradient, and kept their [T, H] operands (the block's output gradient, its attention output,
-    its normed input) alive across every later layer's backward: 3 to 4 of them per layer."""
-    is_low_rank = lambda v: isinstance(v, LowRank)
-    leaves, treedef = jax.tree.flatten(state, is_leaf=is_low_rank)
-    lora = any(map(is_low_rank, leaves))
-    trained = [(w.a, w.b) if is_low_rank(w) else w for w in leaves if is_low_rank(w) or not lora]
-    x, trained = _fence(x, trained)
-    it = iter(trained)
-    fenced = []
-    for w in leaves:
-        if is_low_rank(w):
-            a, b = next(it)
-            fenced.append(dataclasses.replace(w, a=a, b=b))
-        else:
-            fenced.append(w if lora else next(it))
-    return x, jax.tree.unflatten(treedef, fenced)
-
-
-def self_attend(attention: str | AttentionFn) -> LayerAttend:
-    """Plain (cache-free) causal self-attention over the whole input, in token order."""
-    fn = get_attention(attention)
-
-    def attend(layer: int, q, k, v):
-        b, t = q.shape[:2]
-        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return fn(q, k, v, index, index)
-
-    return attend
-
-
-def device_order_call(model: GLM, tokens: jax.Array, positions: jax.Array, layout: Layout, *,
-                      strategy: str = "ring", segments: jax.Array | None = None,
-                      **kwargs) -> tuple[np.ndarray, jax.Array]:
-    """The model on tokens [B, T] laid out zigzag over the `sequence` axis (padded to fit), every
-    activation sharded on it, attention context-parallel; with `segments` [B, T] (packed rows)
-    a token sees only the earlier tokens of its own segment. Returns `order` [T'] (the token index
-    of each laid-out slot; >= T for padding) and the model's outputs in that order (kwargs: GLM's)."""
-    b, t = tokens.shape
-    order, _ = token_order(t, layout.size("sequence"))
-    real = order < t
-    take = np.where(real, order, 0)
-    index = jnp.broadcast_to(jnp.asarray(order, jnp.int32), (b, len(order)))
-    if segments is not None:
-        index = segment_index(segments[:, take], index)
-    q_index = jnp.where(real, index, -1)
-    k_index = jnp.where(real, index, PAD)
-    attend_cp = context_parallel(layout, strategy=strategy)
-    return order, model(tokens[:, take], positions[:, take], lambda i, q, k, v: attend_cp(q, k, v, q_index, k_index),
-                        layout=layout, **kwargs)
-
-
-def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
-            *, attention: str | AttentionFn = "auto", hidden_states: bool = False,
-            layout: Layout | None = None, strategy: str = "ring"):
-    """Pure forward of a split GLM: logits [B, T, V] as float32 (and hidden states if asked).
-
-    Without a layout, plain causal attention (`attention`). With one, the tokens are laid out
-    zigzag over the `sequence` axis (padded to fit), every activation stays sharded on it, attention
-    is context-parallel (`strategy`: "ring" or "allgather") and the outputs come back in order."""
-    model = nnx.merge(graphdef, state)
-    if layout is None:
-        out = model(tokens, positions, self_attend(attention), hidden_states=hidden_states)
-    else:
-        order, out = device_order_call(model, tokens, positions, layout, strategy=strategy,
-                                       hidden_states=hidden_states)
-        inverse = np.argsort(order)[:tokens.shape[1]]
-        out = (out[0][:, inverse], out[1][:, :, inverse]) if hidden_states else out[:, inverse]
-    if hidden_states:
-        return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
-    return out.astype(jnp.float32)
 
 
 def abstract_model(config: GLMConfig, dtype) -> GLM:

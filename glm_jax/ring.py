@@ -3,7 +3,8 @@
 Tokens are spread over the n devices of the axis. With the balanced (zigzag) layout the sequence is
 cut into 2n chunks and device i holds chunks i and 2n-1-i, so under a causal mask every device has
 the same amount of visible work at every hop; the contiguous layout (device i holds chunk i) is
-kept for comparison. Masking goes by token index, so the layout needs no special cases.
+the baseline scripts/bench_attention.py measures zigzag against. Masking goes by token index, so
+the layout needs no special cases.
 
 - ring: K/V (with their Hkv heads, never repeated to Hq) travel one hop per step with ppermute;
   each hop's transfer is issued before that hop's compute so XLA can overlap them. Per device, the
@@ -25,16 +26,17 @@ from jax.sharding import PartitionSpec as P
 
 from .attention import (PAD, AttentionFn, LocalKernel, pad_to, as_state, group_queries, init_state, merge,
                         normalized, tile_kernel, ungroup)
+from .options import STRATEGIES, check_choice
 from .sharding import Layout, auto_axes
 
-STRATEGIES = ("ring", "allgather")
 LAYOUTS = ("zigzag", "contiguous")
+TILE_MULTIPLE = 8   # tile lengths (tokens) are rounded up to a multiple of this
 
 
 def _tile(length: int, block: int) -> int:
-    """The tile for `length` tokens: as few tiles as `block` allows, equal, rounded up to 8."""
+    """The tile for `length` tokens: as few tiles as `block` allows, equal, rounded up to TILE_MULTIPLE."""
     tiles = -(-length // block)
-    return -(-(-(-length // tiles)) // 8) * 8
+    return -(-(-(-length // tiles)) // TILE_MULTIPLE) * TILE_MULTIPLE
 
 
 def token_order(t: int, n: int, layout: str = "zigzag", block: int = 512) -> tuple[np.ndarray, int]:
@@ -127,22 +129,17 @@ _context_parallel.defvjp(_cp_fwd, _cp_bwd)
 
 # -- on global arrays ------------------------------------------------------------------------
 
-# Score tiles of the per-device kernel by platform (default 512): on CPU, 256-token tiles made the
-# gradient of a 1,024-token attention (batch 2, 8/2 heads of 64) 136-163 ms against 232-425 ms
-# with 512 (less work wasted on the causal diagonal; four interleaved runs of this code and of
-# the code before the unmasked whole tiles, which changed neither figure beyond the noise).
+# Score tiles of the per-device kernel by platform (default 512): smaller tiles on CPU waste less
+# work on the causal diagonal.
 TILES = {"cpu": 256}
 
 
 def context_parallel(layout: Layout, *, strategy: str = "ring", causal: bool = True, axis: str = "sequence",
-                     block_q: int | None = None, block_k: int | None = None,
-                     kernel: LocalKernel | None = None) -> AttentionFn:
+                     block_q: int | None = None, block_k: int | None = None) -> AttentionFn:
     """Attention on global arrays already in device order (see `token_order`), sharded on `axis`:
     q [B, T, Hq, D], k/v [B, T, Hkv, D], indices [B, T], T divisible by the axis size.
-    block_q/block_k: score tiles (default: TILES of the mesh's platform, else 512).
-    `kernel` replaces the per-device tile kernel (it then handles causality and tiling itself)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    block_q/block_k: score tiles (default: TILES of the mesh's platform, else 512)."""
+    check_choice("strategy", strategy, STRATEGIES)
     n = layout.size(axis)
     tile = TILES.get(layout.mesh.devices.flat[0].platform, 512)
     block_q, block_k = block_q or tile, block_k or tile
@@ -163,7 +160,7 @@ def context_parallel(layout: Layout, *, strategy: str = "ring", causal: bool = T
             pad_q, pad_k = (functools.partial(pad_to, multiple=m, axis=1) for m in (bq, bk))
             out = _context_parallel(pad_q(group_queries(q, k.shape[2]), value=0), pad_k(k, value=0),
                                     pad_k(v, value=0), pad_q(qi, value=-1), pad_k(ki, value=PAD), axis, n,
-                                    strategy, kernel or tile_kernel(causal, bq, bk))
+                                    strategy, tile_kernel(causal, bq, bk))
             return ungroup(out, q.dtype)[:, :q.shape[1]]
 
         # check_vma off: the online-softmax carry starts replicated and becomes per-device.

@@ -159,3 +159,27 @@ def test_compile_report_on_an_explicit_mesh(reference):
         assert got.mesh == "tensor=2,sequence=4" and want.mesh == "sequence=4,tensor=2"
         assert (got.peak_bytes_per_device, got.kv_cache_bytes_per_device) == (want.peak_bytes_per_device,
                                                                              want.kv_cache_bytes_per_device)
+
+
+@pytest.mark.parametrize("spec", ["sequence=8", "tensor=2,sequence=4"])
+def test_logits_with_weights_over_sequence_equal_the_unsharded_logits(reference, spec):
+    """compile_report's v5e default: the weights' embed dim also split over `sequence` (gathered
+    where they are used). The fixture's logits equal one device's within float32 tolerance."""
+    import functools
+
+    from glm_jax.forward import forward
+    from glm_jax.params import flat_params, param_specs, split_model
+
+    folder = reference / "fixtures" / "chatglm-f32"
+    ids = np.load(folder / "reference.npz")["input_ids"]
+    model = glm_jax.load(folder)
+    want = model.logits(ids)
+    layout = Layout.create(make_mesh(spec), weights_over_sequence=True)
+    specs = param_specs(model.config, model.dtype)
+    weights = {n: jax.device_put(a, layout.sharding(specs[n].axes, specs[n].shape))
+               for n, a in flat_params(model.state).items()}
+    assert weights["layers.0.attn.q_proj"].sharding.spec[2] == "sequence"          # [Hq, D, H]: H split
+    graphdef, state = split_model(model.config, model.dtype, weights)
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    got = jax.jit(functools.partial(forward, graphdef, layout=layout))(state, jnp.asarray(ids), jnp.asarray(positions))
+    assert rel(got, want) <= 1e-5

@@ -112,3 +112,48 @@ def test_layouts_round_trip_through_glm_jax(tmp_path):
     reloaded = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm").eval()
     for name, p in torch_model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], p), name
+
+
+def test_a_registered_weight_kind_runs_in_the_model_as_its_plain_array(reference):
+    """`model.dense` multiplies any weight kind registered with `register_weight`, where the model
+    reads every projection: int8 weights with per-output scales in every Param of a projection
+    give the logits of the same weights dequantized into plain arrays."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from glm_jax.forward import forward
+    from glm_jax.model import register_weight
+    from glm_jax.params import flat_params, split_model
+
+    @dataclasses.dataclass(frozen=True)
+    class Int8:
+        values: jax.Array        # int8, the weight's shape
+        scales: jax.Array        # float32, the weight's shape with its input dims 1
+
+        @property
+        def dtype(self):
+            return self.scales.dtype
+
+    jax.tree_util.register_dataclass(Int8, data_fields=["values", "scales"], meta_fields=[])
+    register_weight(Int8, lambda eq, x, w: jnp.einsum(eq, x, w.values.astype(x.dtype) * w.scales.astype(x.dtype),
+                                                       preferred_element_type=jnp.float32))
+
+    model = glm_jax.load(reference / "fixtures" / "chatglm-f32")
+    ids = np.load(reference / "fixtures" / "chatglm-f32" / "reference.npz")["input_ids"]
+    plain, quantized = {}, {}
+    for name, w in flat_params(model.state).items():
+        if name.endswith("_proj"):
+            inputs = tuple(range(2 if w.ndim == 3 and name.endswith(("q_proj", "k_proj", "v_proj", "gate_up_proj"))
+                                 else 1, w.ndim))
+            scales = jnp.max(jnp.abs(w), axis=inputs, keepdims=True) / 127
+            values = jnp.round(w / scales).astype(jnp.int8)
+            quantized[name] = Int8(values, scales)
+            w = values.astype(jnp.float32) * scales
+        plain[name] = w
+        quantized.setdefault(name, w)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    logits = [jax.jit(lambda state, g=graphdef: forward(g, state, jnp.asarray(ids), positions, attention="exact"))(state)
+              for graphdef, state in (split_model(model.config, model.dtype, w) for w in (plain, quantized))]
+    assert rel(np.asarray(logits[1]), np.asarray(logits[0])) <= 1e-5

@@ -17,10 +17,6 @@ def rel(a, b):
     return float(jnp.linalg.norm(jnp.asarray(a, jnp.float32) - b) / jnp.linalg.norm(b))
 
 
-def test_eight_devices():
-    assert jax.device_count() == 8
-
-
 def make_inputs(b, t, hq, g, d=16, seed=0):
     ks = jax.random.split(jax.random.key(seed), 4)
     return (jax.random.normal(ks[0], (b, t, hq, d)), jax.random.normal(ks[1], (b, t, g, d)),

@@ -350,12 +350,13 @@ def rows_of(batch: Batch) -> list[dict[str, list[int]]]:
 def test_batches_without_packing() -> None:
     examples = [example(3, 1), example(6, 2), example(2, 3)]
     batches = Batches(examples, batch_size=2, seq_len=6, pad_id=9, shuffle=False)
-    assert (batches.examples_per_epoch, batches.batches_in_epoch(0)) == (3, 2)
-    first, second, third = next(batches), next(batches), next(batches)
+    first, second = next(batches), next(batches)
     assert first.tokens.shape == (2, 6)
     assert rows_of(first) == [row((3, 1), seq_len=6, pad_id=9), row((6, 2), seq_len=6, pad_id=9)]
     # The epoch's last batch is completed with a fully padded row; the next epoch starts anew.
     assert rows_of(second) == [row((2, 3), seq_len=6, pad_id=9), row(seq_len=6, pad_id=9)]
+    assert batches.state() == {"epoch": 1, "index": 0}
+    third = next(batches)
     assert rows_of(third) == rows_of(first)
 
 
@@ -363,7 +364,6 @@ def test_batches_with_packing() -> None:
     # Lengths 3 4 | 2 5 1 | 6 in seq_len 8: the next example joins the row while it fits.
     examples = [example(n, line) for line, n in enumerate([3, 4, 2, 5, 1, 6], 1)]
     batches = Batches(examples, batch_size=2, seq_len=8, pad_id=0, shuffle=False, packing=True)
-    assert batches.batches_in_epoch(0) == 2
     first, second = next(batches), next(batches)
     assert rows_of(first) == [row((3, 1), (4, 2), seq_len=8), row((2, 3), (5, 4), (1, 5), seq_len=8)]
     assert first.segment_ids[1].tolist() == [1, 1, 2, 2, 2, 2, 2, 3]
@@ -379,9 +379,8 @@ def test_batches_reject_examples_longer_than_seq_len() -> None:
         Batches([example(8, 1), example(9, 2)], batch_size=1, seq_len=8, pad_id=0)
 
 
-def epoch_orders(batches: Batches, epochs: int) -> list[list[int]]:
-    """The example lines each epoch yields (batch_size 1, no packing: one example a batch)."""
-    n = batches.examples_per_epoch
+def epoch_orders(batches: Batches, epochs: int, n: int = 20) -> list[list[int]]:
+    """The lines of the n examples each epoch yields (batch_size 1, no packing: one example a batch)."""
     return [[int(next(batches).tokens[0, 0]) // 100 for _ in range(n)] for _ in range(epochs)]
 
 
@@ -414,9 +413,11 @@ def test_restore_gives_the_batches_an_uninterrupted_run_gives(packing: bool) -> 
         resumed = make()
         resumed.restore(json.loads(json.dumps(state)))
         assert [rows_of(next(resumed)) for _ in range(min(4, len(batches) - k))] == batches[k : k + 4]
-    # batches_in_epoch agrees with what the run yielded.
-    per_epoch = [sum(s["epoch"] == e for s in states) for e in range(2)]
-    assert per_epoch == [run.batches_in_epoch(0), run.batches_in_epoch(1)]
+    # Each epoch's batches hold every example once (ids are line * 100 + 1, 2, ...).
+    for epoch in (0, 1):
+        starts = [t for s, b in zip(states, batches) if s["epoch"] == epoch for r in b for t in r["tokens"]
+                  if t % 100 == 1]
+        assert sorted(t // 100 for t in starts) == list(range(1, 8)), epoch
 
 
 def test_restore_rejects_a_bad_state() -> None:

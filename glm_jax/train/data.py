@@ -25,7 +25,6 @@ the two prefix tokens count.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -142,23 +141,19 @@ def _conversation(messages: Any, tokenizer: Tokenizer) -> tuple[list[int], list[
     """A conversation -> (ids, labels); assistant turns and their end tokens count (module docstring)."""
     if not isinstance(messages, list):
         raise ValueError(f"'messages' must be a list, got {type(messages).__name__}")
-    segments = chat.render(messages, add_generation_prompt=False, assistant_name=tokenizer.assistant_name)
+    ids = chat.apply_chat_template(tokenizer, messages, add_generation_prompt=False, split_special_tokens=True)
+    special = set(tokenizer.special_tokens.values())   # content is encoded as ordinary text: never these
     assistant = tokenizer.special_tokens["<|assistant|>"]
-    ids: list[int] = []
     counted: list[bool] = []
-    turn_open = False  # the last run was an assistant's content: the next token ends the turn
-    # Runs of text between two special tokens are encoded together, as apply_chat_template does.
-    for special, run in itertools.groupby(segments, key=lambda s: s.special):
-        texts = [s.text for s in run]
-        if special:
-            run_ids = [tokenizer.special_tokens[t] for t in texts]
-            in_turn = False
-        else:  # render starts with [gMASK]<sop>, so a text run always follows a special token
-            run_ids = tokenizer.encode("".join(texts), split_special_tokens=True)
-            in_turn = ids[-1] == assistant
-        ids += run_ids
-        counted += [in_turn or turn_open] + [in_turn] * (len(run_ids) - 1)
-        turn_open = in_turn
+    turn_open = False  # inside an assistant's content: it and the token that ends it count
+    for i, token in enumerate(ids):
+        if token in special:
+            counted.append(turn_open)
+            turn_open = False
+        else:  # the template starts with [gMASK]<sop>, so a text run always follows a special token
+            if ids[i - 1] in special:
+                turn_open = ids[i - 1] == assistant
+            counted.append(turn_open)
     if turn_open:
         ids.append(tokenizer.eos_id)
         counted.append(True)
@@ -264,15 +259,6 @@ class Batches:
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         self.seed, self.shuffle, self.packing = seed, shuffle, packing
         self._start_epoch(0)
-
-    @property
-    def examples_per_epoch(self) -> int:
-        return len(self._examples)
-
-    def batches_in_epoch(self, epoch: int) -> int:
-        """How many batches epoch `epoch` yields (with packing it depends on the epoch's order)."""
-        rows, _ = self._rows(self._order_of(epoch), 0, len(self._examples))
-        return -(-len(rows) // self.batch_size)
 
     def state(self) -> dict[str, int]:
         """Where the batcher is: {"epoch": e, "index": i} (the next example is order(e)[i])."""

@@ -3,9 +3,10 @@
 A weight W keeps torch's [out, in] orientation with its dims split (q_proj [Hq, D, H], o_proj
 [H, Hq, D], gate_up_proj [2, F, H], ...). Its adapter is A [r, *in] and B [*out, r]; the weight the
 forward uses is W + (alpha / r) * B A. A starts random (std 1 / sqrt(in features)), B at zero, so
-training starts from the base model exactly. Training multiplies through the adapter (`attach`:
-x W + scale (x A) B, as PEFT does); the output folder gets the merged weights (`merge`). The
-embedding, the norms and the output layer are never adapted, whatever the pattern says.
+training starts from the base model exactly. Training multiplies through the adapter (`attach`
+puts a `LowRank` weight in the model's Param, which `model.dense` multiplies as x W + scale (x A) B,
+as PEFT does); the output folder gets the merged weights (`merge`). The embedding, the norms and
+the output layer are never adapted, whatever the pattern says.
 """
 
 from __future__ import annotations
@@ -18,10 +19,45 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from ..model import LowRank
+from ..attention import precision
+from ..model import register_weight
 from ..params import ParamSpec
 
 DEFAULT_TARGETS = r"\.(q|k|v|o|gate_up|down)_proj$"
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """A weight plus a LoRA adapter, as a Param holds it in training: base [*out, *in], a [r, *in],
+    b [*out, r]; it multiplies as base + scale * b a, without forming that sum."""
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+
+jax.tree_util.register_dataclass(LowRank, data_fields=["base", "a", "b"], meta_fields=["scale"])
+
+
+def low_rank_matmul(eq: str, x: jax.Array, w: LowRank) -> jax.Array:
+    """einsum(eq, x, base) + scale * (x a) b in float32: x's contracted dims against a (rounded to
+    x's dtype), then b's rank dim."""
+    (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    inner, outer = "".join(c for c in ws if c in xs), "".join(c for c in ws if c not in xs)
+    kept = "".join(c for c in xs if c not in inner)
+    y = jnp.einsum(eq, x, w.base, preferred_element_type=jnp.float32, precision=precision(x, w.base))
+    xa = jnp.einsum(f"{xs},z{inner}->{kept}z", x, w.a, preferred_element_type=jnp.float32,
+                    precision=precision(x, w.a)).astype(x.dtype)                           # [..., r]
+    return y + w.scale * jnp.einsum(f"{kept}z,{outer}z->{out}", xa, w.b, preferred_element_type=jnp.float32,
+                                    precision=precision(xa, w.b))
+
+
+register_weight(LowRank, low_rank_matmul)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +109,22 @@ def init_adapters(c: LoRAConfig, specs: Mapping[str, ParamSpec], key: jax.Array)
                                                        jnp.float32) / math.sqrt(fan_in)
         adapters[f"{name}.lora_b"] = jnp.zeros((*shape[:k], c.rank), jnp.float32)
     return adapters
+
+
+def trainable_and_frozen(c: LoRAConfig | None, weights: Mapping[str, jax.Array], specs: Mapping[str, ParamSpec],
+                         key: jax.Array, mesh: jax.sharding.Mesh, *, abstract: bool = False) -> tuple[dict, dict]:
+    """(trainable, frozen) weights of a run: every weight trains (nothing frozen), or under LoRA new
+    adapters (`init_adapters`, replicated on `mesh`) train on the frozen `weights`. abstract:
+    the adapters as ShapeDtypeStructs, nothing computed (the compile report)."""
+    if c is None:
+        return dict(weights), {}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if abstract:
+        adapters = {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+                    for n, x in jax.eval_shape(lambda: init_adapters(c, specs, key)).items()}
+    else:
+        adapters = jax.device_put(init_adapters(c, specs, key), replicated)
+    return adapters, dict(weights)
 
 
 def attach(c: LoRAConfig, base: Mapping[str, jax.Array], adapters: Mapping[str, jax.Array], dtype) -> dict:

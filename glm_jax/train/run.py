@@ -67,7 +67,7 @@ class FinetuneConfig:
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < max(self.steps, 1) + 1:
             raise ValueError(f"--warmup-steps must be in [0, {self.steps}], got {self.warmup_steps}")
         self.lora()                                              # a bad LoRA setup stops here
-        from ..model import REMATS
+        from ..options import REMATS
 
         if self.remat not in REMATS:
             raise ValueError(f"--remat must be one of {', '.join(REMATS)}, got {self.remat!r}")
@@ -113,7 +113,7 @@ def finetune(c: FinetuneConfig) -> dict:
     from .checkpoint import Checkpoints
     from .data import Batches, read_examples
     from .loss import counted_budget
-    from .lora import init_adapters
+    from .lora import trainable_and_frozen
     from .step import Batch, Trainer, make_optimizer, schedule
 
     c.check()
@@ -126,12 +126,8 @@ def finetune(c: FinetuneConfig) -> dict:
     params = flat_params(model.state)
     dtype = model.dtype
     lora = c.lora()
-    if lora:   # the adapters train (made on the weights' devices, replicated); the base stays as it is
-        trainable = jax.device_put(init_adapters(lora, param_specs(config, dtype), jax.random.key(c.seed)),
-                                   jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec()))
-        frozen = params
-    else:
-        trainable, frozen = params, {}
+    trainable, frozen = trainable_and_frozen(lora, params, param_specs(config, dtype), jax.random.key(c.seed),
+                                             layout.mesh)
     trainer = Trainer(config, layout, dtype, make_optimizer(opt), remat=c.remat,
                       loss_chunk=c.loss_chunk, lora=lora, fence=c.gradient_fence)
     batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,

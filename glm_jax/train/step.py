@@ -20,11 +20,13 @@ import optax
 from flax import nnx
 
 from ..config import GLMConfig
-from ..model import device_order_call
+from ..forward import device_order_call
+from ..options import DEFAULT_REMAT, LOSS_CHUNK, OPTIMIZERS, SCHEDULES, check_choice
 from ..params import param_specs, split_model
 from ..sharding import Layout
 from .lora import LoRAConfig, attach, merge
 from .loss import IGNORE, cross_entropy, shift_labels
+from .remat import block_runner
 
 Params = dict[str, jax.Array]
 
@@ -46,12 +48,8 @@ class OptimizerConfig:
     clip_norm: float | None = 1.0     # global gradient-norm clipping (None: off)
 
 
-SCHEDULES, OPTIMIZERS = ("cosine", "constant"), ("adamw", "sgd")
-
-
 def schedule(c: OptimizerConfig) -> optax.Schedule:
-    if c.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {c.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    check_choice("schedule", c.schedule, SCHEDULES)
     if c.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, c.warmup_steps, max(c.steps, c.warmup_steps + 1),
                                                   end_value=c.learning_rate * c.final_lr_ratio)
@@ -69,8 +67,7 @@ def decays(name: str) -> bool:
 
 def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
     """The optimizer of a flat {name: array} tree of trained weights (or adapters)."""
-    if c.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {c.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    check_choice("optimizer", c.optimizer, OPTIMIZERS)
     lr = schedule(c)
     if c.optimizer == "sgd":
         core = optax.sgd(lr)
@@ -104,12 +101,11 @@ class Trainer:
     layout: Layout
     dtype: Any                        # the forward's dtype (the model's)
     optimizer: optax.GradientTransformation
-    remat: str = "full"
-    loss_chunk: int = 1024
-    strategy: str = "ring"
+    remat: str = DEFAULT_REMAT        # what a block keeps for the backward pass (train/remat.py)
+    loss_chunk: int = LOSS_CHUNK
     lora: LoRAConfig | None = None    # None: every weight trains; else only the adapters
-    # each block's weight gradients fenced to its input gradient (model.fence_gradients): v5p-8 LoRA
-    # at 524,288 tokens needs it (57 against 103 GiB), v5e-8 at 131,072 fits only without (13.1 / 15.9)
+    # each block's weight gradients fenced to its input gradient (remat.fence_gradients); whether
+    # that lowers a run's peak memory depends on the run (--no-gradient-fence turns it off)
     fence: bool = True
 
     def weights(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict:
@@ -130,9 +126,8 @@ class Trainer:
         counted targets per row (`loss.counted_budget`), or None."""
         graphdef, state = split_model(self.config, self.dtype, self.weights(params, frozen))
         model = nnx.merge(graphdef, state)
-        order, hidden = device_order_call(model, tokens, positions, self.layout, strategy=self.strategy,
-                                          segments=segments, head=False, remat=self.remat,
-                                          fence=self.fence)                                  # [B, T', H]
+        order, hidden = device_order_call(model, tokens, positions, self.layout, segments=segments, head=False,
+                                          run_blocks=block_runner(self.remat, self.fence))  # [B, T', H]
         t = tokens.shape[1]
         targets = shift_labels(labels)[:, np.minimum(order, t - 1)]                      # [B, T']
         targets = jnp.where(jnp.asarray(order < t)[None], targets, IGNORE)
