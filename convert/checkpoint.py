@@ -6,7 +6,9 @@ A glm-jax model folder holds:
   hf_source.json         what `export` needs to rebuild the HF folder exactly: layout, original
                          config.json, tensor -> file map and each file's safetensors metadata
   hf_extra.safetensors   tensors the HF folder carries that the model never uses (inv_freq)
-  tokenizer.model, tokenizer_config.json, generation_config.json   copied when the source has them
+  the source's other files   tokenizer.model, tokenizer_config.json, generation_config.json, remote
+                         code (modeling_*.py, configuration_*.py), README, licence: every file but the
+                         weights, their index, config.json, hidden files and files over 64 MiB
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from glm_jax.progress import Progress
 from .hf import ConversionError, HFCheckpoint, default_shards, hf_tensor_from, iter_params, layout_of, write_hf
 from .layout import CHATGLM, hf_tensors
 
-SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
+SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")   # folders of old converts
 SOURCE, EXTRA = "hf_source.json", "hf_extra.safetensors"
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
+CARRIED_MAX_BYTES = 64 << 20
 DTYPE_NAMES = {"bfloat16", "float32"}
 
 
@@ -100,19 +104,52 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str | No
         config.replace(dtype=dtype).save(tmp / "config.json")
         with Progress(f"convert {src.name}", total, enabled=progress) as bar:
             save_params(tmp / PARAMS_DIR, _groups(iter_params(ckpt, plan, target), bar))
-        ignored = ckpt.ignored(layout)
-        if ignored:
-            from safetensors.flax import save_file
-            import jax.numpy as jnp
-
-            save_file({n: jnp.asarray(ckpt.read(n)) for n in ignored}, os.fspath(tmp / EXTRA))
-        source = {"layout": layout, "dtype": config.dtype, "config": json.loads((src / "config.json").read_text()),
-                  "weight_map": ckpt.weight_map, "metadata": ckpt.metadata}
-        (tmp / SOURCE).write_text(json.dumps(source, indent=1) + "\n")
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        _remember_hf(src, tmp, layout, ckpt, config.dtype)
     return config
+
+
+def carried_files(src: pathlib.Path) -> list[str]:
+    """The files of an HF folder that travel with the model, to be given back by `export`."""
+    return sorted(p.name for p in src.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", SOURCE)
+                  and not p.name.endswith(WEIGHT_FILES) and p.stat().st_size <= CARRIED_MAX_BYTES)
+
+
+def _remember_hf(src: pathlib.Path, dst: pathlib.Path, layout: str, ckpt: HFCheckpoint, dtype: str) -> None:
+    ignored = ckpt.ignored(layout)
+    if ignored:
+        from safetensors.flax import save_file
+        import jax.numpy as jnp
+
+        save_file({n: jnp.asarray(ckpt.read(n)) for n in ignored}, os.fspath(dst / EXTRA))
+    files = carried_files(src)
+    source = {"layout": layout, "dtype": dtype, "config": json.loads((src / "config.json").read_text()),
+              "weight_map": ckpt.weight_map, "metadata": ckpt.metadata, "files": files}
+    (dst / SOURCE).write_text(json.dumps(source, indent=1) + "\n")
+    for name in files:
+        shutil.copy2(src / name, dst / name)
+
+
+def _carried(model_dir: pathlib.Path, source: dict | None) -> list[str]:
+    files = source["files"] if source and "files" in source else SIDE_FILES
+    return [name for name in files if (model_dir / name).is_file()]
+
+
+def remember_source(src: str | pathlib.Path, dst: str | pathlib.Path) -> None:
+    """Gives the glm-jax folder dst (a fine-tuned model) what `export` needs to write src's HF folder
+    again (its layout, config, shards, metadata and other files): src is that HF folder, or a glm-jax
+    folder (whose record, if any, is copied)."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    if json.loads((src / "config.json").read_text()).get("model_type") != "glm_jax":
+        layout = layout_of(src)
+        _remember_hf(src, dst, layout, HFCheckpoint(src), GLMConfig.from_hf(src).dtype)
+        return
+    source = json.loads((src / SOURCE).read_text()) if (src / SOURCE).is_file() else None
+    for name in [SOURCE, EXTRA, *_carried(src, source)]:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
 
 
 def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: bool = False,
@@ -120,7 +157,7 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
     """Writes a glm-jax model folder back as an HF folder.
 
     With the hf_source.json the converter left, the result is the source folder again (same layout,
-    names, shards, metadata and bytes when the dtype was kept); without it, the original `chatglm`
+    names, shards, metadata and bytes when the dtype was kept, and its other files); without it, the original `chatglm`
     layout (or `layout`) with a generated config and shards of about 2 GB.
     """
     import jax
@@ -160,6 +197,5 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
         with Progress(f"export {model_dir.name}", total, enabled=progress) as bar:
             write_hf(tmp, config, layout, tensor, weight_map, extra=extra, metadata=metadata,
                      hf_config_dict=hf_cfg, progress=bar.update)
-        for name in SIDE_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        for name in _carried(model_dir, source):
+            shutil.copy2(model_dir / name, tmp / name)

@@ -152,3 +152,23 @@ def test_help_documents_every_command(capsys):
             main([command, "--help"])
         assert exit_.value.code == 0
         assert "usage: glm-jax " + command in capsys.readouterr().out
+
+
+def test_export_gives_back_the_sources_other_files(reference, tmp_path):
+    """Remote code, README and licence travel through convert -> export; other weight formats,
+    hidden files and subfolders stay behind."""
+    src = tmp_path / "src"
+    shutil.copytree(reference / "fixtures" / "chatglm-bf16", src)
+    carried = {"modeling_chatglm.py": "class ChatGLMForConditionalGeneration: ...\n",
+               "configuration_chatglm.py": "class ChatGLMConfig: ...\n", "README.md": "# the model card\n",
+               "LICENSE": "licence text\n", "tokenizer_config.json": "{}\n"}
+    for name, text in {**carried, "pytorch_model.bin": "weights", ".gitattributes": "*.bin lfs"}.items():
+        (src / name).write_text(text)
+    (src / "original").mkdir()
+    (src / "original" / "notes.txt").write_text("x")
+    assert main(["convert", str(src), str(tmp_path / "m"), "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf"), "--quiet"]) == 0
+    fixture = [p.name for p in (reference / "fixtures" / "chatglm-bf16").iterdir()]   # config, weights, npz
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted({*carried, *fixture})
+    for name in carried:
+        assert filecmp.cmp(src / name, tmp_path / "hf" / name, shallow=False), name
