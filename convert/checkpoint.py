@@ -14,10 +14,12 @@ A glm-jax model folder holds:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pathlib
 import shutil
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -56,25 +58,52 @@ def open_hf(src: str | pathlib.Path) -> tuple[GLMConfig, str, HFCheckpoint, list
     return config, layout, ckpt, plan
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # another user's process
+        pass
+    return True
+
+
+def _remove_stale(dst: pathlib.Path) -> None:
+    """Removes the temporary siblings of dst that a killed run left (their process is gone), saying so:
+    an unfinished .DST.tmp-PID, or the previous DST (.DST.old-PID), put back when DST is missing."""
+    name = glob.escape(dst.name)
+    stale = [p for kind in ("tmp", "old") for p in sorted(dst.parent.glob(f".{name}.{kind}-*"))
+             if p.name.rpartition("-")[2].isdigit() and not _alive(int(p.name.rpartition("-")[2]))]
+    for path in stale:
+        if path.name.startswith(f".{dst.name}.old-") and not dst.exists():
+            path.rename(dst)
+            print(f"restored {dst} from {path.name}, left by an interrupted run", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def atomic_folder(dst: pathlib.Path, force: bool) -> Iterator[pathlib.Path]:
-    """Yields a temporary sibling of dst; renames it to dst only if the block succeeds."""
+    """Yields a temporary sibling of dst; renames it to dst only if the block succeeds. An exception
+    (KeyboardInterrupt too) removes it and leaves dst as it was."""
+    _remove_stale(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (use --force to replace it)")
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
         if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        tmp.rename(dst)
     finally:
+        if old.exists() and not dst.exists():   # interrupted between the two renames
+            old.rename(dst)
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _groups(params: Iterator[tuple[str, np.ndarray]], progress: Progress) -> Iterator[dict]:

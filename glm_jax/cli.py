@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 DTYPES = ("bfloat16", "float32")
@@ -376,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert an untouched Hugging Face GLM-4 folder (original `chatglm` or "
                                    "transformers-native `glm` layout, single file or sharded) into a "
                                    "self-contained glm-jax model folder. Streams one tensor at a time; "
-                                   "writes to a temporary sibling and renames at the end.")
+                                   "writes to a temporary sibling and renames at the end. Ctrl-C (exit 130) "
+                                   "or SIGTERM (exit 143) removes the temporary folder; one a killed run "
+                                   "left is removed by the next.")
     p.add_argument("src", type=pathlib.Path, help="Hugging Face model folder")
     p.add_argument("dst", type=pathlib.Path, help="glm-jax model folder to create")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="stored weight dtype (default: the source's)")
@@ -594,17 +598,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that cleanups run."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+WRITES_FOLDER = ("convert", "export")   # their unfinished output is removed when interrupted
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 1 (a check failed), 2 (bad input), 130 (Ctrl-C / SIGINT), 143 (SIGTERM)."""
     args = build_parser().parse_args(argv)
     _select_platforms()
+    handle_term = args.command in WRITES_FOLDER and threading.current_thread() is threading.main_thread()
+    if handle_term:
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"glm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"glm-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        removed = "; the unfinished output was removed" if args.command in WRITES_FOLDER else ""
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"glm-jax {args.command}: interrupted ({name}){removed}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if handle_term:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
