@@ -550,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a model folder on a JSONL file (full or LoRA)",
                        description="Fine-tune (every weight, or LoRA adapters) on JSONL data, one example a line: {\"messages\": [...]} (chat; loss "
-                                   "on assistant turns), {\"text\": ...} (loss on every token) or "
+                                   "on assistant turns; tool use in GLM-4's format: a system message with \"tools\", "
+                                   "assistant \"metadata\" naming the tool, role \"observation\"; or OpenAI's: a "
+                                   "top-level \"tools\" beside \"messages\", assistant \"tool_calls\", role \"tool\"), "
+                                   "{\"text\": ...} (loss on every token) or "
                                    "{\"input_ids\": [...], \"labels\": [...]} (labels aligned with the ids, -100 "
                                    "ignored). Tokens are laid out over the mesh's sequence axis (ring attention), "
                                    "the loss is computed in chunks without [T, vocab] logits. OUT gets "
