@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from glm_jax.config import GLMConfig
-from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params
+from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params, signals_held
 from glm_jax.progress import Progress
 
 from .hf import ConversionError, HFCheckpoint, default_shards, hf_tensor_from, iter_params, layout_of, write_hf
@@ -216,9 +216,10 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     path = model_dir / PARAMS_DIR
 
-    def tensor(t):  # restores just the parameters of one HF tensor
+    def tensor(t):  # restores just the parameters of one HF tensor (Orbax's reads swallow an interrupt)
         names = [p.param for p in t.parts]
-        arrays = load_params(path, {n: specs[n] for n in names}, {n: cpu for n in names})
+        with signals_held():
+            arrays = load_params(path, {n: specs[n] for n in names}, {n: cpu for n in names})
         return hf_tensor_from(t, lambda n: np.asarray(arrays[n]))
 
     total = sum(int(np.prod(t.shape)) for t in plan) * itemsize

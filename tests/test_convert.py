@@ -197,18 +197,28 @@ def large(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def large_converted(large, tmp_path_factory):
+    path = tmp_path_factory.mktemp("large-converted") / "model"
+    assert main(["convert", str(large), str(path), "--quiet"]) == 0
+    return path
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_interrupted_convert_removes_its_temporary_folder(large, tmp_path, sig, status):
-    dst = tmp_path / "dst"
-    proc = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "convert", str(large), str(dst), "--quiet"],
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_interrupted_command_removes_its_temporary_folder(request, tmp_path, command, sig, status):
+    """Signalled while it writes (convert: Orbax's saves; export: Orbax's reads), a command exits with
+    one line and leaves nothing behind."""
+    src = request.getfixturevalue("large" if command == "convert" else "large_converted")
+    proc = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", command, str(src), str(tmp_path / "dst"), "--quiet"],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".dst.tmp-*/params*")):        # the weights are being written
-        assert proc.poll() is None and time.monotonic() < deadline
+    while not list(tmp_path.glob(".dst.tmp-*/params*" if command == "convert" else ".dst.tmp-*/*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline          # writing has begun
         time.sleep(0.01)
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
-    assert err.strip() == f"glm-jax convert: interrupted ({sig.name}); the unfinished output was removed"
+    assert err.strip() == f"glm-jax {command}: interrupted ({sig.name}); the unfinished output was removed"
     assert proc.returncode == status
     assert list(tmp_path.iterdir()) == []
 
