@@ -185,9 +185,10 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
            layout: str | None = None, progress: bool = True) -> None:
     """Writes a glm-jax model folder back as an HF folder.
 
-    With the hf_source.json the converter left, the result is the source folder again (same layout,
-    names, shards, metadata and bytes when the dtype was kept, and its other files); without it, the original `chatglm`
-    layout (or `layout`) with a generated config and shards of about 2 GB.
+    With the hf_source.json the converter (or a fine-tuning run) left, the result is the source folder
+    again (same layout, names, shards, metadata and bytes when the dtype was kept, and its other
+    files); without it, the original `chatglm` layout (or `layout`) with a generated config and
+    shards of about 2 GB.
     """
     import jax
 
