@@ -6,30 +6,36 @@ A glm-jax model folder holds:
   hf_source.json         what `export` needs to rebuild the HF folder exactly: layout, original
                          config.json, tensor -> file map and each file's safetensors metadata
   hf_extra.safetensors   tensors the HF folder carries that the model never uses (inv_freq)
-  tokenizer.model, tokenizer_config.json, generation_config.json   copied when the source has them
+  the source's other files   tokenizer.model, tokenizer_config.json, generation_config.json, remote
+                         code (modeling_*.py, configuration_*.py), README, licence: every file but the
+                         weights, their index, config.json, hidden files and files over 64 MiB
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pathlib
 import shutil
+import sys
 from typing import Iterator
 
 import numpy as np
 
 from glm_jax.config import GLMConfig
 from glm_jax.options import DTYPES
-from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params
+from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params, signals_held
 from glm_jax.progress import Progress
 
 from .hf import ConversionError, HFCheckpoint, default_shards, hf_tensor_from, iter_params, layout_of, write_hf
 from .layout import CHATGLM, hf_tensors
 
-SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
+SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")   # folders of old converts
 SOURCE, EXTRA = "hf_source.json", "hf_extra.safetensors"
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
+CARRIED_MAX_BYTES = 64 << 20
 
 
 def np_dtype(name: str):
@@ -52,25 +58,52 @@ def open_hf(src: str | pathlib.Path) -> tuple[GLMConfig, str, HFCheckpoint, list
     return config, layout, ckpt, plan
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # another user's process
+        pass
+    return True
+
+
+def _remove_stale(dst: pathlib.Path) -> None:
+    """Removes the temporary siblings of dst that a killed run left (their process is gone), saying so:
+    an unfinished .DST.tmp-PID, or the previous DST (.DST.old-PID), put back when DST is missing."""
+    name = glob.escape(dst.name)
+    stale = [p for kind in ("tmp", "old") for p in sorted(dst.parent.glob(f".{name}.{kind}-*"))
+             if p.name.rpartition("-")[2].isdigit() and not _alive(int(p.name.rpartition("-")[2]))]
+    for path in stale:
+        if path.name.startswith(f".{dst.name}.old-") and not dst.exists():
+            path.rename(dst)
+            print(f"restored {dst} from {path.name}, left by an interrupted run", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"removed {path}, left by an interrupted run", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def atomic_folder(dst: pathlib.Path, force: bool) -> Iterator[pathlib.Path]:
-    """Yields a temporary sibling of dst; renames it to dst only if the block succeeds."""
+    """Yields a temporary sibling of dst; renames it to dst only if the block succeeds. An exception
+    (KeyboardInterrupt too) removes it and leaves dst as it was."""
+    _remove_stale(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (use --force to replace it)")
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
         if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        tmp.rename(dst)
     finally:
+        if old.exists() and not dst.exists():   # interrupted between the two renames
+            old.rename(dst)
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _groups(params: Iterator[tuple[str, np.ndarray]], progress: Progress) -> Iterator[dict]:
@@ -100,28 +133,62 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str | No
         config.replace(dtype=dtype).save(tmp / "config.json")
         with Progress(f"convert {src.name}", total, enabled=progress) as bar:
             save_params(tmp / PARAMS_DIR, _groups(iter_params(ckpt, plan, target), bar))
-        ignored = ckpt.ignored(layout)
-        if ignored:
-            from safetensors.flax import save_file
-            import jax.numpy as jnp
-
-            save_file({n: jnp.asarray(ckpt.read(n)) for n in ignored}, os.fspath(tmp / EXTRA))
-        source = {"layout": layout, "dtype": config.dtype, "config": json.loads((src / "config.json").read_text()),
-                  "weight_map": ckpt.weight_map, "metadata": ckpt.metadata}
-        (tmp / SOURCE).write_text(json.dumps(source, indent=1) + "\n")
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        _remember_hf(src, tmp, layout, ckpt, config.dtype)
     return config
+
+
+def carried_files(src: pathlib.Path) -> list[str]:
+    """The files of an HF folder that travel with the model, to be given back by `export`."""
+    return sorted(p.name for p in src.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", SOURCE)
+                  and not p.name.endswith(WEIGHT_FILES) and p.stat().st_size <= CARRIED_MAX_BYTES)
+
+
+def _remember_hf(src: pathlib.Path, dst: pathlib.Path, layout: str, ckpt: HFCheckpoint, dtype: str) -> None:
+    ignored = ckpt.ignored(layout)
+    if ignored:
+        from safetensors.flax import save_file
+        import jax.numpy as jnp
+
+        save_file({n: jnp.asarray(ckpt.read(n)) for n in ignored}, os.fspath(dst / EXTRA))
+    files = carried_files(src)
+    source = {"layout": layout, "dtype": dtype, "config": json.loads((src / "config.json").read_text()),
+              "weight_map": ckpt.weight_map, "metadata": ckpt.metadata, "files": files}
+    (dst / SOURCE).write_text(json.dumps(source, indent=1) + "\n")
+    for name in files:
+        shutil.copy2(src / name, dst / name)
+
+
+def _carried(model_dir: pathlib.Path, source: dict | None) -> list[str]:
+    files = source["files"] if source and "files" in source else SIDE_FILES
+    return [name for name in files if (model_dir / name).is_file()]
+
+
+def remember_source(src: str | pathlib.Path, dst: str | pathlib.Path) -> None:
+    """Gives the glm-jax folder dst (a fine-tuned model) what `export` needs to write src's HF folder
+    again (its layout, config, shards, metadata and other files): src is that HF folder, or a glm-jax
+    folder (whose record, if any, is copied)."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    if json.loads((src / "config.json").read_text()).get("model_type") != "glm_jax":
+        layout = layout_of(src)
+        _remember_hf(src, dst, layout, HFCheckpoint(src), GLMConfig.from_hf(src).dtype)
+        return
+    source = json.loads((src / SOURCE).read_text()) if (src / SOURCE).is_file() else None
+    for name in [SOURCE, EXTRA, *_carried(src, source)]:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
 
 
 def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: bool = False,
            layout: str | None = None, progress: bool = True) -> None:
     """Writes a glm-jax model folder back as an HF folder.
 
-    With the hf_source.json the converter left, the result is the source folder again (same layout,
-    names, shards, metadata and bytes when the dtype was kept); without it, the original `chatglm`
-    layout (or `layout`) with a generated config and shards of about 2 GB.
+    With the hf_source.json the converter (or a fine-tuning run) left, the result is the source folder
+    again (same layout, names, shards, metadata and bytes when the dtype was kept, and its other
+    files); without it, the original `chatglm` layout (or `layout`) with a generated config and
+    shards of about 2 GB.
     """
     import jax
 
@@ -150,9 +217,10 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     path = model_dir / PARAMS_DIR
 
-    def tensor(t):  # restores just the parameters of one HF tensor
+    def tensor(t):  # restores just the parameters of one HF tensor (Orbax's reads swallow an interrupt)
         names = [p.param for p in t.parts]
-        arrays = load_params(path, {n: specs[n] for n in names}, {n: cpu for n in names})
+        with signals_held():
+            arrays = load_params(path, {n: specs[n] for n in names}, {n: cpu for n in names})
         return hf_tensor_from(t, lambda n: np.asarray(arrays[n]))
 
     total = sum(int(np.prod(t.shape)) for t in plan) * itemsize
@@ -160,6 +228,5 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
         with Progress(f"export {model_dir.name}", total, enabled=progress) as bar:
             write_hf(tmp, config, layout, tensor, weight_map, extra=extra, metadata=metadata,
                      hf_config_dict=hf_cfg, progress=bar.update)
-        for name in SIDE_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        for name in _carried(model_dir, source):
+            shutil.copy2(model_dir / name, tmp / name)

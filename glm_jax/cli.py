@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 from glm_jax import repl
@@ -153,17 +155,37 @@ COMMANDS = {"convert": _convert, "export": _export, "parity": _parity, "generate
             "serve": _serve, "compile-report": _compile_report, "needle": _needle, "finetune": _finetune}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that cleanups run."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+WRITES_FOLDER = ("convert", "export")   # their unfinished output is removed when interrupted
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 1 (a check failed), 2 (bad input), 130 (Ctrl-C / SIGINT), 143 (SIGTERM)."""
     args = build_parser().parse_args(argv)
     select_platforms()
+    handle_term = args.command in WRITES_FOLDER and threading.current_thread() is threading.main_thread()
+    if handle_term:
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"glm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"glm-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        removed = "; the unfinished output was removed" if args.command in WRITES_FOLDER else ""
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"glm-jax {args.command}: interrupted ({name}){removed}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if handle_term:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
+import signal
+import threading
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -83,11 +86,32 @@ def save_params(path: pathlib.Path, groups: Iterable[Mapping[str, Any]]) -> None
         for group in groups:
             if pending is not None:
                 pending.result()
-            pending = ocp.partial.save_async(path, nest(group))
+            with signals_held():
+                pending = ocp.partial.save_async(path, nest(group))
     finally:  # also when producing a group failed: never leave a write running behind the caller
         if pending is not None:
             pending.result()
-    ocp.partial.finalize(path)
+    with signals_held():
+        ocp.partial.finalize(path)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Delivers SIGINT and SIGTERM when the block ends (main thread only): an Orbax call cut in half
+    leaves its background writes running, unawaited, past the caller's cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def load_params(path: pathlib.Path, specs: Mapping[str, ParamSpec],

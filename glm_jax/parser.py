@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert an untouched Hugging Face GLM-4 folder (original `chatglm` or "
                                    "transformers-native `glm` layout, single file or sharded) into a "
                                    "self-contained glm-jax model folder. Streams one tensor at a time; "
-                                   "writes to a temporary sibling and renames at the end.")
+                                   "writes to a temporary sibling and renames at the end. Ctrl-C (exit 130) "
+                                   "or SIGTERM (exit 143) removes the temporary folder; one a killed run "
+                                   "left is removed by the next.")
     p.add_argument("src", type=pathlib.Path, help="Hugging Face model folder")
     p.add_argument("dst", type=pathlib.Path, help="glm-jax model folder to create")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="stored weight dtype (default: the source's)")
@@ -242,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model folder on a JSONL file (full or LoRA)",
                        description="Fine-tune (every weight, or LoRA adapters) on JSONL data, one example a "
                                    "line: {\"messages\": [...]} (chat; loss "
-                                   "on assistant turns), {\"text\": ...} (loss on every token) or "
+                                   "on assistant turns; tool use in GLM-4's format: a system message with \"tools\", "
+                                   "assistant \"metadata\" naming the tool, role \"observation\"; or OpenAI's: a "
+                                   "top-level \"tools\" beside \"messages\", assistant \"tool_calls\", role \"tool\"), "
+                                   "{\"text\": ...} (loss on every token) or "
                                    "{\"input_ids\": [...], \"labels\": [...]} (labels aligned with the ids, -100 "
                                    "ignored). Tokens are laid out over the mesh's sequence axis (ring attention), "
                                    "the loss is computed in chunks without [T, vocab] logits. OUT gets "

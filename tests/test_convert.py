@@ -2,8 +2,14 @@
 
 import filecmp
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.flax import save_file
@@ -144,3 +150,87 @@ def test_failure_mid_conversion_leaves_nothing(reference, tmp_path, monkeypatch)
                  "--force"]) == 2
     assert (tmp_path / "dst" / "old").read_text() == "previous model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_export_gives_back_the_sources_other_files(reference, tmp_path):
+    """Remote code, README and licence travel through convert -> export; other weight formats,
+    hidden files and subfolders stay behind."""
+    src = tmp_path / "src"
+    shutil.copytree(reference / "fixtures" / "chatglm-bf16", src)
+    carried = {"modeling_chatglm.py": "class ChatGLMForConditionalGeneration: ...\n",
+               "configuration_chatglm.py": "class ChatGLMConfig: ...\n", "README.md": "# the model card\n",
+               "LICENSE": "licence text\n", "tokenizer_config.json": "{}\n"}
+    for name, text in {**carried, "pytorch_model.bin": "weights", ".gitattributes": "*.bin lfs"}.items():
+        (src / name).write_text(text)
+    (src / "original").mkdir()
+    (src / "original" / "notes.txt").write_text("x")
+    assert main(["convert", str(src), str(tmp_path / "m"), "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf"), "--quiet"]) == 0
+    fixture = [p.name for p in (reference / "fixtures" / "chatglm-bf16").iterdir()]   # config, weights, npz
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted({*carried, *fixture})
+    for name in carried:
+        assert filecmp.cmp(src / name, tmp_path / "hf" / name, shallow=False), name
+
+
+# -- interrupts -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """A random `glm`-layout folder of 190 MB (float32, 4 shards): converting it takes seconds."""
+    from glm_jax.config import GLMConfig
+    from glm_jax.convert.hf import default_shards, write_hf
+    from glm_jax.convert.layout import GLM, hf_tensors
+
+    config = GLMConfig(vocab_size=300, hidden_size=512, intermediate_size=1536, num_layers=16, num_heads=8,
+                       num_kv_heads=2, head_dim=64, max_seq_len=8192, dtype="float32")
+    rng, path = np.random.default_rng(0), tmp_path_factory.mktemp("large")
+    write_hf(path, config, GLM, lambda t: rng.standard_normal(t.shape, np.float32),
+             default_shards(hf_tensors(config, GLM), 4, 4))
+    return path
+
+
+@pytest.fixture(scope="module")
+def large_converted(large, tmp_path_factory):
+    path = tmp_path_factory.mktemp("large-converted") / "model"
+    assert main(["convert", str(large), str(path), "--quiet"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_interrupted_command_removes_its_temporary_folder(request, tmp_path, command, sig, status):
+    """Signalled while it writes (convert: Orbax's saves; export: Orbax's reads), a command exits with
+    one line and leaves nothing behind."""
+    src = request.getfixturevalue("large" if command == "convert" else "large_converted")
+    proc = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", command, str(src), str(tmp_path / "dst"), "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".dst.tmp-*/params*" if command == "convert" else ".dst.tmp-*/*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline          # writing has begun
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert err.strip() == f"glm-jax {command}: interrupted ({sig.name}); the unfinished output was removed"
+    assert proc.returncode == status
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_run_removes_what_a_killed_run_left(reference, tmp_path, capsys):
+    """A killed run's .DST.tmp-PID goes (one line says so); a live process's stays; a previous DST that
+    a killed --force run had moved aside (.DST.old-PID) comes back."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale, live = tmp_path / f".dst.tmp-{dead.pid}", tmp_path / f".dst.tmp-{os.getppid()}"
+    for folder in (stale / "params", live):
+        folder.mkdir(parents=True)
+    src = reference / "fixtures" / "glm-hf-f32"
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--quiet"]) == 0
+    assert capsys.readouterr().err.strip() == f"removed {stale}, left by an interrupted run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["dst", live.name])
+
+    (tmp_path / "dst").rename(tmp_path / f".dst.old-{dead.pid}")
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == f"restored {tmp_path / 'dst'} from .dst.old-{dead.pid}, " \
+                                                      "left by an interrupted run"
+    assert (tmp_path / "dst" / "params").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == \
+        sorted(["dst", live.name])

@@ -166,3 +166,24 @@ def test_bad_lora_setups(tmp_path, hf, capsys, extra, message):
     assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", *extra) == 2
     assert capsys.readouterr().err.strip() == f"glm-jax finetune: error: {message}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["hf", "converted"])
+def test_export_of_a_tuned_model_keeps_the_source_layout(tmp_path, hf, source):
+    """A model tuned from a transformers-native folder (directly or converted) exports, with no --layout,
+    as that folder again: the `glm` layout transformers loads, the same shard names, its other files."""
+    src = tmp_path / "src"
+    shutil.copytree(hf, src)
+    (src / "README.md").write_text("# model card\n")
+    if source == "converted":
+        assert main(["convert", str(src), str(tmp_path / "m"), "--quiet"]) == 0
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(2))
+    assert finetune("--model", src if source == "hf" else tmp_path / "m", "--data", data, "--out", tmp_path / "out",
+                    "--steps", 1, "--lr", 0.1) == 0
+    assert main(["export", str(tmp_path / "out"), str(tmp_path / "hf-out"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "hf-out" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "hf-out").iterdir()) == sorted(p.name for p in src.iterdir())
+    trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-out")
+    assert isinstance(trained, transformers.GlmForCausalLM)
+    base = dict(transformers.GlmForCausalLM.from_pretrained(src).named_parameters())
+    assert any(not torch.equal(p, base[n]) for n, p in trained.named_parameters())    # the tuned weights

@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
 
 import glm_jax
-from glm_jax import chat
 from glm_jax.cli import main
 from glm_jax.engine import EngineClosed, QueueFull, Request, SamplingParams
 from glm_jax.serve import create_app

@@ -181,6 +181,66 @@ def test_special_strings_in_content_stay_text(tmp_path: pathlib.Path, tok: Token
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI's format: the same tokens and loss mask as GLM-4's own, the published template's text.
+
+
+def _call(name: str, arguments: object) -> dict:
+    return {"id": f"call_{name}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+OPENAI = {
+    "tool call": (
+        {"tools": [WEATHER_TOOL], "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call("get_weather", '{"city": "Paris"}')]},
+            {"role": "tool", "tool_call_id": "call_get_weather", "content": '{"temperature": 21}'},
+            {"role": "assistant", "content": [{"type": "text", "text": "It is 21 °C in Paris."}]},
+            {"role": "user", "content": "Thanks"},
+        ]},
+        TOOL_CALL,
+        CONVERSATIONS["tool call"][1],
+    ),
+    "text and two calls, developer": (
+        {"tools": [WEATHER_TOOL], "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "Paris and Rome?"},
+            {"role": "assistant", "content": "Checking both.", "tool_calls": [
+                _call("get_weather", '{"city": "Paris"}'), _call("get_weather", {"city": "Rome"})]},
+            {"role": "tool", "content": "21"},
+            {"role": "tool", "content": "25"},
+            {"role": "assistant", "content": "21 and 25."},
+        ]},
+        [
+            {"role": "system", "content": "", "tools": [WEATHER_TOOL]},
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Paris and Rome?"},
+            {"role": "assistant", "content": "Checking both."},
+            {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+            {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Rome"}'},
+            {"role": "observation", "content": "21"},
+            {"role": "observation", "content": "25"},
+            {"role": "assistant", "content": "21 and 25."},
+        ],
+        ['\nChecking both.<|assistant|>get_weather\n{"city": "Paris"}<|assistant|>get_weather\n{"city": "Rome"}'
+         "<|observation|>", "\n21 and 25.<|endoftext|>"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", OPENAI)
+def test_openai_format_equals_glm_format(tmp_path: pathlib.Path, tok: Tokenizer, name: str) -> None:
+    from test_chat import published_template
+
+    openai, glm, spans = OPENAI[name]
+    a, b = read_records(tmp_path, tok, openai, {"messages": glm})
+    assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+    rendered = published_template("glm-4-9b-chat-1m").render(messages=glm, add_generation_prompt=False)
+    eos = [EOS] if glm[-1]["role"] == "assistant" else []
+    assert a.input_ids.tolist() == tok.encode(rendered) + eos
+    assert counted_spans(tok, a) == spans
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: one line naming the line and the problem.
 
 GOOD = '{"text": "fine"}'
@@ -199,9 +259,17 @@ BAD_LINES = {
         '{"input_ids": [1, 2], "mask": [1, 1], "tools": []}',
         r"unknown fields 'mask', 'tools'; a 'input_ids' example has only 'input_ids' and 'labels'",
     ),
-    "tools beside messages": (
-        '{"messages": [{"role": "assistant", "content": "a"}], "tools": []}',
-        r"unknown field 'tools'; a 'messages' example has only 'messages'",
+    "unknown field beside messages": (
+        '{"messages": [{"role": "assistant", "content": "a"}], "functions": []}',
+        r"unknown field 'functions'; a 'messages' example has only 'messages' and 'tools'",
+    ),
+    "tools not a list": (
+        '{"messages": [{"role": "assistant", "content": "a"}], "tools": {}}',
+        r"'tools' must be a list, got dict",
+    ),
+    "tool call without a name": (
+        '{"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]}',
+        r"message 0: a tool call needs 'function': \{'name': str, 'arguments': str\}",
     ),
     "two forms": (
         '{"text": "a", "messages": []}',

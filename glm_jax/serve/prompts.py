@@ -1,9 +1,7 @@
 """OpenAI chat requests -> GLM-4 prompt ids.
 
-OpenAI messages map onto GLM-4's chat format (`glm_jax.chat`): `tools` become a system message
-carrying them (the tool prompt), an assistant message's `tool_calls` become assistant messages
-with the tool name as `metadata` and the arguments as content (what the model emitted), `tool`
-messages become `observation` ones, `developer` ones `system`.
+OpenAI messages map onto GLM-4's chat format by `glm_jax.openai_messages` (tools, tool calls,
+`tool` and `developer` roles), as fine-tuning data does.
 
 The prompt is rendered by `glm_jax.chat` unless the model folder's tokenizer_config.json carries a
 `chat_template` that renders a sample conversation differently: that template is then rendered
@@ -21,6 +19,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from glm_jax import openai_messages
 from glm_jax.serve.protocol import ChatMessage, Tool
 from glm_jax.tokenizer import TOKENIZER_CONFIG, Tokenizer
 
@@ -40,19 +39,8 @@ SAMPLE_CONVERSATION = (
 
 def glm_messages(messages: Sequence[ChatMessage], tools: Sequence[Tool] | None) -> list[dict[str, Any]]:
     """OpenAI messages (and the tools offered, if any) -> GLM-4 messages for `glm_jax.chat.render`."""
-    glm: list[dict[str, Any]] = []
-    if tools:
-        glm.append({"role": "system", "content": "", "tools": [t.model_dump(exclude_none=True) for t in tools]})
-    for message in messages:
-        if message.role == "assistant" and message.tool_calls:
-            if message.text:
-                glm.append({"role": "assistant", "content": message.text})
-            glm += [{"role": "assistant", "metadata": call.function.name, "content": call.function.arguments}
-                    for call in message.tool_calls]
-        else:
-            role = {"developer": "system", "tool": "observation"}.get(message.role, message.role)
-            glm.append({"role": role, "content": message.text})
-    return glm
+    return openai_messages.glm_messages([m.model_dump() for m in messages],
+                                        [t.model_dump(exclude_none=True) for t in tools or ()])
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,

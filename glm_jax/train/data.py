@@ -3,7 +3,9 @@
 One example a line, in one of three forms:
 
     {"messages": [...]}                      a conversation, as `glm_jax.chat.render` takes it (tools
-                                             and metadata included); loss on the assistant turns
+                                             and metadata included), or in OpenAI's format (top-level
+                                             "tools", assistant "tool_calls", role "tool"; converted by
+                                             `glm_jax.openai_messages`); loss on the assistant turns
     {"text": "..."}                          a document; loss on every token
     {"input_ids": [...], "labels": [...]}    pre-tokenized; without "labels" every token counts
 
@@ -32,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from glm_jax import chat
+from glm_jax.openai_messages import glm_messages
 from glm_jax.tokenizer import Tokenizer
 
 IGNORE = -100  # a label that does not count (transformers' ignore_index)
 
 # The fields each form of example may have; the first one names the form.
-FORMS = {"messages": ("messages",), "text": ("text",), "input_ids": ("input_ids", "labels")}
+FORMS = {"messages": ("messages", "tools"), "text": ("text",), "input_ids": ("input_ids", "labels")}
 _FORMS_HELP = '{"messages": [...]}, {"text": "..."} or {"input_ids": [...], "labels": [...]}'
 
 _INT32_LIMIT = 2**31  # pre-tokenized ids must fit int32 when no vocab_size bounds them
@@ -131,17 +133,18 @@ def _encode(record: dict[str, Any], tokenizer: Tokenizer, vocab_size: int | None
     if form != "input_ids" and tokenizer is None:
         raise ValueError(f"a {form!r} example needs the model's tokenizer (no tokenizer.model in the model folder)")
     if form == "messages":
-        return _conversation(record["messages"], tokenizer)
+        return _conversation(record["messages"], tokenizer, record.get("tools"))
     if form == "text":
         return _document(record["text"], tokenizer)
     return _pretokenized(record["input_ids"], record.get("labels", record["input_ids"]), vocab_size)
 
 
-def _conversation(messages: Any, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+def _conversation(messages: Any, tokenizer: Tokenizer, tools: Any = None) -> tuple[list[int], list[int]]:
     """A conversation -> (ids, labels); assistant turns and their end tokens count (module docstring)."""
     if not isinstance(messages, list):
         raise ValueError(f"'messages' must be a list, got {type(messages).__name__}")
-    ids = chat.apply_chat_template(tokenizer, messages, add_generation_prompt=False, split_special_tokens=True)
+    ids = tokenizer.apply_chat_template(glm_messages(messages, tools), add_generation_prompt=False,
+                                        split_special_tokens=True)
     special = set(tokenizer.special_tokens.values())   # content is encoded as ordinary text: never these
     assistant = tokenizer.special_tokens["<|assistant|>"]
     counted: list[bool] = []

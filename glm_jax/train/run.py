@@ -2,8 +2,8 @@
 
 OUT receives, as the run goes: checkpoints/ (the train state every --save-every steps and at the
 end), metrics.jsonl (a line per step); at the end it is a glm-jax model folder (config.json,
-params/, the tokenizer and generation files of the source) with loss.png. Bad input is found
-before anything is written.
+params/, the tokenizer and other files of the source, what `export` needs to write the source's HF
+layout) with loss.png. Bad input is found before anything is written.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import numpy as np
 from ..options import DEFAULT_REMAT, LOSS_CHUNK, OPTIMIZERS, SCHEDULES
 
 ADAPTERS = "adapters"   # LoRA runs: the adapters alone (Orbax, float32) and adapter_config.json
-SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json", "hf_source.json",
-              "hf_extra.safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +103,7 @@ def finetune(c: FinetuneConfig) -> dict:
     import jax.numpy as jnp
 
     import glm_jax
+    from glm_jax.convert.checkpoint import remember_source
     from glm_jax.params import PARAMS_DIR, flat_params, param_specs, save_params
     from glm_jax.progress import Progress
     from glm_jax.sharding import Layout, make_mesh
@@ -204,9 +203,7 @@ def finetune(c: FinetuneConfig) -> dict:
         (tmp / folder).rename(c.out / folder)
     tmp.rmdir()
     config.replace(dtype=jnp.dtype(dtype).name).save(c.out / "config.json")
-    for name in SIDE_FILES:
-        if (c.model / name).is_file() and c.model.resolve() != c.out.resolve():
-            shutil.copy2(c.model / name, c.out / name)
+    remember_source(c.model, c.out)         # `export` gives back the source's HF layout, shards and files
     summary["plot"] = plot_losses(c.out / "metrics.jsonl", c.out / "loss.png")
     summary["out"] = str(c.out)
     return summary
