@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0], help=f"default {OPTIMIZERS[0]}")
     p.add_argument("--schedule", choices=SCHEDULES, default=SCHEDULES[0],
                    help=f"after the warmup: cosine decay to 10%% of --lr, or constant (default {SCHEDULES[0]})")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default 10%% of --steps)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps, step k of W at k/W x --lr (default 10%% of --steps)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay, never on norms and biases (default 0)")
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping, 0 = off (default 1)")
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention and MLP projection; never the embedding, norms or output layer)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint (a larger --steps trains on, the learning-rate schedule recomputed for the new total)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file's order")
     p.add_argument("--truncate", action="store_true", help="cut examples longer than --seq-len instead of failing")
