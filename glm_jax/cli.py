@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -42,7 +43,8 @@ def _parity(args) -> int:
     from glm_jax.parity import run_parity
 
     report = run_parity(args.hf_dir, model_dir=args.model, dtype=args.dtype, seq_len=args.seq_len,
-                        batch=args.batch, seed=args.seed, tolerance=args.tolerance, grad=args.grad)
+                        batch=args.batch, seed=args.seed, tolerance=args.tolerance, grad=args.grad,
+                        progress=not args.json)
     print(report.to_json() if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -145,6 +147,8 @@ def _finetune(args) -> int:
     summary = finetune(FinetuneConfig(**_fields(args, FinetuneConfig)))
     if args.json:
         print(json.dumps(summary))
+    elif summary["first_step"] >= summary["steps"]:     # a --resume with nothing left to train
+        print(f"{summary['out']} already finished its {summary['steps']} steps; raise --steps to train more")
     else:
         print(f"trained steps {summary['first_step'] + 1}-{summary['steps']} in {summary['seconds']:.1f} s, "
               f"last loss {summary.get('loss', float('nan')):.4f}; model folder {summary['out']}")
@@ -167,14 +171,25 @@ WRITES_FOLDER = ("convert", "export")   # their unfinished output is removed whe
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0, 1 (a check failed), 2 (bad input), 130 (Ctrl-C / SIGINT), 143 (SIGTERM)."""
+    """Exit status: 0, 1 (a check failed), 2 (bad input), 130 (Ctrl-C / SIGINT), 141 (stdout's reader
+    went away, as `| head` does: quietly, as for SIGPIPE), 143 (SIGTERM)."""
     args = build_parser().parse_args(argv)
     select_platforms()
     handle_term = args.command in WRITES_FOLDER and threading.current_thread() is threading.main_thread()
     if handle_term:
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return COMMANDS[args.command](args)
+        if hasattr(args, "compile_cache"):
+            compile_cache_dir(args.compile_cache)           # a bad folder stops here, before any work
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush then writes nowhere
+        except (AttributeError, OSError, ValueError):   # a stdout without a file (a test's capture)
+            pass
+        return 141
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"glm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

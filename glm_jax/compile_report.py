@@ -59,7 +59,7 @@ class ProgramReport:
     alias_bytes_per_device: int
     temp_bytes_per_device: int
     peak_bytes_per_device: int
-    kv_cache_bytes_per_device: int
+    kv_cache_bytes_per_device: int | None   # None: the program has no KV cache (a train step)
     hbm_bytes_per_device: int | None
     fits: bool | None
     flops: float                   # XLA's cost analysis, per device (a loop body counts once)
@@ -77,7 +77,8 @@ class ProgramReport:
             f"  outputs     {g(self.output_bytes_per_device)}   (aliased {g(self.alias_bytes_per_device).strip()})",
             f"  temporaries {g(self.temp_bytes_per_device)}",
             f"  peak        {g(self.peak_bytes_per_device)} of {hbm.strip()} HBM: {fits}",
-            f"  KV cache    {g(self.kv_cache_bytes_per_device)} per device",
+            *([] if self.kv_cache_bytes_per_device is None else
+              [f"  KV cache    {g(self.kv_cache_bytes_per_device)} per device"]),
             f"  FLOPs       {self.model_flops:.3e} in all ({at_peak} at the chips' peak); XLA cost analysis "
             f"{self.flops:.3e} per device, loop bodies counted once",
         ])
@@ -88,16 +89,28 @@ def chip_of(topology: str) -> str | None:
     return m.group(1) if m else None
 
 
+TOPOLOGY_FORMS = "v5e:2x4, v6e:2x2, v4:2x2x1, v5p:2x2x1"
+
+
 def topology_devices(topology: str):
     if topology == "local":
         return jax.devices()
+    import importlib.util
+
+    shape = re.fullmatch(r"(v\d+[a-z]?):\d+(x\d+){1,2}", topology)
+    if shape is None or shape.group(1) not in CHIPS:
+        wrong = (f"unknown chip {chip_of(topology)!r}" if shape else "not of the form CHIP:SHAPE")
+        raise ValueError(f"TPU topology {topology!r}: {wrong}; CHIP is one of {', '.join(CHIPS)}, SHAPE the chips "
+                         f"along each axis, e.g. {TOPOLOGY_FORMS} (or 'local': this machine's devices)")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"TPU topology {topology!r} needs libtpu: install the [tpu] extra (pip install 'glm-jax[tpu]')")
     from jax.experimental import topologies
 
     try:
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    except Exception as e:  # libtpu missing or unknown topology
-        raise ValueError(f"cannot get TPU topology {topology!r} ({type(e).__name__}: {e}); "
-                         "install the [tpu] extra (libtpu) and use names like v5e:2x4") from None
+    except Exception as e:  # libtpu refuses the shape, or cannot start
+        raise ValueError(f"libtpu refused TPU topology {topology!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"known forms: {TOPOLOGY_FORMS}") from None
 
 
 def layout_for(topology: str, mesh: str | None, weights_over_sequence: bool | None) -> tuple[Layout, str]:
@@ -139,7 +152,7 @@ def _report(name, compiled, topology, mesh, seq_len, batch, chip, layout: Layout
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     hbm, rate = CHIPS.get(chip, (None, None)) if chip else (None, None)
     devices = layout.mesh.devices.size
-    kv = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+    kv = None if cache is None else sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
     return ProgramReport(
         program=name, topology=topology, mesh=mesh, seq_len=seq_len, batch=batch,
         argument_bytes_per_device=mem.argument_size_in_bytes, output_bytes_per_device=mem.output_size_in_bytes,
@@ -209,4 +222,4 @@ def train_report(config: GLMConfig, *, topology: str = "local", seq_len: int, ba
     kind = f"LoRA rank {lora_rank}" if lora else "full fine-tuning"
     name = f"train step ({kind}, remat {remat}{'' if fence else ', no gradient fence'})"
     return _report(name, compiled, topology, mesh_desc, seq_len, batch,
-                   chip_of(topology), layout, (), 3 * model_flops(config, batch, seq_len, (seq_len + 1) / 2))
+                   chip_of(topology), layout, None, 3 * model_flops(config, batch, seq_len, (seq_len + 1) / 2))

@@ -72,10 +72,14 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm((a - ref).astype(np.float64)) / max(np.linalg.norm(ref.astype(np.float64)), 1e-30))
 
 
-def torch_reference(hf_dir: pathlib.Path, dtype: str):
-    """(torch model, description). Tries the folder's own code for the chatglm layout first."""
+def torch_reference(hf_dir: pathlib.Path, dtype: str, progress: bool = True):
+    """(torch model, description). Tries the folder's own code for the chatglm layout first;
+    `progress` False silences transformers' weight-loading bar."""
     import torch
     import transformers
+
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model_type = json.loads((hf_dir / "config.json").read_text())["model_type"]
@@ -163,7 +167,7 @@ def grad_parity(torch_model, jax_model, ids: np.ndarray, dtype: str) -> dict:
 
 def run_parity(hf_dir: str | pathlib.Path, *, model_dir: str | pathlib.Path | None = None, dtype: str = "float32",
                seq_len: int = 64, batch: int = 2, seed: int = 0, tolerance: float | None = None,
-               grad: bool = False) -> ParityReport:
+               grad: bool = False, progress: bool = True) -> ParityReport:
     from .api import load
 
     hf_dir = pathlib.Path(hf_dir)
@@ -171,7 +175,7 @@ def run_parity(hf_dir: str | pathlib.Path, *, model_dir: str | pathlib.Path | No
     ids = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq_len), dtype=np.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch_model, description = torch_reference(hf_dir, dtype)
+        torch_model, description = torch_reference(hf_dir, dtype, progress)
     ref_logits, ref_hidden = _torch_run(torch_model, ids)
     jax_model = load(model_dir or hf_dir, dtype=dtype)
     logits, hidden = jax_model.hidden_states(ids)
@@ -190,7 +194,7 @@ def run_parity(hf_dir: str | pathlib.Path, *, model_dir: str | pathlib.Path | No
         del torch_model
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref32, _ = _torch_run(torch_reference(hf_dir, "float32")[0], ids)
+            ref32, _ = _torch_run(torch_reference(hf_dir, "float32", progress)[0], ids)
         fp32 = {"jax_rel": _rel(logits, ref32), "jax_top1": float((logits.argmax(-1) == ref32.argmax(-1)).mean()),
                 "torch_rel": _rel(ref_logits, ref32),
                 "torch_top1": float((ref_logits.argmax(-1) == ref32.argmax(-1)).mean())}

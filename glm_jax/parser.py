@@ -34,7 +34,8 @@ def _kv_cache_flag(p: argparse.ArgumentParser) -> None:
 def _compile_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache: a second run on the same model compiles nothing; "
-                        f"'off' disables it (default: ${COMPILE_CACHE_ENV}, else ~/.cache/glm-jax/jax)")
+                        f"'off' disables it; a folder yet to be made is written as a path (./DIR) "
+                        f"(default: ${COMPILE_CACHE_ENV}, else ~/.cache/glm-jax/jax)")
 
 
 def _runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -47,10 +48,10 @@ def _runtime_flags(p: argparse.ArgumentParser) -> None:
     _compile_cache_flag(p)
 
 
-def _generation_flags(p: argparse.ArgumentParser) -> None:
+def _generation_flags(p: argparse.ArgumentParser, system_help: str) -> None:
     """The model, the prompt's system turn and the sampling of `generate` and `chat`, then the runtime flags."""
     _model_flag(p)
-    p.add_argument("--system", default=None, help="system prompt (implies the chat format)")
+    p.add_argument("--system", default=None, help=system_help)
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default: generation_config.json's, 0.8 for the chat models; 0 if its "
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation of --prompt, streaming text as it is produced. "
                                    "With --chat (or --system) the prompt is a user turn in the chat format; "
                                    "special-token strings in it stay text.")
-    _generation_flags(p)
+    _generation_flags(p, "a system message before the prompt (implies --chat)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message of the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, timing) instead of streaming")
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "defaults come from generation_config.json. Empty line or Ctrl-D quits, "
                                    "/reset forgets the conversation. The conversation's KV cache is kept "
                                    "between turns: a turn prefills only its new tokens.")
-    _generation_flags(p)
+    _generation_flags(p, "a system message that opens the conversation (and opens it again after /reset)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the whole conversation's tokens at most, the KV cache's length (default: the model's "
                         f"context length, at most {CHAT_MAX_MODEL_LEN})")
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=OPTIMIZERS[0], help=f"default {OPTIMIZERS[0]}")
     p.add_argument("--schedule", choices=SCHEDULES, default=SCHEDULES[0],
                    help=f"after the warmup: cosine decay to 10%% of --lr, or constant (default {SCHEDULES[0]})")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default 10%% of --steps)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps, step k of W at k/W x --lr (default 10%% of --steps)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW decoupled weight decay, never on norms and biases (default 0)")
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clipping, 0 = off (default 1)")
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "attention and MLP projection; never the embedding, norms or output layer)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint (a larger --steps trains on, the learning-rate schedule recomputed for the new total)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file's order")
     p.add_argument("--truncate", action="store_true", help="cut examples longer than --seq-len instead of failing")

@@ -31,10 +31,21 @@ def select_platforms() -> None:
 
 def compile_cache_dir(flag: str | None) -> pathlib.Path | None:
     """The persistent compilation cache folder: --compile-cache, else $GLM_JAX_COMPILE_CACHE, else
-    $XDG_CACHE_HOME/glm-jax/jax (~/.cache/glm-jax/jax); None for "off"."""
+    $XDG_CACHE_HOME/glm-jax/jax (~/.cache/glm-jax/jax); None for "off". A folder that does not exist
+    yet must be written as a path (with a "/" or "~"): a bare word such as "of" is refused (ValueError),
+    being more likely a typo of "off" than a wish for a cache folder "./of"."""
     cache_home = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    source = "--compile-cache" if flag else f"${COMPILE_CACHE_ENV}"
     folder = flag or os.environ.get(COMPILE_CACHE_ENV) or str(cache_home / "glm-jax" / "jax")
-    return None if folder == "off" else pathlib.Path(folder).expanduser()
+    if folder == "off":
+        return None
+    path = pathlib.Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{source} {folder}: not a folder")
+    if not path.exists() and os.sep not in folder and "/" not in folder and not folder.startswith("~"):
+        raise ValueError(f"{source} {folder!r}: no such folder; write a new one as a path (./{folder}), "
+                         f"or 'off' for no cache")
+    return path
 
 
 def use_compile_cache(folder: pathlib.Path | None) -> None:

@@ -312,6 +312,9 @@ def main(argv=None) -> int:
         print(f"bench_finetune: error: {e}", file=sys.stderr)
         return 2
     began = time.perf_counter()
+    from glm_jax.runtime import select_platforms
+
+    select_platforms()          # as `glm-jax` does: an installed libtpu is not started off a TPU machine
 
     import numpy as np
 

@@ -4,6 +4,8 @@ check that the model learned: that is the full run's business); bad input is one
 import importlib.util
 import json
 import math
+import re
+import shlex
 
 import pytest
 
@@ -47,6 +49,19 @@ def test_quick_run_writes_model_and_summary(tmp_path, capsys):
     model = glm_jax.load(out)
     assert model.tokenizer is not None
     assert len(model.generate(["The special magic Paris number is"], max_new_tokens=2, temperature=0)[0]) <= 2
+
+    # the README's try-it commands: its quick run is this one, its `glm-jax needle` grid runs on the folder
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n([^`]*bench_finetune\.py --quick[^`]*)```", readme).group(1)
+    make, grid = (shlex.split(c) for c in block.replace("\\\n", " ").strip().splitlines())
+    assert make[1:5] == ["scripts/bench_finetune.py", "--quick", "--out", make[make.index("--out") + 1]]
+    assert grid[:2] == ["glm-jax", "needle"] and grid[grid.index("--model") + 1] == make[make.index("--out") + 1]
+    grid[grid.index("--model") + 1], grid[grid.index("--out") + 1] = str(out), str(tmp_path / "needle-run")
+    from glm_jax.cli import main
+
+    assert main([*grid[1:], "--quiet", "--compile-cache", "off"]) == 0
+    summary = json.loads((tmp_path / "needle-run" / "summary.json").read_text())
+    assert summary["complete"] and (tmp_path / "needle-run" / "heatmap.png").is_file()
 
     # an existing OUT is refused without --force (nothing touched), replaced with it
     before = sorted(p.name for p in out.iterdir())

@@ -42,9 +42,25 @@ def test_cli_json(reference, capsys):
     assert len(rows) == 2 and all(keys <= set(row) for row in rows)
 
 
-def test_unknown_topology(capsys):
-    assert main(["compile-report", "--config", "glm-4-9b", "--topology", "v9z:1x1", "--seq-len", "8"]) == 2
-    assert "v9z:1x1" in capsys.readouterr().err
+@pytest.mark.parametrize("topology, wrong", [("v9z:1x1", "unknown chip 'v9z'"),
+                                             ("v5e", "not of the form CHIP:SHAPE"),
+                                             ("v5e:2y4", "not of the form CHIP:SHAPE")])
+def test_unknown_topology(capsys, topology, wrong):
+    """A malformed topology names what is wrong and the known forms, in one line; the [tpu] extra is
+    suggested only where libtpu is missing (and the name is well formed)."""
+    assert main(["compile-report", "--config", "glm-4-9b", "--topology", topology, "--seq-len", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"glm-jax compile-report: error: TPU topology {topology!r}: {wrong}; ") and err.count("\n") == 1
+    assert "v5e, v5p, v6e" in err and "v5e:2x4" in err and "[tpu]" not in err
+
+
+def test_train_step_report_has_no_kv_cache(reference, capsys):
+    """A train step keeps no KV cache: the report has no line for one."""
+    config = ["--config", str(reference / "fixtures" / "chatglm-f32"), "--topology", "local", "--seq-len", "32",
+              "--train"]
+    assert main(["compile-report", *config]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("train step (full fine-tuning") and "peak" in text and "KV cache" not in text
 
 
 @pytest.mark.slow

@@ -2,7 +2,10 @@
 exports to a folder transformers runs; resume is bit-identical; bad input exits 2 writing nothing."""
 
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -187,3 +190,72 @@ def test_export_of_a_tuned_model_keeps_the_source_layout(tmp_path, hf, source):
     assert isinstance(trained, transformers.GlmForCausalLM)
     base = dict(transformers.GlmForCausalLM.from_pretrained(src).named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in trained.named_parameters())    # the tuned weights
+
+
+# -- the first hour (#27) ---------------------------------------------------------------------------
+
+def cli(*args, cwd=None):
+    """`glm-jax` in a subprocess: what a user sees on stdout and stderr, and the exit status."""
+    return subprocess.run([sys.executable, "-m", "glm_jax.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_warmup_first_step_trains(tmp_path, hf):
+    """Step k of W warmup steps runs at k/W x the peak: with --warmup-steps 1 the one step runs at the
+    peak (it ran at 0 and left the weights as they were)."""
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(2))
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", "--steps", 1, "--optimizer", "sgd",
+                    "--lr", 0.5, "--schedule", "constant", "--warmup-steps", 1, "--clip-norm", 0) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["lr"] == 0.5
+    from glm_jax.params import flat_params
+
+    base, tuned = (flat_params(glm_jax.load(p).state) for p in (hf, tmp_path / "out"))
+    assert any(not np.array_equal(np.asarray(base[n]), np.asarray(tuned[n])) for n in base)
+
+
+def test_resume_of_a_finished_run_and_of_more_steps(tmp_path, hf, capsys):
+    """--resume with nothing left to train says so and exits 0, touching nothing; fewer --steps than the
+    checkpoint's is refused; more --steps trains on with the schedule recomputed for them, announced."""
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(4))
+    args = ("--model", hf, "--data", data, "--out", tmp_path / "out", "--lr", 1e-2)
+    assert finetune(*args, "--steps", 2) == 0
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+
+    done = cli("finetune", *args, "--steps", 2, "--resume", "--seq-len", SEQ, "--quiet", "--compile-cache", "off")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{tmp_path / 'out'} already finished its 2 steps; raise --steps to train more\n"
+    assert done.stderr == ""
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
+
+    assert finetune(*args, "--steps", 1, "--resume") == 2
+    assert "has trained 2 steps, more than --steps 1" in capsys.readouterr().err
+
+    assert finetune(*args, "--steps", 3, "--resume") == 0
+    out, err = capsys.readouterr()
+    from glm_jax.train.run import FinetuneConfig, optimizer_config
+    from glm_jax.train.step import schedule
+
+    lr3 = float(schedule(optimizer_config(FinetuneConfig(hf, data, tmp_path, steps=3, learning_rate=1e-2)))(2))
+    assert err == (f"glm-jax finetune: resuming after step 2 with a new learning-rate schedule (steps 2 -> 3): "
+                   f"step 3 runs at lr {lr3:.3g} (the checkpoint's schedule: 0.001)\n")
+    assert "trained steps 3-3" in out
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[2]["lr"] == pytest.approx(lr3)
+
+
+def test_compile_cache_typo_is_refused(tmp_path, hf):
+    """`--compile-cache of` (meaning off) is refused in one line, no folder ./of made; a path is taken."""
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(2))
+    run = cli("finetune", "--model", hf, "--data", data, "--out", tmp_path / "out", "--steps", 1, "--seq-len", SEQ,
+              "--quiet", "--compile-cache", "of", cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("glm-jax finetune: error: --compile-cache 'of': no such folder")
+    assert not (tmp_path / "of").exists() and not (tmp_path / "out").exists()
+    from glm_jax.runtime import compile_cache_dir
+
+    assert compile_cache_dir("./of") == pathlib.Path("of") and compile_cache_dir("off") is None
+    assert compile_cache_dir(str(tmp_path)) == tmp_path
+    with pytest.raises(ValueError, match="not a folder"):
+        compile_cache_dir(str(data))

@@ -413,3 +413,17 @@ def test_short_haystack_can_repeat(tiny, oracle, tmp_path):
                       "--repeat-haystack") == 0
     (r,) = rows(out)
     assert 290 < r["prompt_tokens"] <= 300 and r["haystack"] == str(tmp_path / "short.txt")
+
+
+def test_json_into_a_closed_pipe_exits_quietly(tiny, tmp_path):
+    """`glm-jax needle --json | head -c 0`: the reader gone, the command ends quietly with 141 (as a
+    Unix tool killed by SIGPIPE), no BrokenPipeError traceback; the results are written all the same."""
+    command = [sys.executable, "-m", "glm_jax.cli", "needle", "--model", str(tiny), "--out", str(tmp_path / "out"),
+               "--lengths", "100", "--depths", "50", "--max-new-tokens", "2", "--json", "--quiet",
+               "--compile-cache", "off"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()                                      # the reader goes before the answer comes
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141, err
+    assert err == ""
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["complete"]

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +22,15 @@ def test_parity_json_and_failing_tolerance(reference, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False and 0 < report["logits_rel"] < 1e-5 and report["top1"] == 1.0
     assert [row["name"] for row in report["layers"]] == ["embedding", "layer 0", "layer 1 (+norm)"]
+
+
+def test_parity_json_is_json_only(reference):
+    """--json: stdout is the report, parseable; no progress bar on stderr (transformers' weight loading)."""
+    run = subprocess.run([sys.executable, "-m", "glm_jax.cli", "parity", str(reference / "fixtures" / "glm-hf-f32"),
+                          "--json", "--batch", "1", "--seq-len", "8"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["ok"] is True
+    assert "\r" not in run.stderr and "it/s" not in run.stderr, run.stderr
 
 
 def test_parity_bfloat16_reports_rounding_noise(reference, capsys):

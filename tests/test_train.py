@@ -211,10 +211,15 @@ def test_counted_budget():
 def test_schedule_and_weight_decay_mask():
     c = OptimizerConfig(learning_rate=1e-3, steps=100, warmup_steps=10, final_lr_ratio=0.1)
     lr = schedule(c)
-    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-4) and float(lr(10)) == pytest.approx(1e-3)
-    assert float(lr(100)) == pytest.approx(1e-4) and float(lr(55)) == pytest.approx(5.5e-4)
+    # optax's count 0 is step 1: step k of the 10 warmup steps at k/10 of the peak, the last (100) at the end
+    assert float(lr(0)) == pytest.approx(1e-4) and float(lr(4)) == pytest.approx(5e-4)
+    assert float(lr(9)) == pytest.approx(1e-3) and float(lr(54)) == pytest.approx(5.5e-4)
+    assert float(lr(99)) == pytest.approx(1e-4)
     constant = schedule(OptimizerConfig(learning_rate=1e-3, schedule="constant"))
     assert float(constant(0)) == float(constant(999)) == pytest.approx(1e-3)
+    warm = schedule(OptimizerConfig(learning_rate=1e-3, schedule="constant", warmup_steps=4))
+    assert [float(warm(i)) for i in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert float(schedule(OptimizerConfig(learning_rate=1e-3, steps=10))(0)) == pytest.approx(1e-3)  # no warmup
     assert decays("layers.0.attn.q_proj") and decays("embed") and decays("lm_head")
     assert not any(decays(n) for n in ("layers.0.attn.q_bias", "layers.3.input_norm.weight", "final_norm.weight"))
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):

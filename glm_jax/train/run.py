@@ -118,6 +118,8 @@ def finetune(c: FinetuneConfig) -> dict:
     c.check()
     opt = optimizer_config(c)
     make_optimizer(opt)                                      # a bad --optimizer / --schedule stops here
+    if c.resume and (done := _finished(c)) is not None:
+        return done
     tokenizer = Tokenizer.from_file(c.model / "tokenizer.model") if (c.model / "tokenizer.model").is_file() else None
     model = glm_jax.load(c.model, mesh=c.mesh if c.mesh else make_mesh("sequence=1", jax.devices()[:1]))
     config, layout = model.config, model.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
@@ -132,7 +134,8 @@ def finetune(c: FinetuneConfig) -> dict:
     batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,
                       seed=c.seed, shuffle=c.shuffle, packing=c.packing)
     record = {"model": config.to_dict(), "lora": lora and lora.to_dict(), "seq_len": c.seq_len,
-              "batch_size": c.batch_size, "grad_accum": c.grad_accum, "packing": c.packing}
+              "batch_size": c.batch_size, "grad_accum": c.grad_accum, "packing": c.packing,
+              "optimizer": dataclasses.asdict(opt)}
 
     state = trainer.init(trainable)
     del params, trainable, model
@@ -149,6 +152,8 @@ def finetune(c: FinetuneConfig) -> dict:
                                  f"({saved.get(key)!r}, now {record[key]!r})")
         state = ckpt.restore(start, state)
         batches.restore(saved["data"])
+        if saved.get("optimizer", record["optimizer"]) != record["optimizer"]:
+            _announce_new_schedule(saved["optimizer"], opt, start)
 
     # the state comes back with the shardings it went in with: one compile, not a second at step 2
     replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
@@ -207,6 +212,38 @@ def finetune(c: FinetuneConfig) -> dict:
     summary["plot"] = plot_losses(c.out / "metrics.jsonl", c.out / "loss.png")
     summary["out"] = str(c.out)
     return summary
+
+
+def _finished(c: FinetuneConfig) -> dict | None:
+    """--resume of a run whose last checkpoint is at --steps and whose model folder is written: the
+    summary of a run with nothing to do (None: there is work). A checkpoint past --steps is refused."""
+    from glm_jax.params import PARAMS_DIR
+
+    from .checkpoint import Checkpoints
+
+    ckpt = Checkpoints(c.out, keep=c.keep, create=False)
+    start = ckpt.latest()
+    ckpt.close()
+    if start is not None and start > c.steps:
+        raise ValueError(f"--resume: {c.out} has trained {start} steps, more than --steps {c.steps}")
+    if start == c.steps and (c.out / PARAMS_DIR).is_dir():
+        return {"first_step": start, "steps": c.steps, "seconds": 0.0, "out": str(c.out), "already_finished": True}
+    return None
+
+
+def _announce_new_schedule(saved: dict, opt, start: int) -> None:
+    """A resume whose schedule flags differ from the checkpoint's run recomputes the learning-rate schedule
+    from the new flags (as transformers' Trainer and MaxText do on resume), and says so."""
+    import sys
+
+    from .step import OptimizerConfig, schedule
+
+    now = dataclasses.asdict(opt)
+    changes = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in now if saved.get(k) != now[k])
+    before = float(schedule(OptimizerConfig(**saved))(start))
+    print(f"glm-jax finetune: resuming after step {start} with a new learning-rate schedule ({changes}): step "
+          f"{start + 1} runs at lr {float(schedule(opt)(start)):.3g} (the checkpoint's schedule: {before:.3g})",
+          file=sys.stderr)
 
 
 def plot_losses(metrics: pathlib.Path, png: pathlib.Path) -> str | None:

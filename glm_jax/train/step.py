@@ -37,7 +37,7 @@ class OptimizerConfig:
 
     learning_rate: float = 1e-5
     steps: int = 1000                 # total optimizer steps: the cosine decays over them
-    warmup_steps: int = 0             # linear warmup from 0
+    warmup_steps: int = 0             # linear warmup: step k of them at k/warmup_steps x the peak
     schedule: str = "cosine"          # "cosine" (to final_lr_ratio x the peak) or "constant"
     final_lr_ratio: float = 0.1
     optimizer: str = "adamw"          # "adamw" or "sgd" (plain SGD, no momentum)
@@ -49,14 +49,20 @@ class OptimizerConfig:
 
 
 def schedule(c: OptimizerConfig) -> optax.Schedule:
+    """The learning rate of each update, by optax's count (0 for the first update). A warmup ramps
+    linearly over the steps that take it: step k of W runs at k/W x the peak, so the first step trains
+    (at peak/W, not 0) and step W at the peak; the cosine then ends at its final rate on the last step.
+    Without warmup the first step runs at the peak."""
     check_choice("schedule", c.schedule, SCHEDULES)
     if c.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, c.warmup_steps, max(c.steps, c.warmup_steps + 1),
+        base = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, c.warmup_steps, max(c.steps, c.warmup_steps + 1),
                                                   end_value=c.learning_rate * c.final_lr_ratio)
-    if c.warmup_steps == 0:
+    elif c.warmup_steps == 0:
         return optax.constant_schedule(c.learning_rate)
-    return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps),
-                                 optax.constant_schedule(c.learning_rate)], [c.warmup_steps])
+    else:
+        base = optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps),
+                                     optax.constant_schedule(c.learning_rate)], [c.warmup_steps])
+    return base if c.warmup_steps == 0 else lambda count: base(count + 1)
 
 
 def decays(name: str) -> bool:
