@@ -100,3 +100,37 @@ def test_help_imports_no_jax():
     code = ("import sys\nfrom glm_jax.cli import build_parser\nbuild_parser()\n"
             "assert not {'jax', 'flax', 'numpy'} & set(sys.modules), sorted(m for m in sys.modules if 'jax' in m)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr == ""
+
+
+def test_library_start_up_is_quiet_without_an_accelerator(tiny_chat_model):  # noqa: F811
+    """`glm_jax.load` makes the command line's platform choice: no libtpu errors off a TPU."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}   # as a user starts it
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"   # an installed libtpu, if started, talks even while another process holds it
+    code = f"import glm_jax\nprint(glm_jax.load({str(tiny_chat_model)!r}).logits([[1, 2]]).shape)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "(1, 2, 151552)\n", "")
+
+
+def test_library_keeps_a_started_backend():
+    """...but not once JAX's backends have started."""
+    import jax
+
+    from glm_jax.runtime import select_platforms
+
+    jax.devices()
+    before = jax.config.jax_platforms
+    jax.config.update("jax_platforms", None)
+    try:
+        select_platforms()
+        assert jax.config.jax_platforms is None
+    finally:
+        jax.config.update("jax_platforms", before)
+
+
+def test_serve_extra_missing_says_how_to_install_it(tiny_chat_model, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "glm_jax.serve.server", None)   # as if uvicorn were missing
+    assert main(["serve", "--model", str(tiny_chat_model)]) == 2
+    err = capsys.readouterr().err
+    root = os.path.dirname(os.path.dirname(os.path.abspath(glm_jax.__file__)))
+    assert err.count("\n") == 1 and err.startswith("glm-jax serve: error: needs the serve extra (")
+    assert err.endswith(f"install it with: {sys.executable} -m pip install -e '{root}[serve]'\n")
