@@ -73,7 +73,7 @@ def _generate(args) -> int:
 def _chat(args) -> int:
     model = _load(args)
     return repl.chat(model, _sampling(args, model), system=args.system, max_model_len=args.max_model_len,
-                     steps_per_call=args.steps_per_call)
+                     steps_per_call=args.steps_per_call, truncate_history=args.truncate_history)
 
 
 def _serve(args) -> int:

@@ -134,3 +134,38 @@ def test_serve_extra_missing_says_how_to_install_it(tiny_chat_model, monkeypatch
     root = os.path.dirname(os.path.dirname(os.path.abspath(glm_jax.__file__)))
     assert err.count("\n") == 1 and err.startswith("glm-jax serve: error: needs the serve extra (")
     assert err.endswith(f"install it with: {sys.executable} -m pip install -e '{root}[serve]'\n")
+
+
+def _chat(model, lines, *flags):
+    return subprocess.run([sys.executable, "-m", "glm_jax.cli", "chat", "--model", str(model), "--max-new-tokens", "8",
+                           "--temperature", "0", *flags], input="".join(f"{line}\n" for line in lines),
+                          capture_output=True, text=True, timeout=300)
+
+
+TURNS = ["hello there how are you", "and another message that is long enough", "third message here please", "fourth",
+         "fifth"]
+
+
+def test_chat_refuses_a_turn_past_max_model_len_and_keeps_the_conversation(tiny_chat_model):  # noqa: F811
+    run = _chat(tiny_chat_model, [*TURNS, "word " * 80, "/reset", "hi"], "--max-model-len", "64")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("assistant> ") == 5                     # the first four and "hi" after /reset
+    refused = [line for line in run.stderr.splitlines() if "not sent" in line]
+    assert len(refused) == 2 and "the conversation takes" in refused[0] and "this message" not in refused[0]
+    assert "--max-model-len is 64 (the conversation is kept" in refused[0]
+    assert "glm-jax chat: the reply stopped at --max-model-len 64" in run.stderr   # the fourth reply filled it
+
+
+def test_chat_truncate_history_drops_the_oldest_turns(tiny_chat_model):  # noqa: F811
+    run = _chat(tiny_chat_model, [*TURNS, "sixth", "word " * 80], "--max-model-len", "64", "--truncate-history")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("assistant> ") == 6
+    assert run.stderr.count("glm-jax chat: dropped the 1 oldest turn to fit --max-model-len 64\n") == 2
+    assert "glm-jax chat: not sent: this message takes" in run.stderr    # alone too long: still refused
+
+
+def test_chat_max_model_len_above_the_context_is_refused(tiny_chat_model):  # noqa: F811
+    run = _chat(tiny_chat_model, ["hi"], "--max-model-len", "2000000")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == ("glm-jax chat: error: --max-model-len must be in 1-1048576 (the model's context length), "
+                          "got 2000000\n")
