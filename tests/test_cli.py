@@ -128,7 +128,10 @@ def test_library_keeps_a_started_backend():
 
 
 def test_serve_extra_missing_says_how_to_install_it(tiny_chat_model, monkeypatch, capsys):  # noqa: F811
+    import glm_jax.serve
+
     monkeypatch.setitem(sys.modules, "glm_jax.serve.server", None)   # as if uvicorn were missing
+    monkeypatch.delattr(glm_jax.serve, "server", raising=False)
     assert main(["serve", "--model", str(tiny_chat_model)]) == 2
     err = capsys.readouterr().err
     root = os.path.dirname(os.path.dirname(os.path.abspath(glm_jax.__file__)))
