@@ -19,9 +19,13 @@ from .generation import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
 from .engine import Engine, SamplingParams, cache_dtype, to_host
 from .options import DTYPES, MAX_BATCH, PREFILL_CHUNK, STEPS_PER_CALL, check_choice
+from .runtime import select_platforms
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
 
+# As the command line does: off an accelerator, JAX does not start an installed libtpu (which prints
+# errors), unless the user chose JAX_PLATFORMS or has already started JAX's backends.
+select_platforms()
 
 
 def _dtype(name):

@@ -14,7 +14,7 @@ import time
 from glm_jax import repl
 from glm_jax.options import DEFAULT_REMAT
 from glm_jax.parser import build_parser
-from glm_jax.runtime import compile_cache_dir, select_platforms, use_compile_cache
+from glm_jax.runtime import compile_cache_dir, install_command, select_platforms, use_compile_cache
 
 def _fields(args, cls, **given) -> dict:
     """The keywords of dataclass `cls`: the parsed flags of the same names, then `given`."""
@@ -75,7 +75,7 @@ def _generate(args) -> int:
 def _chat(args) -> int:
     model = _load(args)
     return repl.chat(model, _sampling(args, model), system=args.system, max_model_len=args.max_model_len,
-                     steps_per_call=args.steps_per_call)
+                     steps_per_call=args.steps_per_call, truncate_history=args.truncate_history)
 
 
 def _serve(args) -> int:
@@ -87,7 +87,7 @@ def _serve(args) -> int:
     try:
         from glm_jax.serve import server
     except ImportError as e:
-        raise ValueError(f"needs the serve extra (pip install 'glm-jax[serve]'): {e}") from None
+        raise ValueError(f"needs the serve extra ({e}); install it with: {install_command('serve')}") from None
     engine = {"max_batch": args.max_batch, "max_model_len": args.max_model_len, "steps_per_call": args.steps_per_call}
     if (args.coordinator or args.distributed) and server.join_distributed(
             coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the whole conversation's tokens at most, the KV cache's length (default: the model's "
                         f"context length, at most {CHAT_MAX_MODEL_LEN})")
+    p.add_argument("--truncate-history", action="store_true",
+                   help="drop the oldest turns when a message would pass --max-model-len (default: refuse it)")
     _steps_per_call_flag(p, STEPS_PER_CALL)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, completions)",

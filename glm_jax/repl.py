@@ -54,14 +54,19 @@ def generate(model, prompt: str, sampling: dict[str, Any], *, system: str | None
 
 
 def chat(model, sampling: dict[str, Any], *, system: str | None = None, max_model_len: int | None = None,
-         steps_per_call: int = STEPS_PER_CALL) -> int:
+         steps_per_call: int = STEPS_PER_CALL, truncate_history: bool = False) -> int:
     """The interactive chat on stdin/stdout: an empty line or end of input quits, /reset forgets the
     conversation. One cache row is kept across turns, so each turn prefills only what follows the
     kept conversation. `max_model_len` (default: the model's context, at most CHAT_MAX_MODEL_LEN)
-    bounds the whole conversation."""
+    bounds the whole conversation: a message that does not fit is refused (the conversation is
+    kept), or with `truncate_history` the oldest turns are dropped until it fits; a reply stops
+    where the conversation fills it."""
     tok = model.tokenizer
-    engine = model.engine(max_batch=1, steps_per_call=steps_per_call,
-                          max_model_len=max_model_len or min(model.config.max_seq_len, CHAT_MAX_MODEL_LEN))
+    context = model.config.max_seq_len
+    if max_model_len is not None and not 1 <= max_model_len <= context:
+        raise ValueError(f"--max-model-len must be in 1-{context} (the model's context length), got {max_model_len}")
+    limit = max_model_len or min(context, CHAT_MAX_MODEL_LEN)
+    engine = model.engine(max_batch=1, steps_per_call=steps_per_call, max_model_len=limit)
     start = [{"role": "system", "content": system}] if system else []
     messages, sampling = list(start), dict(sampling)
     print("glm-jax chat: empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
@@ -76,10 +81,29 @@ def chat(model, sampling: dict[str, Any], *, system: str | None = None, max_mode
         if line.strip() == "/reset":
             messages = list(start)
             continue
-        messages.append({"role": "user", "content": line})
+        asked = messages + [{"role": "user", "content": line}]
+        prompt_ids, dropped = tok.apply_chat_template(asked, split_special_tokens=True), 0
+        while truncate_history and len(prompt_ids) >= limit and len(asked) > len(start) + 1:
+            del asked[len(start)]                                   # the oldest turn: a user message,
+            while asked[len(start)]["role"] != "user":              # and what answered it
+                del asked[len(start)]
+            prompt_ids, dropped = tok.apply_chat_template(asked, split_special_tokens=True), dropped + 1
+        if len(prompt_ids) >= limit:
+            kept = "" if truncate_history else " (the conversation is kept; /reset starts over, --truncate-history" \
+                                                " drops the oldest turns)"
+            what = "this message" if truncate_history or len(asked) == len(start) + 1 else "the conversation"
+            print(f"glm-jax chat: not sent: {what} takes {len(prompt_ids)} tokens, --max-model-len is {limit}{kept}",
+                  file=sys.stderr)
+            continue
+        if dropped:
+            print(f"glm-jax chat: dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit --max-model-len {limit}",
+                  file=sys.stderr)
+        room = limit - len(prompt_ids)
         print("assistant> ", end="", flush=True)
-        ids = stream(model, tok.apply_chat_template(messages, split_special_tokens=True), sampling, engine)
+        ids = stream(model, prompt_ids, {**sampling, "max_new_tokens": min(sampling["max_new_tokens"], room)}, engine)
         print()
+        if len(ids) == room < sampling["max_new_tokens"] and ids[-1] not in sampling["stop_ids"]:
+            print(f"glm-jax chat: the reply stopped at --max-model-len {limit}", file=sys.stderr)
         reply = tok.parse_response(tok.decode(ids, skip_special_tokens=True))
-        messages.append({k: v for k, v in reply.items() if k in ("role", "content", "metadata")})
+        messages = asked + [{k: v for k, v in reply.items() if k in ("role", "content", "metadata")}]
         sampling["seed"] += 1

@@ -1,12 +1,18 @@
-"""The process's JAX set-up for the command line: which platforms JAX starts, the compilation cache.
+"""The process's JAX set-up: which platforms JAX starts (for the command line and the library), the
+compilation cache and a count of the programs compiled; how to install an extra.
 
 Importing this module imports no JAX; each function imports it when called.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import pathlib
+import shlex
+import sys
+import time
 
 from glm_jax.options import COMPILE_CACHE_ENV
 
@@ -22,11 +28,21 @@ def default_platforms(dev: pathlib.Path = pathlib.Path("/dev")) -> str | None:
 
 
 def select_platforms() -> None:
-    """Sets `default_platforms()` as JAX's platforms unless the user set JAX_PLATFORMS."""
+    """Sets `default_platforms()` as JAX's platforms unless the user set JAX_PLATFORMS (or
+    jax_platforms) or JAX has already started its backends."""
     import jax
 
-    if jax.config.jax_platforms is None and (platforms := default_platforms()):  # None: no JAX_PLATFORMS set
+    if jax.config.jax_platforms is None and not _backends_started() and (platforms := default_platforms()):
         jax.config.update("jax_platforms", platforms)
+
+
+def _backends_started() -> bool:
+    """Whether JAX has started its backends (JAX has no public query; unknown counts as started)."""
+    try:
+        from jax._src import xla_bridge
+        return bool(getattr(xla_bridge, "backends_are_initialized", lambda: True)())
+    except ImportError:
+        return True
 
 
 def compile_cache_dir(flag: str | None) -> pathlib.Path | None:
@@ -56,3 +72,52 @@ def use_compile_cache(folder: pathlib.Path | None) -> None:
     if folder is not None:
         jax.config.update("jax_compilation_cache_dir", str(folder))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+@dataclasses.dataclass
+class Compiles:
+    """What a `count_compiles()` block compiled: programs, the seconds they took, how many of them
+    the persistent compilation cache served, and its folder (None: off)."""
+    programs: int = 0
+    from_cache: int = 0
+    seconds: float = 0.0
+    cache_dir: str | None = None
+
+    def format(self) -> str:
+        cache = ("persistent compilation cache off" if self.cache_dir is None else
+                 f"{self.from_cache} of them from the persistent compilation cache {self.cache_dir}")
+        return f"{self.programs} programs in {self.seconds:.1f} s ({cache})"
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts the programs JAX compiles (or loads from its persistent cache) inside the block."""
+    import jax
+
+    count = Compiles(cache_dir=jax.config.jax_compilation_cache_dir or None)
+
+    def on_duration(event: str, seconds: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            count.programs += 1
+
+    def on_event(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            count.from_cache += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    start = time.perf_counter()
+    try:
+        yield count
+    finally:
+        count.seconds = time.perf_counter() - start
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
+
+
+def install_command(extra: str) -> str:
+    """The command that installs the package's `extra` into this Python: from the clone this
+    package runs from (an editable install), else from a clone of glm-jax."""
+    clone = pathlib.Path(__file__).resolve().parents[1]
+    source = shlex.quote(f"{clone}[{extra}]") if (clone / "setup.cfg").is_file() else f"'<glm-jax clone>[{extra}]'"
+    return f"{shlex.quote(sys.executable)} -m pip install -e {source}"

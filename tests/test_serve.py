@@ -567,18 +567,24 @@ def test_serve_bad_flags(tiny_chat_model, capsys):  # noqa: F811
         assert main(["serve", "--model", str(tiny_chat_model), "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("glm-jax serve: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+    assert main(["serve", "--model", str(tiny_chat_model), "--port", "80000"]) == 2
+    assert capsys.readouterr().err == "glm-jax serve: error: --port must be in 0-65535, got 80000\n"
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_chat_model, tmp_path):  # noqa: F811
+    """...and the log says what start-up and shutdown are doing: loading, compiling, listening, draining."""
     proc = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "serve", "--model", str(tiny_chat_model),
                              "--port", "0", "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", NAME,
                              "--compile-cache", str(tmp_path / "cache"), "--max-batch", "2", "--prefill-chunk", "32"],
                             stderr=subprocess.PIPE, text=True)
+    log = []
     try:
-        line = proc.stderr.readline()
-        assert line.startswith(f"glm-jax serve: {NAME} on http://127.0.0.1:"), line
-        url = line.split()[4]
-        threading.Thread(target=proc.stderr.read, daemon=True).start()          # keep the pipe drained
+        while len(log) < 5 and not (log and " listening on " in log[-1]):   # start-up: 5 lines
+            log.append(proc.stderr.readline())
+        assert " glm-jax serve: listening on http://127.0.0.1:" in log[-1], log
+        url = log[-1].split()[6]
+        drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # keep the pipe drained
+        drain.start()
         stream = client(url).completions.create(model=NAME, prompt="Keep going", max_tokens=60, temperature=1.0,
                                                 seed=1, stream=True)
         first = next(stream)
@@ -590,7 +596,17 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_chat_model, tmp
                 time.sleep(0.05)
         rest = list(stream)
         assert proc.wait(timeout=60) == 0
+        drain.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert first.choices[0].text and len(rest) > 1 and rest[-1].choices[0].finish_reason == "length"
+    log = [re.sub(r"^\S+ \S+ ", "", line) for line in log]   # no timestamps
+    assert log[0] == "glm-jax serve: loading the model\n", log
+    assert re.fullmatch(rf"glm-jax serve: loaded {re.escape(str(tiny_chat_model))} in [\d.]+ s: [\d.]+M parameters, "
+                        r"[\d.]+ MiB \(float32\)\n", log[1]), log
+    assert log[2].startswith("glm-jax serve: compiling the engine's programs (max_batch 2"), log
+    assert re.fullmatch(r"glm-jax serve: compiled [1-9]\d* programs in [\d.]+ s \(0 of them from the persistent "
+                        rf"compilation cache {re.escape(str(tmp_path / 'cache'))}\)\n", log[3]), log
+    assert log[5].startswith("glm-jax serve: SIGTERM: stopping; letting the requests in flight finish (1 running"), log
+    assert log[-1] == "glm-jax serve: stopped\n", log

@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import sys
+import time
 from collections.abc import Callable
 
 import uvicorn
 
 from glm_jax.options import MAX_BATCH, MAX_QUEUE, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT
+from glm_jax.runtime import count_compiles
 from glm_jax.serve.app import create_app
+
+log = logging.getLogger("glm_jax.serve")
 
 
 def join_distributed(*, coordinator: str | None = None, num_processes: int | None = None,
@@ -44,17 +47,66 @@ def serve_length(model, max_model_len: int | None) -> int:
     return max_model_len
 
 
+def _log_to_stderr() -> None:
+    """The server's log (start-up, requests, shutdown) as timestamped lines on stderr."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s glm-jax serve: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _start_engine(load: Callable, *, max_batch: int, max_model_len: int | None, steps_per_call: int,
+                  max_queue: int | None = None):
+    """Loads the model (`load()`) and compiles its engine's programs, saying so on the log; (model,
+    engine, max_model_len)."""
+    log.info("loading the model")
+    start = time.perf_counter()
+    model = load()
+    import jax
+
+    size = sum(x.nbytes for x in jax.tree.leaves(model.state))
+    params = model.config.num_params
+    log.info(f"loaded {model.path} in {time.perf_counter() - start:.1f} s: "
+             + (f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M") + " parameters, "
+             + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + f" ({model.dtype})")
+    max_model_len = serve_length(model, max_model_len)
+    engine = model.engine(max_batch=max_batch, max_model_len=max_model_len, steps_per_call=steps_per_call,
+                          max_queue=max_queue)
+    log.info(f"compiling the engine's programs (max_batch {max_batch}, max_model_len {max_model_len})")
+    with count_compiles() as compiled:
+        engine.warm_up()
+    log.info(f"compiled {compiled.format()}")
+    return model, engine, max_model_len
+
+
 def follow(load: Callable, *, max_batch: int = MAX_BATCH, max_model_len: int | None = None,
            steps_per_call: int = SERVE_STEPS_PER_CALL) -> int:
     """A process other than 0 of a multi-host server: runs the engine rounds process 0 plans until
     it stops; serves nothing. `load()` returns the model."""
-    model = load()
-    engine = model.engine(max_batch=max_batch, max_model_len=serve_length(model, max_model_len),
-                          steps_per_call=steps_per_call)
+    _log_to_stderr()
     signal.signal(signal.SIGTERM, lambda signum, frame: None)   # process 0 decides when to stop
-    engine.warm_up()
+    _, engine, _ = _start_engine(load, max_batch=max_batch, max_model_len=max_model_len,
+                                 steps_per_call=steps_per_call)
     engine.follow()
+    log.info("stopped")
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that says, on SIGTERM or Ctrl-C, how many requests it lets finish."""
+
+    def __init__(self, config: uvicorn.Config, engine, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.should_exit:
+            stats = self.engine.stats()
+            log.info(f"{signal.Signals(sig).name}: stopping; letting the requests in flight finish "
+                     f"({stats['running']} running, {stats['waiting']} waiting; up to {self.shutdown_timeout:g} s)")
+        super().handle_exit(sig, frame)
 
 
 def serve(load: Callable, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
@@ -63,35 +115,30 @@ def serve(load: Callable, *, host: str = "127.0.0.1", port: int = 8000, served_m
     """Serves the model `load()` returns on host:port until SIGTERM or Ctrl-C, then lets the requests
     in flight finish (up to `shutdown_timeout` seconds). The port is taken before the model loads,
     so a taken port fails at once; every program is compiled before the first request."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0-65535, got {port}")
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    model = load()
-    max_model_len = serve_length(model, max_model_len)
-    engine = model.engine(max_batch=max_batch, max_model_len=max_model_len, steps_per_call=steps_per_call,
-                          max_queue=max_queue)
-    engine.warm_up()
+    _log_to_stderr()
+    model, engine, max_model_len = _start_engine(load, max_batch=max_batch, max_model_len=max_model_len,
+                                                 steps_per_call=steps_per_call, max_queue=max_queue)
     name = served_model_name or model.path.resolve().name
     app = create_app(model, engine, served_model_name=name, max_model_len=max_model_len)
-    log = logging.getLogger("glm_jax.serve")
-    log.setLevel(logging.INFO)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=shutdown_timeout))
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=shutdown_timeout), engine, shutdown_timeout)
     # uvicorn handles SIGTERM (stops accepting, waits for the requests in flight), then raises it
     # again once it has shut down; this handler takes that second delivery, so the engine drains
     # and the command exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     bound_host, bound_port = sock.getsockname()[:2]
     engine.start()
-    print(f"glm-jax serve: {name} on http://{bound_host}:{bound_port} (max_batch {max_batch}, "
-          f"max_model_len {max_model_len})", file=sys.stderr, flush=True)
+    log.info(f"listening on http://{bound_host}:{bound_port} as {name} (max_batch {max_batch}, "
+             f"max_model_len {max_model_len})")
     try:
         server.run(sockets=[sock])
     finally:
         engine.shutdown(timeout=shutdown_timeout)
+        log.info("stopped")
     return 0
