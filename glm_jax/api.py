@@ -18,7 +18,7 @@ from .forward import forward
 from .generation import GenerationDefaults
 from .params import PARAMS_DIR, load_params, param_specs, split_model
 from .engine import Engine, SamplingParams, cache_dtype, to_host
-from .options import DTYPES, MAX_BATCH, PREFILL_CHUNK, STEPS_PER_CALL, check_choice
+from .options import DTYPES, MAX_BATCH, PAGE_SIZE, PREFILL_CHUNK, STEPS_PER_CALL, check_choice
 from .runtime import select_platforms
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
@@ -41,9 +41,11 @@ class Model:
     def __init__(self, config: GLMConfig, graphdef: nnx.GraphDef, state: nnx.State, *,
                  attention: str | AttentionFn = "auto", layout: Layout | None = None, strategy: str = "ring",
                  path: pathlib.Path | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 kv_cache_dtype: str | None = None, kernel: str = "auto"):
+                 kv_cache_dtype: str | None = None, kernel: str = "auto", page_size: int = PAGE_SIZE,
+                 kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None):
         self.config, self.graphdef, self.state, self.layout, self.path = config, graphdef, state, layout, path
         self.prefill_chunk, self.kv_cache_dtype, self.kernel = prefill_chunk, kv_cache_dtype, kernel
+        self.pool = {"page_size": page_size, "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory}
         cache_dtype(kv_cache_dtype, self.dtype)                          # fails early on a bad name
         self._forward = jax.jit(functools.partial(forward, graphdef, attention=attention, layout=layout,
                                                   strategy=strategy),
@@ -102,12 +104,14 @@ class Model:
     def engine(self, *, max_batch: int = MAX_BATCH, max_model_len: int | None = None,
                steps_per_call: int = STEPS_PER_CALL,
                max_queue: int | None = None) -> Engine:
-        """A continuous-batching engine on this model's weights (for a server or a chat): a cache of
-        `max_batch` rows of `max_model_len` slots (default: the config's context length), allocated
-        now. Call `start()` to run it on a thread, then `submit` requests."""
+        """A continuous-batching engine on this model's weights (for a server or a chat): up to
+        `max_batch` requests at once of at most `max_model_len` tokens each (default: the config's
+        context length), over a page pool sized by `load`'s kv_cache_tokens / kv_cache_memory (default:
+        room for max_batch requests of max_model_len), allocated now. Call `start()` to run it on a
+        thread, then `submit` requests."""
         engine = Engine(self.config, self.graphdef, self.state, self._layout(), prefill_chunk=self.prefill_chunk,
                         kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype, steps_per_call=steps_per_call,
-                        max_queue=max_queue)
+                        max_queue=max_queue, **self.pool)
         with self._own_mesh():
             engine.reserve(max_batch, max_model_len or self.config.max_seq_len, fixed=True)
         return engine
@@ -119,7 +123,7 @@ class Model:
     def _engine(self) -> Engine:
         """The engine `generate` runs on (its cache sized to each call)."""
         return Engine(self.config, self.graphdef, self.state, self._layout(), prefill_chunk=self.prefill_chunk,
-                      kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype, serving=False)
+                      kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype, serving=False, **self.pool)
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False,
@@ -133,7 +137,7 @@ class Model:
         the folder's generation_config.json (do_sample false there: greedy), else glm-4-9b-chat-1m's
         published 0.8, 0.8, 50, (151329, 151336, 151338). on_token(row, id) is called for every new
         token as it is produced (streaming). reuse: a prompt that extends one of an earlier call
-        (still held by the engine's cache) prefills only the rest; False prefills it whole."""
+        (whose pages the engine's cache still holds) prefills only the rest; False prefills it whole."""
         sampling = self.generation_defaults.sampling(temperature, top_p, top_k, stop_ids)
         SamplingParams(max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], seed,
                        tuple(sampling["stop_ids"]))                      # raises ValueError for a bad one
@@ -167,7 +171,8 @@ class Model:
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
          attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = PREFILL_CHUNK,
-         kv_cache_dtype: str | None = None, kernel: str = "auto") -> Model:
+         kv_cache_dtype: str | None = None, kernel: str = "auto", page_size: int = PAGE_SIZE,
+         kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None) -> Model:
     """Loads a converted glm-jax folder, or an HF folder (either layout, converted in memory).
 
     dtype: "bfloat16" or "float32" (default: the stored weights' dtype).
@@ -179,8 +184,11 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     kv_cache_dtype: the KV cache's storage in `generate`: None (the weights' dtype) or "int8"
       (per-token, per-head float32 scales; dequantized inside the attention).
     kernel: attention in `generate` (options.KERNELS): "auto" (gpu on a GPU, xla elsewhere), "xla"
-      (portable) or "gpu" (GPUs only; for a cache held by one device: cuDNN flash attention for
-      prefill chunks, a Pallas kernel for decode steps).
+      (portable) or "gpu" (GPUs only; for a cache held by one device: a paged Pallas kernel for
+      decode steps).
+    page_size, kv_cache_tokens, kv_cache_memory: the engine's KV page pool (`Engine`): slots a page;
+      its size in tokens, or as a fraction of the device memory left after the weights (GPU/TPU);
+      default: room for every request of a `generate` call (or `engine`'s max_batch x max_model_len).
     """
     path = pathlib.Path(path)
     config_file = path / "config.json"
@@ -204,7 +212,8 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
                   for n, a in iter_params(ckpt, plan, np_dtype(jnp.dtype(target).name))}
     graphdef, state = split_model(config, target, arrays)
     return Model(config, graphdef, state, attention=attention, layout=layout, strategy=strategy, path=path,
-                 prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype, kernel=kernel)
+                 prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype, kernel=kernel, page_size=page_size,
+                 kv_cache_tokens=kv_cache_tokens, kv_cache_memory=kv_cache_memory)
 
 
 def _shardings(specs, layout: Layout | None) -> dict[str, jax.sharding.Sharding]:

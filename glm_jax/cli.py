@@ -55,7 +55,8 @@ def _load(args):
 
     use_compile_cache(compile_cache_dir(args.compile_cache))
     model = glm_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, prefill_chunk=args.prefill_chunk,
-                         kv_cache_dtype=args.kv_cache_dtype)
+                         kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
+                         kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=args.kv_cache_memory)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model in the model folder")
     return model
@@ -113,7 +114,8 @@ def _compile_report(args) -> int:
         else:
             reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
                                      batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
-                                     kv_cache_dtype=args.kv_cache_dtype)
+                                     kv_cache_dtype=args.kv_cache_dtype, kv_cache_tokens=args.kv_cache_tokens,
+                                     page_size=args.page_size)
     except Exception as e:   # XLA refuses, at compile time, a program larger than the chip's memory
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

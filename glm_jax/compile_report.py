@@ -20,9 +20,9 @@ from flax import nnx
 
 from .config import GLMConfig
 from .model import abstract_model
-from .options import DEFAULT_REMAT, LOSS_CHUNK
+from .options import DEFAULT_REMAT, LOSS_CHUNK, PAGE_SIZE
 from .params import param_specs
-from .engine.cache import abstract_cache, cache_dtype, resolve_kernel
+from .engine.cache import abstract_cache, cache_dtype, page_devices, pool_pages, resolve_kernel, table_width
 from .engine.programs import programs_for
 from .sharding import Layout, make_mesh
 
@@ -60,6 +60,7 @@ class ProgramReport:
     temp_bytes_per_device: int
     peak_bytes_per_device: int
     kv_cache_bytes_per_device: int | None   # None: the program has no KV cache (a train step)
+    kv_cache_tokens: int | None             # slots of the KV page pool (shared by the batch)
     hbm_bytes_per_device: int | None
     fits: bool | None
     flops: float                   # XLA's cost analysis, per device (a loop body counts once)
@@ -78,7 +79,8 @@ class ProgramReport:
             f"  temporaries {g(self.temp_bytes_per_device)}",
             f"  peak        {g(self.peak_bytes_per_device)} of {hbm.strip()} HBM: {fits}",
             *([] if self.kv_cache_bytes_per_device is None else
-              [f"  KV cache    {g(self.kv_cache_bytes_per_device)} per device"]),
+              [f"  KV cache    {g(self.kv_cache_bytes_per_device)} per device (a pool of "
+               f"{self.kv_cache_tokens:,} tokens shared by the batch)"]),
             f"  FLOPs       {self.model_flops:.3e} in all ({at_peak} at the chips' peak); XLA cost analysis "
             f"{self.flops:.3e} per device, loop bodies counted once",
         ])
@@ -124,8 +126,10 @@ def layout_for(topology: str, mesh: str | None, weights_over_sequence: bool | No
 
 
 def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, dtype,
-                    kv_cache_dtype: str | None = None):
-    """ShapeDtypeStructs (with shardings) for the weights and an empty cache."""
+                    kv_cache_dtype: str | None = None, kv_cache_tokens: int | None = None,
+                    page_size: int = PAGE_SIZE):
+    """ShapeDtypeStructs (with shardings) for the weights and an empty cache: a pool of
+    `kv_cache_tokens` slots (default batch x length) and `batch` page tables of `length` tokens."""
     graphdef, abstract = nnx.split(abstract_model(config, dtype))
     specs = param_specs(config, dtype)
     flat = []
@@ -134,7 +138,11 @@ def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, 
         flat.append((path, var.replace(jax.ShapeDtypeStruct(spec.shape, spec.dtype,
                                                             sharding=layout.sharding(spec.axes, spec.shape)))))
     state = nnx.from_flat_state(flat)
-    return graphdef, state, abstract_cache(config, layout, batch, length, cache_dtype(kv_cache_dtype, dtype))
+    n = page_devices(layout)
+    width = table_width(length, page_size, n)
+    pages = pool_pages(kv_cache_tokens or batch * width * page_size, page_size, n)
+    return graphdef, state, abstract_cache(config, layout, batch, width, pages, page_size,
+                                           cache_dtype(kv_cache_dtype, dtype))
 
 
 def model_flops(config: GLMConfig, batch: int, queries: int, keys: int) -> float:
@@ -158,6 +166,7 @@ def _report(name, compiled, topology, mesh, seq_len, batch, chip, layout: Layout
         argument_bytes_per_device=mem.argument_size_in_bytes, output_bytes_per_device=mem.output_size_in_bytes,
         alias_bytes_per_device=mem.alias_size_in_bytes, temp_bytes_per_device=mem.temp_size_in_bytes,
         peak_bytes_per_device=peak, kv_cache_bytes_per_device=kv, hbm_bytes_per_device=hbm,
+        kv_cache_tokens=None if cache is None else cache.num_pages * cache.page_size,
         fits=None if hbm is None else peak <= hbm, flops=xla_flops, model_flops=flops,
         seconds_at_peak=flops / (devices * rate) if rate else None)
 
@@ -168,20 +177,24 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
                    mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
-                   weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None) -> list[ProgramReport]:
-    """Compiles the engine's own programs (`engine.programs.programs_for`, kernel "auto") on a
-    `batch`-row cache of `seq_len` slots: one prefill chunk (of one row, as the engine prefills)
-    and one decode step of every row; reports both.
+                   weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None,
+                   kv_cache_tokens: int | None = None, page_size: int = PAGE_SIZE) -> list[ProgramReport]:
+    """Compiles the engine's own programs (`engine.programs.programs_for`, kernel "auto") for
+    `batch` requests of up to `seq_len` tokens over a page pool of `kv_cache_tokens` slots (default
+    batch x seq_len): one prefill chunk (of one request, as the engine prefills) and one decode
+    step of every request; reports both.
     kv_cache_dtype: None (the weights' dtype) or "int8".
 
     The prefill of a `seq_len` prompt is seq_len / chunk runs of the first program, so its
     FLOPs here are one chunk's (attending to the whole cache: the last, costliest chunk)."""
     layout, mesh_desc = layout_for(topology, mesh, weights_over_sequence)
     chip = chip_of(topology)
-    graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype)
+    graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype, kv_cache_tokens,
+                                             page_size)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     kernel = resolve_kernel("auto", layout.mesh.devices.flat[0].platform)
-    programs = programs_for(config, graphdef, layout, kernel, batch, seq_len, cache.k[0].dtype)
+    programs = programs_for(config, graphdef, layout, kernel, batch, cache.pages.shape[1], cache.num_pages,
+                            page_size, cache.k[0].dtype)
     compiled = programs.prefill.lower(state, cache, i32(), i32(1, chunk), i32(1, chunk),
                                       jax.ShapeDtypeStruct((1, chunk), jnp.bool_)).compile()
     reports = [_report(f"prefill chunk ({chunk} tokens)", compiled, topology, mesh_desc, seq_len, batch, chip,
@@ -190,7 +203,7 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
     compiled = programs.decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), i32(batch),
                                      steps=1).compile()
     reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
-                           model_flops(config, batch, 1, seq_len)))
+                           model_flops(config, batch, 1, min(seq_len, cache.num_pages * page_size // batch))))
     return reports
 
 

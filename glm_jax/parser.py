@@ -9,7 +9,8 @@ import argparse
 import pathlib
 
 from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_REMAT, DTYPES, HF_LAYOUTS,
-                             KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PREFILL_CHUNK, REMAT_HELP,
+                             KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PAGE_SIZE, PREFILL_CHUNK,
+                             REMAT_HELP,
                              REMATS, SCHEDULES, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT,
                              STEPS_PER_CALL)
 
@@ -29,6 +30,17 @@ def _kv_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                    help="KV cache storage: int8 (per-token scales; half the bytes of bf16) "
                         "(default: the weights' dtype)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                   help="size of the KV cache's page pool, in tokens, shared by every request (default: room for "
+                        "--max-batch requests of --max-model-len tokens)")
+    p.add_argument("--page-size", type=int, default=PAGE_SIZE,
+                   help=f"KV-cache slots a page, a power of two (default {PAGE_SIZE})")
+
+
+def _kv_memory_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="F",
+                   help="size the KV cache's page pool as this fraction of the device memory left after the "
+                        "weights, like vLLM's gpu_memory_utilization (GPU/TPU; instead of --kv-cache-tokens)")
 
 
 def _compile_cache_flag(p: argparse.ArgumentParser) -> None:
@@ -45,6 +57,7 @@ def _runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help=f"prompt tokens per prefill step (default {PREFILL_CHUNK})")
     _kv_cache_flag(p)
+    _kv_memory_flag(p)
     _compile_cache_flag(p)
 
 
@@ -184,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True,
                    help="preset (glm-4-9b-chat-1m, glm-4-9b-chat, glm-4-9b) or a model folder / config.json")
     p.add_argument("--topology", required=True, help="TPU topology such as v5e:2x4, v5p:2x2x2, v6e:2x4; or local")
-    p.add_argument("--seq-len", type=int, required=True, help="KV-cache length in tokens (e.g. 1048576)")
-    p.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    p.add_argument("--seq-len", type=int, required=True,
+                   help="tokens a request spans at most (e.g. 1048576); with --train, a sequence's")
+    p.add_argument("--batch", type=int, default=1,
+                   help="requests decoded at once, over a pool of --kv-cache-tokens (with --train: sequences) "
+                        "(default 1)")
     p.add_argument("--mesh", default=None, help="mesh spec (default: chosen per topology, see README)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk in tokens (default 4096)")
     _kv_cache_flag(p)

@@ -32,7 +32,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "seq": ("sequence",),
     "act_embed": (),
-    "cache_seq": ("sequence",),
+    "cache_pages": ("data", "fsdp", "sequence"),   # the KV pool's pages: spread over every device but tensor's
 }
 
 

@@ -1,4 +1,5 @@
-"""The decode engine: continuous batching, per-row prefill on sharded caches, KV reuse, cancel, LRU."""
+"""The decode engine: continuous batching, per-request prefill on sharded page pools, prefix reuse,
+cancel, LRU eviction of cached pages."""
 
 import threading
 
@@ -56,7 +57,7 @@ def test_kv_reuse_prefills_only_the_new_turn(f32):
     """The next turn extends the kept conversation: only its new tokens are prefilled, and the
     answer equals a fresh prefill of the whole prompt."""
     folder, ref = f32
-    model = glm_jax.load(folder, prefill_chunk=8)
+    model = glm_jax.load(folder, prefill_chunk=8, page_size=4)
     engine = model.engine(max_batch=2, max_model_len=96, steps_per_call=4)
     turn1 = ref["input_ids"][0].tolist()
     a = engine.submit(turn1, greedy(10))
@@ -64,43 +65,49 @@ def test_kv_reuse_prefills_only_the_new_turn(f32):
     turn2 = turn1 + a.output + ref["input_ids"][1][:7].tolist()
     b = engine.submit(turn2, greedy(10))
     run(engine)
-    assert b.cached == len(turn1) + len(a.output) - 1                     # all but the never-fed last token
+    held = len(turn1) + len(a.output) - 1                                   # all but the never-fed last token
+    assert b.cached == held // 4 * 4                                        # its full pages
     assert b.output == model.generate([turn2], max_new_tokens=10, temperature=0)[0]
-    # a prompt that parts from the kept one early reuses only the shared prefix
+    # a prompt that parts from the kept one early reuses only the shared full pages
     c = engine.submit(turn1[:6] + [7, 8, 9], greedy(4))
     run(engine)
-    assert c.cached == 6
+    assert c.cached == 4
     assert c.output == model.generate([turn1[:6] + [7, 8, 9]], max_new_tokens=4, temperature=0)[0]
 
 
-def test_cancel_frees_the_row_and_lru_eviction(f32):
+def test_cancel_frees_the_pages_and_lru_eviction(f32):
     folder, ref = f32
-    model = glm_jax.load(folder, prefill_chunk=8)
+    model = glm_jax.load(folder, prefill_chunk=8, page_size=4, kv_cache_tokens=64)     # 16 pages
     engine = model.engine(max_batch=2, max_model_len=64, steps_per_call=1)
     p = ref["input_ids"][0].tolist()
     seen = []
     long = engine.submit(p, greedy(40), lambda r, ids: seen.append(list(ids)))
     for _ in range(5):
         engine.step()
+    assert engine.stats()["pages_used"] == 7                                # 24 prompt tokens + the first
     engine.cancel(long)
     assert not engine.step()
     assert long.finish_reason == "abort" and long.done.is_set() and seen[-1] == []
-    assert engine.stats()["running"] == 0 and 0 < len(long.output) < 40
-    # two conversations fill both rows; a third evicts the least recently used one
-    x = engine.submit(p[:10], greedy(2))
+    stats = engine.stats()
+    assert stats["running"] == 0 and 0 < len(long.output) < 40
+    assert (stats["pages_used"], stats["pages_cached"], stats["pages_free"]) == (0, 6, 16)   # full pages stay cached
+    engine.forget()
+    x = engine.submit(p[:10], greedy(2))                                    # caches 2 full pages
     run(engine)
-    y = engine.submit(p[3:15], greedy(2))
+    y = engine.submit(p[3:15], greedy(2))                                   # 3
     run(engine)
-    engine.submit(p[:10] + x.output, greedy(2))                            # touches x's row again
+    engine.submit(p[:10] + x.output, greedy(2))                             # shares x's 2, caches 1 more
     run(engine)
-    z = engine.submit([1, 2, 3], greedy(2))                                # evicts y's row
+    assert engine.stats()["pages_cached"] == 6
+    z = engine.submit([1, 2, 3] * 16, greedy(2))                            # 13 pages: 10 free + y's 3 evicted
     run(engine)
+    assert engine.stats()["evictions"] == 3
     again = engine.submit(p[:10] + x.output, greedy(1))
     run(engine)
-    assert again.cached >= 10                                              # x was kept
+    assert again.cached == 8                                                # x was kept
     again = engine.submit(p[3:15] + y.output, greedy(1))
     run(engine)
-    assert again.cached == 0                                               # y was evicted
+    assert again.cached == 0                                                # y was evicted
     assert z.finish_reason == "length"
 
 
@@ -155,18 +162,19 @@ def test_warm_up_compiles_everything_and_changes_nothing(f32):
     model = glm_jax.load(folder, prefill_chunk=32)
     engine = model.engine(max_batch=3, max_model_len=96, steps_per_call=3)
     engine.warm_up()
-    programs = engine._programs(3, engine.cache.length)
-    sizes = [f._cache_size() for f in (programs.prefill, programs.admit, programs.decode)]
+    programs = engine._programs()
+    compiled = (programs.set_pages, programs.prefill, programs.admit, programs.decode)
+    sizes = [f._cache_size() for f in compiled]
     prompts = [ref["input_ids"][0].tolist(), ref["input_ids"][1][:3].tolist(), (ref["input_ids"][0] % 50).tolist() * 3]
     requests = [engine.submit(p, greedy(5)) for p in prompts]
     run(engine)
-    assert [f._cache_size() for f in (programs.prefill, programs.admit, programs.decode)] == sizes
+    assert [f._cache_size() for f in compiled] == sizes
     assert [r.output for r in requests] == [model.generate([p], max_new_tokens=5, temperature=0)[0] for p in prompts]
 
 
 def test_forget_prefills_prompts_whole(f32):
     folder, ref = f32
-    engine = glm_jax.load(folder, prefill_chunk=8).engine(max_batch=1, max_model_len=64)
+    engine = glm_jax.load(folder, prefill_chunk=8, page_size=4).engine(max_batch=1, max_model_len=64)
     prompt = ref["input_ids"][0].tolist()
     first = engine.submit(prompt, greedy(3))
     run(engine)
@@ -175,7 +183,7 @@ def test_forget_prefills_prompts_whole(f32):
     engine.forget()
     fresh = engine.submit(prompt, greedy(3))
     run(engine)
-    assert (again.cached, fresh.cached) == (len(prompt) - 1, 0)
+    assert (again.cached, fresh.cached) == ((len(prompt) - 1) // 4 * 4, 0)
     assert first.output == again.output == fresh.output
 
 
@@ -189,20 +197,23 @@ def test_plan_survives_pack_and_unpack():
                            stop_ids=tuple(range(151329, 151329 + MAX_STOP_IDS)))
     plan = Plan(cancel=np.array([False, True, False, True]),
                 chunks=[Chunk(2, np.arange(16, dtype=np.int32) + 100, start=32, real=16, admit=None),
-                        Chunk(0, np.array([0] * 5 + [7, 8, 9], np.int32), start=3, real=3, admit=admit),
+                        Chunk(0, np.array([0] * 5 + [7, 8, 9], np.int32), start=3, real=3, admit=admit, drawn=5),
                         Chunk(3, np.array([151551] * 16, np.int32), start=0, real=16,
                               admit=SamplingParams(1, temperature=0.0, seed=2**31 + 1))],
-                decode=np.array([1, 3, 4, 4], np.int32), steps=8)
+                decode=np.array([1, 3, 4, 4], np.int32), steps=8,
+                pages=np.array([[0, 0, 17], [3, 5, 2], [2, 1, 0]], np.int32))
     packed = pack(plan, batch, chunk)
     empty = pack(Plan.stopping(batch), batch, chunk)
     assert {k: (v.shape, v.dtype) for k, v in packed.items()} == {k: (v.shape, v.dtype) for k, v in empty.items()}
-    back = unpack(packed)
+    back = unpack(packed, np.pad(plan.pages, ((0, 1), (0, 0))))            # a bucket larger than its 3
     assert (back.steps, back.stop) == (8, False) and unpack(empty).stop
+    np.testing.assert_array_equal(back.pages, plan.pages)
     np.testing.assert_array_equal(back.cancel, plan.cancel)
     np.testing.assert_array_equal(back.decode, plan.decode)
     assert len(back.chunks) == 3
     for got, want in zip(back.chunks, plan.chunks):
-        assert (got.row, got.start, got.real, got.admit) == (want.row, want.start, want.real, want.admit)
+        assert (got.row, got.start, got.real, got.admit, got.drawn) == (want.row, want.start, want.real, want.admit,
+                                                                         want.drawn)
         np.testing.assert_array_equal(got.tokens, want.tokens)
 
 

@@ -1,4 +1,5 @@
-"""The continuous-batching decode engine: `cache` (the sharded KV cache), `programs` (the device
+"""The continuous-batching decode engine: `cache` (the paged, sharded KV cache), `pages` (the page
+allocator and prefix cache), `planner` (admission, pages, preemption), `programs` (the device
 programs), `scheduler` (the Engine), `requests`, `buckets` (compiled shapes) and `multihost`."""
 
 from .buckets import cache_length

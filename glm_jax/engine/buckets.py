@@ -1,23 +1,18 @@
-"""The shapes the engine compiles for: cache lengths, prefill chunk sizes, decode row buckets."""
+"""The shapes the engine compiles for: request lengths, prefill chunk sizes, decode row buckets."""
 
 from __future__ import annotations
 
-from .cache import STRIPE
-
-MIN_CACHE = 256          # the shortest cache row, in slots
+MIN_CACHE = 256          # the shortest request length `generate` sizes the cache for
 BUCKETS_PER_OCTAVE = 8   # cache lengths between two powers of two (a power of two itself)
 MIN_CHUNK = 16           # the smallest prefill chunk (fewer shapes to compile; a few padded tokens cost little)
 
 
-def cache_length(needed: int, devices: int) -> int:
-    """Cache-length bucket: at least MIN_CACHE slots, then BUCKETS_PER_OCTAVE buckets per octave (a
-    decode step reads the whole bucket, so at most 1/8 of what it reads is beyond the next power
-    of two below); rounded so each of the `sequence` devices holds whole stripes."""
+def cache_length(needed: int) -> int:
+    """Request-length bucket `generate` sizes the cache for (so calls of similar lengths share
+    its compiled programs): at least MIN_CACHE tokens, then BUCKETS_PER_OCTAVE buckets per octave."""
     needed = max(needed, MIN_CACHE)
     step = 1 << max(0, (needed - 1).bit_length() - BUCKETS_PER_OCTAVE.bit_length())
-    length = -(-needed // step) * step
-    grain = devices * (STRIPE if length // devices > STRIPE else 1)
-    return -(-length // grain) * grain
+    return -(-needed // step) * step
 
 
 def prefill_chunks(tokens: int, chunk: int) -> list[int]:

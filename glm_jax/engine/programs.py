@@ -18,40 +18,36 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ..attention import PAD
 from ..config import GLMConfig
 from ..sampling import MAX_STOP_IDS, sample
 from ..sharding import Layout
-from .cache import DROP, KVCache, cache_ops, cache_shardings, quantize
+from .cache import KVCache, cache_ops, cache_shardings, page_slots, quantize
 from .multihost import Plan
 
 
 def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
-               positions: jax.Array, slots: jax.Array, valid: jax.Array, *, layout: Layout,
-               last_only: bool = True, kernel: str = "auto", rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Runs tokens [b, C] at cache slots ([C] shared by the rows, or [b, C] per row), writing their
-    K/V (tokens with valid [b, C] False write nothing and see nothing); returns float32 logits ([b, V]
-    with last_only, else [b, C, V]) and the new cache. b is the cache's batch, or that of `rows`
-    (int32 [b]): the cache rows the tokens go to and attend to (see `cache_ops`)."""
+               positions: jax.Array, valid: jax.Array, rows: jax.Array, *, layout: Layout,
+               last_only: bool = True, kernel: str = "auto") -> tuple[jax.Array, KVCache]:
+    """Runs tokens [b, C] of cache rows `rows` (int32 [b]; rows >= B are padding) at `positions`
+    [b, C], writing their K/V to the rows' pages (tokens with valid [b, C] False write nothing and
+    see nothing); returns float32 logits ([b, V] with last_only, else [b, C, V]) and the new cache."""
     model = nnx.merge(graphdef, state)
-    write, attend_cache = cache_ops(layout, cache.order, kernel=kernel)
-    slots = jnp.broadcast_to(slots, tokens.shape)
-    q_index = jnp.where(valid, slots, -1)
-    slots = jnp.where(valid, slots, DROP)
-    index = write(cache.index, slots, slots, rows)
+    write, attend_cache = cache_ops(layout, kernel=kernel)
+    table = cache.pages[jnp.minimum(rows, cache.pages.shape[0] - 1)]                # [b, M]
+    slots = page_slots(table, positions, valid, cache.page_size)
+    q_pos = jnp.where(valid, positions, -1)
     ks, vs, k_scales, v_scales = list(cache.k), list(cache.v), list(cache.k_scale), list(cache.v_scale)
 
-    def attend(i, q, k, v):  # the model's per-layer attention: store this layer's K/V, attend over the cache
+    def attend(i, q, k, v):  # the model's per-layer attention: store this layer's K/V, attend over the pages
         if cache.quantized:
             (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
-            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots, rows), write(v_scales[i], v_scale, slots, rows)
-        ks[i] = write(ks[i], k.astype(ks[i].dtype), slots, rows)
-        vs[i] = write(vs[i], v.astype(vs[i].dtype), slots, rows)
+            k_scales[i], v_scales[i] = write(k_scales[i], k_scale, slots), write(v_scales[i], v_scale, slots)
+        ks[i], vs[i] = write(ks[i], k, slots), write(vs[i], v, slots)
         scales = (k_scales[i], v_scales[i]) if cache.quantized else ()
-        return attend_cache(q, q_index, ks[i], vs[i], index, *scales, rows=rows)
+        return attend_cache(q, q_pos, ks[i], vs[i], table, *scales)
 
     logits = model(tokens, positions, attend, layout=layout, last_only=last_only).astype(jnp.float32)
-    cache = KVCache(tuple(ks), tuple(vs), index, tuple(k_scales), tuple(v_scales), cache.order)
+    cache = KVCache(tuple(ks), tuple(vs), cache.pages, tuple(k_scales), tuple(v_scales))
     return (logits[:, -1] if last_only else logits), cache
 
 
@@ -81,42 +77,41 @@ def init_rows(batch: int) -> Rows:
                 stop_ids=jnp.full((batch, MAX_STOP_IDS), -1, jnp.int32))
 
 
-def admit(rows: Rows, row, logits, position, max_tokens, seed, temperature, top_k, top_p, stop_ids) -> Rows:
-    """Rows with `row` starting to decode: its first token drawn from the prompt's last logits
-    [1, V] (draw 0 of the row's key), and its parameters."""
+def admit(rows: Rows, row, logits, position, max_tokens, seed, temperature, top_k, top_p, stop_ids, drawn) -> Rows:
+    """Rows with `row` starting to decode: its next token drawn from the prompt's last logits
+    [1, V] (draw `drawn` of the row's key: the tokens it emitted before, 0 unless it resumes after
+    a preemption), and its parameters (max_tokens: what it may still draw)."""
     at = lambda x, value: x.at[row].set(value)
     key = jax.random.key(seed)
-    token = sample(logits, jax.random.fold_in(key, 0)[None], temperature, top_k, top_p)[0]
+    token = sample(logits, jax.random.fold_in(key, drawn)[None], temperature, top_k, top_p)[0]
     return Rows(token=at(rows.token, token), position=at(rows.position, position), active=at(rows.active, True),
-                remaining=at(rows.remaining, max_tokens), count=at(rows.count, 0),
+                remaining=at(rows.remaining, max_tokens), count=at(rows.count, drawn),
                 key=at(rows.key, key), temperature=at(rows.temperature, temperature),
                 top_k=at(rows.top_k, top_k), top_p=at(rows.top_p, top_p), stop_ids=at(rows.stop_ids, stop_ids))
 
 
 def prefill_row(graphdef, params, cache: KVCache, row, tokens, positions, valid, *, layout: Layout,
                 kernel: str = "auto") -> tuple[jax.Array, KVCache]:
-    """One prefill chunk of row `row` (int32): tokens, positions, valid [1, C], written at slots =
-    positions. Returns the last token's logits [1, V] and the cache. The row's slots from the
-    chunk's first position on are emptied first: what an earlier request left there is never
-    visible anyway, but the chunk's attention loop runs to the last filled slot."""
-    start = jnp.where(valid, positions, PAD).min()
-    mine = jnp.arange(cache.index.shape[0])[:, None] == row
-    cache = dataclasses.replace(cache, index=jnp.where(mine & (cache.index >= start), PAD, cache.index))
-    return model_step(graphdef, params, cache, tokens, positions, positions, valid, layout=layout, kernel=kernel,
-                      rows=row[None])
+    """One prefill chunk of row `row` (int32): tokens, positions, valid [1, C]. Returns the last
+    token's logits [1, V] and the cache."""
+    return model_step(graphdef, params, cache, tokens, positions, valid, row[None], layout=layout, kernel=kernel)
+
+
+def set_pages(cache: KVCache, rows, columns, pages) -> KVCache:
+    """The cache with page-table entries set: pages[rows[i], columns[i]] = pages[i] (int32 [U]
+    each; rows >= B are padding, dropped)."""
+    return dataclasses.replace(cache, pages=cache.pages.at[rows, columns].set(pages, mode="drop"))
 
 
 def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected, *, steps: int, layout: Layout,
                  kernel: str = "auto") -> tuple[KVCache, Rows, jax.Array]:
     """Up to `steps` tokens for each active row among `selected` (int32 [b], cache rows; entries
-    >= B pad the bucket; b = B means every row, in order), all on device; fewer once none is
-    active. Only those b rows are computed. cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens
+    >= B pad the bucket), all on device; fewer once none is active. Only those b rows are computed. cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens
     [b, steps] (-1 where a row drew nothing). A row stops after a stop id or its last allowed
     token; those final tokens are not fed back (their K/V are never needed). Each step emits the
     rows' drawn tokens, feeds them and draws the next from their logits: only tokens [b] carry
     over between steps and bursts, never the [b, V] logits."""
     batch = rows.active.shape[0]
-    every = selected.shape[0] == batch     # then selected is 0..B-1 (see Engine._plan): no gathers
     rows = dataclasses.replace(rows, active=rows.active & ~cancel)
     sub = jax.tree.map(lambda x: x[jnp.minimum(selected, batch - 1)], rows)           # [b] of each field
     sub = dataclasses.replace(sub, active=sub.active & (selected < batch))
@@ -131,9 +126,8 @@ def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected,
         token, drawn = sub.token, sub.active                                             # [b] each
         stop = jnp.any(token[:, None] == sub.stop_ids, axis=-1) | (sub.remaining <= 1)
         feed = drawn & ~stop
-        logits, cache = model_step(graphdef, params, cache, token[:, None], sub.position[:, None],
-                                   sub.position[:, None], feed[:, None], layout=layout, kernel=kernel,
-                                   rows=None if every else selected)
+        logits, cache = model_step(graphdef, params, cache, token[:, None], sub.position[:, None], feed[:, None],
+                                   selected, layout=layout, kernel=kernel)
         count = sub.count + drawn
         keys = jax.vmap(jax.random.fold_in)(sub.key, count)
         following = sample(logits, keys, sub.temperature, sub.top_k, sub.top_p)           # [b]
@@ -149,21 +143,28 @@ def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected,
 @dataclasses.dataclass(frozen=True)
 class Programs:
     init_rows: Callable
+    set_pages: Callable
     prefill: Callable
     admit: Callable
     decode: Callable
 
 
+PAGE_UPDATES = 256   # page-table entries a `set_pages` call sets (one compiled shape; more take more calls)
+
+
 @functools.lru_cache(maxsize=16)
-def programs_for(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: int, length: int, dtype) -> Programs:
-    """The engine's programs for one cache shape (`kernel` resolved, see `cache.resolve_kernel`),
-    jitted once: the cache and rows keep fixed shardings (replicated rows) and are donated, so
-    every call after the first reuses the same executable. compile_report compiles these."""
-    cache_sh = cache_shardings(config, layout, batch, length, jnp.dtype(dtype) == jnp.int8)
+def programs_for(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: int, width: int, num_pages: int,
+                 page_size: int, dtype) -> Programs:
+    """The engine's programs for one cache shape (`batch` page tables of `width` pages over a pool
+    of `num_pages` pages of `page_size`; `kernel` resolved, see `cache.resolve_kernel`), jitted
+    once: the cache and rows keep fixed shardings (replicated rows) and are donated, so every call
+    after the first reuses the same executable. compile_report compiles these."""
+    cache_sh = cache_shardings(config, layout, batch, width, num_pages, page_size, jnp.dtype(dtype) == jnp.int8)
     rep = NamedSharding(layout.mesh, P())
     rows_sh = jax.tree.map(lambda _: rep, jax.eval_shape(lambda: init_rows(batch)))
     return Programs(
         init_rows=jax.jit(functools.partial(init_rows, batch), out_shardings=rows_sh),
+        set_pages=jax.jit(set_pages, donate_argnums=(0,), out_shardings=cache_sh),
         prefill=jax.jit(functools.partial(prefill_row, graphdef, layout=layout, kernel=kernel),
                         donate_argnums=(1,), out_shardings=(rep, cache_sh)),
         admit=jax.jit(admit, donate_argnums=(0,), out_shardings=rows_sh),
@@ -171,10 +172,23 @@ def programs_for(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch
                        static_argnames=("steps",), donate_argnums=(1, 2), out_shardings=(cache_sh, rows_sh, rep)))
 
 
+def update_pages(programs: Programs, cache: KVCache, updates: np.ndarray) -> KVCache:
+    """Sets page-table entries updates [U, 3] (row, logical page, page), PAGE_UPDATES at a time."""
+    batch = cache.pages.shape[0]
+    for at in range(0, len(updates), PAGE_UPDATES):
+        part = np.zeros((PAGE_UPDATES, 3), np.int32)
+        part[:, 0] = batch                                                  # padding: dropped
+        block = updates[at:at + PAGE_UPDATES]
+        part[:len(block)] = block
+        cache = programs.set_pages(cache, part[:, 0], part[:, 1], part[:, 2])
+    return cache
+
+
 def run_plan(programs: Programs, state, cache: KVCache, rows: Rows, plan: Plan) -> tuple[KVCache, Rows, jax.Array | None]:
-    """A scheduler round on device: the plan's prefill chunks in order (admitting a row after its
-    prompt's last chunk), then its decode burst. Returns the cache, the rows and the burst's
-    tokens [b, steps] (None without a burst)."""
+    """A scheduler round on device: the plan's page-table entries, its prefill chunks in order
+    (admitting a row after its prompt's last chunk), then its decode burst. Returns the cache, the
+    rows and the burst's tokens [b, steps] (None without a burst)."""
+    cache = update_pages(programs, cache, plan.pages)
     for chunk in plan.chunks:
         size = len(chunk.tokens)
         valid = (np.arange(size) >= size - chunk.real)[None]
@@ -185,8 +199,9 @@ def run_plan(programs: Programs, state, cache: KVCache, rows: Rows, plan: Plan) 
             stops = np.full(MAX_STOP_IDS, -1, np.int32)
             stops[:len(p.stop_ids)] = p.stop_ids
             rows = programs.admit(rows, jnp.int32(chunk.row), logits, jnp.int32(chunk.start + chunk.real),
-                                  jnp.int32(p.max_tokens), jnp.uint32(p.seed % 2**32), jnp.float32(p.temperature),
-                                  jnp.int32(p.top_k), jnp.float32(p.top_p), stops)
+                                  jnp.int32(p.max_tokens - chunk.drawn), jnp.uint32(p.seed % 2**32),
+                                  jnp.float32(p.temperature), jnp.int32(p.top_k), jnp.float32(p.top_p), stops,
+                                  jnp.int32(chunk.drawn))
     if not len(plan.decode):
         return cache, rows, None
     return programs.decode(state, cache, rows, plan.cancel, plan.decode, steps=plan.steps)
@@ -194,16 +209,17 @@ def run_plan(programs: Programs, state, cache: KVCache, rows: Rows, plan: Plan) 
 
 def run_all(programs: Programs, state, cache: KVCache, rows: Rows, chunk_sizes, buckets,
             steps) -> tuple[KVCache, Rows, jax.Array]:
-    """Runs every program on nothing (row B, which does not exist; no slot is written, no row
-    changes), so that each compiles: a prefill of each chunk size, an admission, a decode burst of
-    each row bucket (b < B: padding rows only; b = B: every row, none active) for each of `steps`.
-    Returns the cache, the rows and the last burst's tokens."""
+    """Runs every program on nothing (row B, which does not exist; no slot or page-table entry is
+    written, no row changes), so that each compiles: a page-table update, a prefill of each chunk
+    size, an admission, a decode burst of each row bucket (b < B: padding rows only; b = B: every
+    row, none active) for each of `steps`. Returns the cache, the rows and the last burst's tokens."""
     batch = rows.active.shape[0]
+    cache = update_pages(programs, cache, np.array([[batch, 0, 0]], np.int32))
     for size in chunk_sizes:
         zeros = np.zeros((1, size), np.int32)
         logits, cache = programs.prefill(state, cache, jnp.int32(batch), zeros, zeros, np.zeros((1, size), bool))
     rows = programs.admit(rows, jnp.int32(batch), logits, jnp.int32(0), jnp.int32(0), jnp.uint32(0), jnp.float32(0),
-                          jnp.int32(0), jnp.float32(1), np.full(MAX_STOP_IDS, -1, np.int32))
+                          jnp.int32(0), jnp.float32(1), np.full(MAX_STOP_IDS, -1, np.int32), jnp.int32(0))
     for b in buckets:
         for n in steps:
             selected = np.arange(b, dtype=np.int32) if b == batch else np.full(b, batch, np.int32)

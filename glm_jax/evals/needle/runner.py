@@ -37,6 +37,9 @@ class NeedleConfig:
     mesh: str | None = None
     prefill_chunk: int = options.PREFILL_CHUNK
     kv_cache_dtype: str | None = None
+    page_size: int = options.PAGE_SIZE
+    kv_cache_tokens: int | None = None
+    kv_cache_memory: float | None = None
     force: bool = False
     progress: bool = True
 
@@ -114,7 +117,8 @@ def run(c: NeedleConfig) -> dict:
         import glm_jax
 
         model = glm_jax.load(c.model, dtype=c.dtype, mesh=c.mesh, prefill_chunk=c.prefill_chunk,
-                             kv_cache_dtype=c.kv_cache_dtype)
+                             kv_cache_dtype=c.kv_cache_dtype, page_size=c.page_size,
+                             kv_cache_tokens=c.kv_cache_tokens, kv_cache_memory=c.kv_cache_memory)
     rows = start_out(out, settings, c.force)
     try:
         if todo:

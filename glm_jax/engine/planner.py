@@ -1,0 +1,250 @@
+"""The engine's host decisions, round by round: which requests run (one per row), which pages of
+the shared pool each holds, which prefill chunks and decode burst the device runs next, and
+whom to preempt when pages run out. JAX-free: it plans, `programs.run_plan` executes.
+
+A request's tokens (prompt, then what it emitted) sit at positions 0, 1, ...; logical page j holds
+positions j*page .. j*page+page-1. When admitted, a request takes the longest cached prefix of
+full pages any earlier request left (`PagePool.lookup`: chained digests of the tokens), then
+prefills the rest chunk by chunk and decodes. A page is shared (registered under its digest) once
+it is full and its K/V are on device (`commit`, after the round ran), and stays cached after its
+requests end until the pool needs it (least recently used first).
+
+Pages run out: a new request is admitted only when its whole prompt (and its first decoded token)
+fits in what the pool can hand out; a running request that needs a page (the next prefill chunk,
+the tokens of the next decode burst) takes one, shortening the burst to one step first, then
+preempting the most recently admitted request (its pages released, back to the front of the
+queue; it resumes later by prefilling its prompt and what it emitted, mostly from the cache, and
+draws its next token with the same key). The oldest request always progresses: first come, first
+served, nothing is cut or lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Callable
+
+import numpy as np
+
+from .buckets import decode_bucket, prefill_chunks
+from .multihost import Chunk, Plan
+from .pages import PagePool, PoolExhausted, page_hashes
+from .requests import Request
+
+Finish = Callable[[Request, str], None]
+
+
+@dataclasses.dataclass(eq=False)
+class Running:
+    """A request on a row: its page table and progress."""
+    request: Request
+    target: int                 # tokens to prefill: its prompt and what it emitted before this admission
+    held: int                   # tokens whose K/V are written (or planned this round): positions 0..held-1
+    order: int                  # admission number (preemption takes the highest)
+    pages: list[int] = dataclasses.field(default_factory=list)      # logical page -> pool page
+    digests: list[bytes] = dataclasses.field(default_factory=list)  # of the full pages registered
+
+    def token(self, a: int, b: int) -> list[int]:
+        """Tokens at positions a..b-1 (prompt, then output)."""
+        r, n = self.request, self.request.prompt_len
+        return (r.prompt[a:min(b, n)] if a < n else []) + r.output[max(a - n, 0):max(b - n, 0)]
+
+
+class Planner:
+    def __init__(self, batch: int, pool: PagePool, *, prefill_chunk: int, steps_per_call: int, serving: bool):
+        self.pool, self.prefill_chunk, self.steps_per_call, self.serving = pool, prefill_chunk, steps_per_call, serving
+        self.rows: list[Running | None] = [None] * batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.preemptions = 0
+        self._order = itertools.count()
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+    def running(self) -> list[Request]:
+        return [r.request for r in self.rows if r is not None]
+
+    # -- a round ---------------------------------------------------------------------------------
+
+    def plan(self, cancels: list[tuple[Request, str]], finish: Finish) -> Plan:
+        """The round's plan: cancellations, page-table entries, prefill chunks (up to
+        `prefill_chunk` tokens, at least one chunk), a decode burst."""
+        plan = Plan(cancel=np.zeros(self.batch, bool), chunks=[], decode=np.zeros(0, np.int32))
+        updates: list[tuple[int, int, int]] = []
+        for request, reason in cancels:
+            if request.finish_reason is not None:
+                continue
+            if request in self.waiting:
+                self.waiting.remove(request)
+            for i, run in enumerate(self.rows):
+                if run is not None and run.request is request:
+                    plan.cancel[i] = True
+                    self._release(i)
+            finish(request, reason)
+        self._prefill(plan, updates)
+        self._decode(plan, updates)
+        plan.pages = np.array(updates, np.int32).reshape(-1, 3)
+        return plan
+
+    def _prefill(self, plan: Plan, updates) -> None:
+        budget = self.prefill_chunk
+        while budget > 0 and len(plan.chunks) < self.batch:
+            pending = sorted((r for r in self.rows if r is not None and r.held < r.target), key=lambda r: r.order)
+            if pending:
+                i = self.rows.index(pending[0])
+            elif self.waiting and (i := self._admit(self.waiting[0], updates)) is not None:
+                self.waiting.popleft()
+            else:
+                break
+            chunk = self._next_chunk(i, updates)
+            if chunk is None:                          # no pages: preempt a newer request, else wait
+                if not self._preempt(plan, spare=i):
+                    break
+                continue
+            plan.chunks.append(chunk)
+            budget -= len(chunk.tokens)
+
+    def _decode(self, plan: Plan, updates) -> None:
+        """The burst: rows done prefilling; pages for the tokens it feeds (a shorter burst, then
+        preemptions, when they run short)."""
+        while True:
+            decoding = sorted((r for r in self.rows if r is not None and r.held >= r.target), key=lambda r: r.order)
+            fresh = any(not r.request.output for r in decoding)
+            steps = 1 if fresh and self.serving else self.steps_per_call
+            short = next((r for r in decoding if not self._room(r, steps, updates)), None)
+            if short is None:
+                break
+            if steps > 1 and all(self._room(r, 1, updates) for r in decoding):
+                steps = 1
+                break
+            self._preempt(plan)
+        if not decoding and not plan.cancel.any():
+            return
+        rows = [self.rows.index(r) for r in decoding]
+        if self.serving:
+            # the active rows only, in a power-of-two bucket; one token at first, so that a new
+            # request's first token comes back after its prefill and a single step
+            # (a full bucket takes every row in order: rows not decoding are inactive on device)
+            bucket = decode_bucket(len(rows), self.batch)
+            pad = [self.batch] * (bucket - len(rows))
+            plan.decode = np.array(range(bucket) if bucket == self.batch else sorted(rows) + pad, np.int32)
+        else:  # a batch: every row, whole bursts (fewer programs to compile)
+            plan.decode = np.arange(self.batch, dtype=np.int32)
+        plan.steps = steps
+
+    def _room(self, run: Running, steps: int, updates) -> bool:
+        """Pages for the tokens a burst of `steps` may feed (positions held .. held+fed-1)."""
+        left = run.request.params.max_tokens - len(run.request.output)      # draws still allowed
+        fed = min(steps, left - 1)
+        return fed <= 0 or self._reserve(self.rows.index(run), run.held + fed - 1, updates)
+
+    def _admit(self, request: Request, updates) -> int | None:
+        """A free row for the waiting request when the pool can hold it: its cached prefix shared,
+        pages for the rest of its prompt (and its first decoded token) available."""
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        if not free:
+            return None
+        page, target = self.pool.page_size, request.prompt_len + len(request.output)
+        tokens = request.prompt + request.output
+        digests = page_hashes(tokens[:(target - 1) // page * page], page)
+        hits = self.pool.lookup(digests)
+        if not self.pool.can_allocate(range(len(hits), target // page + 1)):
+            self.pool.release(hits)
+            return None
+        i = free[0]
+        run = Running(request, target, len(hits) * page, next(self._order), list(hits), digests[:len(hits)])
+        if request.ttft is None:                        # its first admission: what usage reports
+            request.cached = run.held
+        request.prefilled = run.held
+        updates += [(i, j, p) for j, p in enumerate(hits)]
+        self.rows[i] = run
+        return i
+
+    def _reserve(self, i: int, position: int, updates) -> bool:
+        """Pages for row i up to `position`; False when the pool has none left (what it got, it keeps)."""
+        run = self.rows[i]
+        try:
+            while len(run.pages) <= position // self.pool.page_size:
+                run.pages.append(self.pool.allocate(len(run.pages)))
+                updates.append((i, len(run.pages) - 1, run.pages[-1]))
+        except PoolExhausted:
+            return False
+        return True
+
+    def _next_chunk(self, i: int, updates) -> Chunk | None:
+        """Row i's next prefill chunk (with its pages; the admission after the last one, with the
+        page of its first decoded token), or None when the pool cannot give its pages."""
+        run = self.rows[i]
+        start = run.held
+        size = prefill_chunks(run.target - start, self.prefill_chunk)[0]
+        n = min(size, run.target - start)                          # real tokens; the rest is left padding
+        last = start + n == run.target
+        if not self._reserve(i, start + n if last else start + n - 1, updates):
+            return None
+        tokens = np.zeros(size, np.int32)
+        tokens[size - n:] = run.token(start, start + n)
+        run.held = run.request.prefilled = start + n
+        request = run.request
+        return Chunk(i, tokens, start, n, request.params if last else None, len(request.output))
+
+    def _preempt(self, plan: Plan, spare: int | None = None) -> bool:
+        """Preempts the most recently admitted request (other than row `spare`): its chunks leave
+        the plan, its pages go back to the pool, it goes back to the front of the queue."""
+        runs = [r for i, r in enumerate(self.rows) if r is not None and i != spare]
+        if not runs:
+            return False
+        victim = max(runs, key=lambda r: r.order)
+        i = self.rows.index(victim)
+        plan.chunks = [c for c in plan.chunks if c.row != i]
+        plan.cancel[i] = True
+        self._release(i)
+        victim.request.prefilled = 0
+        self.waiting.appendleft(victim.request)
+        self.preemptions += 1
+        return True
+
+    def _release(self, i: int) -> None:
+        self.pool.release(self.rows[i].pages)
+        self.rows[i] = None
+
+    # -- after a round ---------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """After the round ran: every full page now on device becomes shareable."""
+        for run in self.rows:
+            if run is not None:
+                self._register(run)
+
+    def _register(self, run: Running) -> None:
+        page = self.pool.page_size
+        while len(run.digests) < run.held // page:
+            j = len(run.digests)
+            digest = page_hashes(run.token(j * page, (j + 1) * page), page, run.digests[-1] if j else b"")[0]
+            self.pool.register(run.pages[j], digest)
+            run.digests.append(digest)
+
+    def collect(self, selected: np.ndarray, tokens: np.ndarray, now: float, finish: Finish) -> None:
+        """Hands a burst's tokens [b, steps] (-1: none) of rows `selected` [b] to their requests;
+        ends finished ones (their full pages registered, then released)."""
+        for i, row_tokens in zip(selected, tokens):
+            run = self.rows[i] if i < self.batch else None
+            if run is None:
+                continue
+            new = [int(t) for t in row_tokens if t >= 0]
+            if not new:
+                continue
+            request = run.request
+            if request.ttft is None:
+                request.ttft = now - request.submitted
+            request.output += new
+            stopped = new[-1] in request.params.stop_ids
+            ended = stopped or len(request.output) >= request.params.max_tokens
+            run.held += len(new) - 1 if ended else len(new)            # the final token is never fed
+            if request.on_tokens is not None:
+                request.on_tokens(request, new)
+            if ended:
+                self._register(run)
+                self._release(i)
+                finish(request, "stop" if stopped else "length")
