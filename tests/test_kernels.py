@@ -146,12 +146,13 @@ def test_gpu_kernels_on_a_gpu():
 
 
 
-def paged_case(page, int8, dtype=np.float32):
+def paged_case(page, int8, dtype=np.float32, poison=np.nan, chunk=1):
     """A pool of pages and four rows over it: lengths 0, part of a page, several pages (the first
     three shared with the next row) and the whole table, page ids shuffled. Slots no row sees are
-    NaN (K/V, or an int8 pool's scales), and so is the last page, where unused table entries (out
-    of range: the interpreter clamps them there) would lead if read. Returns the kernel's
-    arguments, the scales and the float64 answer [b,1,Hq,D]."""
+    `poison` (K/V, or an int8 pool's scales), and so is the last page, where unused table entries
+    (out of range: the interpreter clamps them there) would lead if read. Returns the kernel's
+    arguments, the scales and the float64 answer [b,chunk,Hq,D]: a row's chunk queries see the
+    last chunk of its slots causally (lengths [b, chunk])."""
     rng = np.random.default_rng(page)
     m_pages = max(3, 384 // page)
     lengths = np.array([0, page // 2 + 3, 3 * page - 5, m_pages * page], np.int32)
@@ -175,15 +176,16 @@ def paged_case(page, int8, dtype=np.float32):
         k_val, v_val = k.astype(np.float32), v.astype(np.float32)
         poisoned = [k, v]
     for x in poisoned:
-        x[:, ~seen] = np.nan
-    q = rng.standard_normal((4, 1, HQ, D)).astype(dtype)
+        x[:, ~seen] = poison
+    q = rng.standard_normal((4, chunk, HQ, D)).astype(dtype)
+    q_index = np.maximum(lengths[:, None] - chunk + np.arange(chunk), -1)
     pages = np.minimum(table, pool - 1)
     mask = seen[pages].reshape(4, -1)                              # [b, M*page]
     k_rows, v_rows = (np.where(mask[..., None, None], x[:, pages].reshape(G, 4, -1, D).transpose(1, 2, 0, 3), 0.0)
                       for x in (k_val, v_val))                     # [b, M*page, G, D] in slot order
     index = np.where(mask, np.arange(mask.shape[1]), PAD)
-    want = reference(q.astype(np.float32), k_rows, v_rows, (lengths - 1)[:, None], index)
-    args = (jnp.asarray(q), jnp.asarray(lengths[:, None]), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table))
+    want = reference(q.astype(np.float32), k_rows, v_rows, q_index, index)
+    args = (jnp.asarray(q), jnp.asarray(q_index + 1), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table))
     return args, tuple(jnp.asarray(x) for x in poisoned) if int8 else (), want
 
 
