@@ -143,3 +143,73 @@ def test_gpu_kernels_on_a_gpu():
         got = attend(*(jnp.asarray(x) for x in (q, qi, k, v, index)))
         want = reference(*(np.asarray(x, np.float32) for x in (q, k, v)), qi, index)
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2, err_msg=f"start {start}")
+
+
+
+def paged_case(page, int8, dtype=np.float32, poison=np.nan, chunk=1):
+    """A pool of pages and four rows over it: lengths 0, part of a page, several pages (the first
+    three shared with the next row) and the whole table, page ids shuffled. Slots no row sees are
+    `poison` (K/V, or an int8 pool's scales), and so is the last page, where unused table entries
+    (out of range: the interpreter clamps them there) would lead if read. Returns the kernel's
+    arguments, the scales and the float64 answer [b,chunk,Hq,D]: a row's chunk queries see the
+    last chunk of its slots causally (lengths [b, chunk])."""
+    rng = np.random.default_rng(page)
+    m_pages = max(3, 384 // page)
+    lengths = np.array([0, page // 2 + 3, 3 * page - 5, m_pages * page], np.int32)
+    pool = 2 * m_pages + 4
+    ids = rng.permutation(pool - 1)
+    table = np.full((4, m_pages), pool + 7, np.int32)
+    table[1, :1] = ids[:1]
+    table[3] = ids[1:1 + m_pages]
+    table[2, :3] = table[3, :3]                                    # a shared prefix of three full pages
+    k, v = (rng.standard_normal((G, pool, page, D)).astype(np.float32) for _ in range(2))
+    seen = np.zeros((pool, page), bool)
+    for row, length in enumerate(lengths):
+        slot = np.arange(length)
+        seen[table[row, slot // page], slot % page] = True
+    if int8:
+        (k, k_scale), (v, v_scale) = (tuple(np.array(a) for a in quantize(jnp.asarray(x))) for x in (k, v))
+        k_val, v_val = k * k_scale[..., None], v * v_scale[..., None]
+        poisoned = [k_scale, v_scale]
+    else:
+        k, v = k.astype(dtype), v.astype(dtype)
+        k_val, v_val = k.astype(np.float32), v.astype(np.float32)
+        poisoned = [k, v]
+    for x in poisoned:
+        x[:, ~seen] = poison
+    q = rng.standard_normal((4, chunk, HQ, D)).astype(dtype)
+    q_index = np.maximum(lengths[:, None] - chunk + np.arange(chunk), -1)
+    pages = np.minimum(table, pool - 1)
+    mask = seen[pages].reshape(4, -1)                              # [b, M*page]
+    k_rows, v_rows = (np.where(mask[..., None, None], x[:, pages].reshape(G, 4, -1, D).transpose(1, 2, 0, 3), 0.0)
+                      for x in (k_val, v_val))                     # [b, M*page, G, D] in slot order
+    index = np.where(mask, np.arange(mask.shape[1]), PAD)
+    want = reference(q.astype(np.float32), k_rows, v_rows, q_index, index)
+    args = (jnp.asarray(q), jnp.asarray(q_index + 1), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table))
+    return args, tuple(jnp.asarray(x) for x in poisoned) if int8 else (), want
+
+
+@pytest.mark.parametrize("page, int8", [(16, False), (16, True), (128, False), (128, True), (256, False)])
+def test_paged_decode_reads_each_row_through_its_table(page, int8):
+    """`paged_decode` in Pallas' interpreter: each row sees the first lengths[i] slots of its pages,
+    in table order (shared and shuffled page ids, a length of 0, a partial page, the whole
+    table; 256-slot pages in 128-slot tiles), nothing else; against float64 (int8: on the
+    dequantized values)."""
+    args, scales, want = paged_case(page, int8)
+    run = jax.jit(lambda *a: ungroup(normalized(decode_pallas.paged_decode(*a, interpret=True)), jnp.float32))
+    got = run(*args, *scales)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("page, int8", [(16, False), (256, True)])
+def test_paged_decode_lowers_for_cuda(page, int8):
+    """`paged_decode` compiles to a Triton call for CUDA (exported here, without a GPU) on bf16 and
+    int8 pools, pages of 16 slots and of 256 (read in 128-slot tiles)."""
+    q = jax.ShapeDtypeStruct((8, 1, 32, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 64, page, 128), jnp.int8 if int8 else jnp.bfloat16)
+    scales = (jax.ShapeDtypeStruct(kv.shape[:-1], jnp.float32),) * 2 if int8 else ()
+    lengths, table = jax.ShapeDtypeStruct((8, 1), jnp.int32), jax.ShapeDtypeStruct((8, 16), jnp.int32)
+    exported = export.export(jax.jit(decode_pallas.paged_decode), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, lengths, kv, kv, table, *scales)
+    text = exported.mlir_module()
+    assert "__gpu$xla.gpu.triton" in text and 'name = "paged_decode"' in text
