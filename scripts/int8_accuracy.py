@@ -31,20 +31,20 @@ def step_logits(model, kv_cache_dtype, prompt, tokens):
     import jax.numpy as jnp
     import numpy as np
 
-    from glm_jax.engine import cache_length
-    from glm_jax.engine import cache_dtype, init_cache, model_step
+    from glm_jax.engine import cache_dtype, model_step, one_row_cache
     from glm_jax.sharding import Layout, make_mesh
 
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
     step = jax.jit(functools.partial(model_step, model.graphdef, layout=layout), donate_argnums=(1,))
     p = len(prompt)
-    cache = init_cache(model.config, layout, 1, cache_length(p + len(tokens), 1), cache_dtype(kv_cache_dtype, model.dtype))
+    cache = one_row_cache(model.config, layout, p + len(tokens), 128, cache_dtype(kv_cache_dtype, model.dtype))
+    row = np.zeros(1, np.int32)
     logits, cache = step(model.state, cache, np.asarray([prompt], np.int32), np.arange(p, dtype=np.int32)[None],
-                         np.arange(p, dtype=np.int32), np.ones((1, p), bool))
+                         np.ones((1, p), bool), row)
     out = [logits[0]]
     for i, token in enumerate(tokens[:-1]):
         logits, cache = step(model.state, cache, np.asarray([[token]], np.int32), np.asarray([[p + i]], np.int32),
-                             np.asarray([p + i], np.int32), np.ones((1, 1), bool))
+                             np.ones((1, 1), bool), row)
         out.append(logits[0])
     return np.asarray(jnp.stack(out))
 

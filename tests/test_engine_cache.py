@@ -1,115 +1,139 @@
-"""The engine's KV cache (engine/cache.py): write and attend against float64 numpy attention, on 1
-and 8 devices; int8 storage; the kernel choice."""
-
-import functools
+"""The engine's paged KV cache (engine/cache.py): writes through page tables and attention over
+them against float64 numpy attention, on 1 to 8 devices; int8 pages; local lengths; the kernel
+choice."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from glm_jax.attention import PAD, cache_forward, init_state, normalized, ungroup
-from glm_jax.engine.cache import cache_block, cache_ops, cache_order, quantize, resolve_kernel, score_budget
+from glm_jax.engine.cache import (DROP, block_pages, cache_ops, local_lengths, page_devices, page_slots, paged_tiles,
+                                  quantize, resolve_kernel, score_budget)
 from glm_jax.sharding import Layout, make_mesh
 
-B, HQ, G, D = 2, 8, 2, 16
+HQ, G, D = 8, 2, 16
 
 
-def reference(q, k, v, q_index, k_index):
-    """float64 attention: q [B,C,Hq,D], k/v [B,S,G,D] in slot order, causal by index."""
+def reference(q, k, v, q_pos):
+    """float64 attention of one row: q [C,Hq,D] at positions q_pos [C] (-1: nothing), k/v [S,G,D]
+    in position order, causal."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    k, v = (np.repeat(x, HQ // G, axis=2) for x in (k, v))
-    s = np.einsum("bchd,bshd->bhcs", q, k) / np.sqrt(D)
-    mask = (k_index[:, None, None, :] <= q_index[:, None, :, None]) & (k_index[:, None, None, :] != PAD)
+    k, v = (np.repeat(x, HQ // G, axis=1) for x in (k, v))
+    s = np.einsum("chd,shd->hcs", q, k) / np.sqrt(D)
+    mask = np.arange(k.shape[0])[None, None, :] <= q_pos[None, :, None]
     s = np.where(mask, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhcs,bshd->bchd", p, v)
+    top = np.where(np.isfinite(s.max(-1, keepdims=True)), s.max(-1, keepdims=True), 0.0)
+    p = np.exp(s - top)
+    p /= np.where(p.sum(-1, keepdims=True) > 0, p.sum(-1, keepdims=True), 1.0)
+    return np.einsum("hcs,shd->chd", p, v)
 
 
-def filled_cache(mesh: str, length: int, filled: int, pad_row1: int, seed: int = 0, int8: bool = False):
-    """A cache of `length` slots with slots [0, filled) written (row 1 left-padded by pad_row1),
-    through the sharded write. Returns (layout, order, k, v, index, k_ref, v_ref, index_ref,
-    scales); int8: k/v quantized, scales (k_scale, v_scale), k_ref/v_ref their dequantized values."""
+def layout_of(mesh: str) -> Layout:
     devices = int(np.prod([int(part.split("=")[1]) for part in mesh.split(",")]))
-    layout = Layout(make_mesh(mesh, jax.devices()[:devices]))
-    order = cache_order(layout, G)
-    write = jax.jit(cache_ops(layout, order)[0])   # one compile per shape, not one per primitive
-    rng = np.random.default_rng(seed)
-    k_ref, v_ref = (rng.standard_normal((B, length, G, D)).astype(np.float32) for _ in range(2))
-    index_ref = np.full((B, length), PAD, np.int32)
-    index_ref[:, :filled] = np.arange(filled)
-    index_ref[1, :pad_row1] = PAD
-    shape = tuple({"b": B, "s": length, "g": G, "d": D}[c] for c in order)
-    slots = jnp.arange(filled, dtype=jnp.int32)
-    index = write(jnp.full((B, length), PAD, jnp.int32), jnp.asarray(index_ref[:, :filled]), slots)
-    if not int8:
-        k = write(jnp.zeros(shape, jnp.float32), jnp.asarray(k_ref[:, :filled]), slots)
-        v = write(jnp.zeros(shape, jnp.float32), jnp.asarray(v_ref[:, :filled]), slots)
-        return layout, order, k, v, index, k_ref, v_ref, index_ref, ()
-    stored, scales = [], []
-    for ref in (k_ref, v_ref):
-        q, scale = quantize(jnp.asarray(ref))
-        ref[:] = np.asarray(q, np.float32) * np.asarray(scale)[..., None]       # what the cache holds
-        stored.append(write(jnp.zeros(shape, jnp.int8), q[:, :filled], slots))
-        scales.append(write(jnp.zeros(shape[:order.index("d")], jnp.float32), scale[:, :filled], slots))
-    return layout, order, *stored, index, k_ref, v_ref, index_ref, tuple(scales)
+    return Layout(make_mesh(mesh, jax.devices()[:devices]))
 
 
-@pytest.mark.parametrize("mesh, length, filled, chunk, int8", [
-    ("sequence=1", 2304, 1999, 1, False), ("sequence=1", 2304, 1999, 96, False), ("sequence=1", 300, 211, 1, False),
-    ("sequence=8", 8192, 3001, 1, False), ("sequence=8", 8192, 3001, 128, False),
-    ("tensor=2,sequence=4", 4096, 2500, 1, False), ("tensor=2,sequence=4", 4096, 2500, 64, False),
-    ("sequence=3", 3072, 2049, 1, False), ("sequence=3", 3072, 2049, 40, False),
-    ("sequence=1", 2304, 1999, 1, True), ("sequence=1", 2304, 1999, 96, True), ("sequence=8", 8192, 3001, 128, True),
-    ("tensor=2,sequence=4", 4096, 2500, 1, True),   # one KV head per device: the [B, G, S, D] cache
+def tables(lengths, page, devices, pages_per_device, width, rng):
+    """Page tables [b, width]: logical page j of each row on device j % devices, pages drawn
+    without repeats from each device's block (the allocator's placement), the rest 0."""
+    free = [list(rng.permutation(np.arange(d * pages_per_device, (d + 1) * pages_per_device)))
+            for d in range(devices)]
+    table = np.zeros((len(lengths), width), np.int32)
+    for i, n in enumerate(lengths):
+        for j in range(-(-n // page)):
+            table[i, j] = free[j % devices].pop()
+    return table
+
+
+@pytest.mark.parametrize("mesh, page, lengths, chunk, int8", [
+    ("sequence=1", 16, [300, 1, 77], 1, False), ("sequence=1", 16, [300, 40, 77], 24, False),
+    ("sequence=4", 8, [301, 9, 130], 1, False), ("sequence=4", 8, [301, 33, 130], 32, False),
+    ("tensor=2,sequence=4", 16, [500, 17, 250], 1, False), ("tensor=2,sequence=4", 16, [500, 40, 250], 40, False),
+    ("data=2,sequence=2", 4, [97, 5, 64], 1, False), ("sequence=3", 8, [200, 25, 90], 12, False),
+    ("sequence=1", 16, [300, 40, 77], 24, True), ("tensor=2,sequence=4", 16, [500, 17, 250], 1, True),
 ])
-def test_attend_matches_reference(mesh, length, filled, chunk, int8):
-    """Decode (one query) and prefill chunks (the last `chunk` filled slots as queries), with a
-    left-padded row, striped slots and awkward fill levels; int8: against the dequantized values
-    (the attention itself adds no error beyond float32 rounding)."""
-    layout, order, k, v, index, k_ref, v_ref, index_ref, scales = filled_cache(mesh, length, filled, filled // 3,
-                                                                               int8=int8)
-    _, attend = cache_ops(layout, order, budget=chunk * HQ * 256)          # 256-slot tiles or fewer
-    q = np.random.default_rng(1).standard_normal((B, chunk, HQ, D)).astype(np.float32)
-    q_index = np.broadcast_to(np.arange(filled - chunk, filled, dtype=np.int32), (B, chunk))
-    got = jax.jit(attend)(jnp.asarray(q), jnp.asarray(q_index), k, v, index, *scales)
-    want = reference(q, k_ref, v_ref, q_index, index_ref)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+def test_paged_attend_matches_reference(mesh, page, lengths, chunk, int8):
+    """Rows of different lengths in pages scattered over the pool (each row's logical page j on
+    device j % n): K/V written through `write`, then decode (one query a row) or a prefill chunk (a
+    row's last `chunk` positions, rows shorter than the chunk left-padded) attends through the
+    tables, against float64; int8 pages against their dequantized values."""
+    layout = layout_of(mesh)
+    n = page_devices(layout)
+    rng = np.random.default_rng(sum(lengths) + chunk)
+    width = -(-(-(-max(lengths) // page)) // n) * n + n                   # some spare table entries
+    per_device = width * len(lengths) // n + 3
+    table = tables(lengths, page, n, per_device, width, rng)
+    pool_shape = (G, per_device * n, page, D)
+    write, attend = cache_ops(layout, budget=chunk * HQ * 4 * page)        # 4-page tiles or fewer
+    write = jax.jit(write)
+    b, longest = len(lengths), max(lengths)
+    k_ref, v_ref = (rng.standard_normal((b, longest, G, D)).astype(np.float32) for _ in range(2))
+    positions = np.broadcast_to(np.arange(longest, dtype=np.int32), (b, longest))
+    valid = positions < np.array(lengths)[:, None]
+    slots = page_slots(jnp.asarray(table), jnp.asarray(positions), jnp.asarray(valid), page)
+    if int8:
+        pools = []
+        for ref in (k_ref, v_ref):
+            q8, scale = quantize(jnp.asarray(ref))
+            ref[:] = np.asarray(q8, np.float32) * np.asarray(scale)[..., None]
+            pools.append(write(jnp.zeros(pool_shape, jnp.int8), q8, slots))
+            pools.append(write(jnp.zeros(pool_shape[:3], jnp.float32), scale, slots))
+        k, k_scale, v, v_scale = pools
+        scales = (k_scale, v_scale)
+    else:
+        garbage = jnp.asarray(rng.standard_normal(pool_shape) * 1e4, jnp.float32)     # what other requests left
+        k, v = (write(garbage, jnp.asarray(x), slots) for x in (k_ref, v_ref))
+        scales = ()
+    q = rng.standard_normal((b, chunk, HQ, D)).astype(np.float32)
+    q_pos = np.array([[p if p >= 0 else -1 for p in range(n_ - chunk, n_)] for n_ in lengths], np.int32)
+    got = np.asarray(jax.jit(attend)(jnp.asarray(q), jnp.asarray(q_pos), k, v, jnp.asarray(table), *scales))
+    for i in range(b):
+        want = reference(q[i], k_ref[i], v_ref[i], q_pos[i])
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-5, err_msg=f"row {i}")
 
 
-@pytest.mark.parametrize("chunk, groups", [(64, G), (96, 1), (1, G), (1, 1)])
-def test_cache_forward_visits_only_filled_tiles(chunk, groups):
-    """A prefill chunk, or a decode query, near the start of a large cache reads the filled tiles
-    only: garbage (NaN) beyond the last filled slot is never touched, whatever the number of KV
-    groups (the decode path once took a single pass over every slot when a device held one)."""
-    s, filled = 4096, 700
-    rng = np.random.default_rng(0)
-    k = rng.standard_normal((1, s, groups, D)).astype(np.float32)
-    v = rng.standard_normal((1, s, groups, D)).astype(np.float32)
-    want_k, want_v = k[:, :1024].copy(), v[:, :1024].copy()
-    k[:, 1024:] = np.nan
-    v[:, 1024:] = np.nan
-    index = np.full((1, s), PAD, np.int32)
-    index[:, :filled] = np.arange(filled)
-    q = rng.standard_normal((1, chunk, groups, HQ // G, D)).astype(np.float32)
-    qi = np.arange(filled - chunk, filled, dtype=np.int32)[None]
-    forward = jax.jit(functools.partial(cache_forward, block_k=512))
-    state = forward(init_state(1, chunk, groups, HQ // G, D), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                    jnp.asarray(qi), jnp.asarray(index))
-    got = ungroup(normalized(state), jnp.float32)
-    hq = groups * (HQ // G)
-    want = reference(q.reshape(1, chunk, hq, D), want_k, want_v, qi, index[:, :1024])
-    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
+def test_paged_tiles_read_only_visible_pages():
+    """Pages past a row's visible slots, and table entries past them, do not count: huge values
+    there (what other requests left) leave the answer exact; an empty query gets zeros."""
+    page, rng = 16, np.random.default_rng(3)
+    k, v = (rng.standard_normal((G, 12, page, D)).astype(np.float32) for _ in range(2))
+    k[:, 5:], v[:, 5:] = 3e4, -3e4                                          # pages 5.. are someone else's
+    table = np.array([[3, 1, 4, 9, 10, 11], [0, 2, 7, 8, 6, 5]], np.int32)
+    lengths = np.array([[40, 41], [20, 0]], np.int32)                      # row 1 sees pages 0 and 2 only
+    q = rng.standard_normal((2, 2, HQ, D)).astype(np.float32)
+    state = jax.jit(paged_tiles, static_argnames="tile_pages")(jnp.asarray(q), jnp.asarray(lengths), jnp.asarray(k),
+                                                                jnp.asarray(v), jnp.asarray(table), tile_pages=2)
+    out = np.asarray(state.acc / np.maximum(np.asarray(state.l), 1e-30)[..., None])      # [b, G, R, C, D]
+    assert np.isfinite(out).all() and not out[1, :, :, 1].any()
+    rows = [(k[:, [3, 1, 4]], v[:, [3, 1, 4]]), (k[:, [0, 2]], v[:, [0, 2]])]
+    for i, (kr, vr) in enumerate(rows):
+        kr, vr = (x.reshape(G, -1, D).transpose(1, 0, 2) for x in (kr, vr))  # [S, G, D] in position order
+        want = reference(q[i], kr, vr, lengths[i] - 1)
+        got = out[i].transpose(2, 0, 1, 3).reshape(2, HQ, D)
+        visible = lengths[i] > 0
+        np.testing.assert_allclose(got[visible], want[visible], rtol=0, atol=2e-5)
 
 
-def test_cache_block():
-    """Score tiles within the budget: 4,096 queries x 32 heads on v5e get 128-slot tiles."""
-    tpu, gpu = score_budget("tpu"), score_budget("gpu")
-    assert cache_block(300, 512 * 8, tpu) == 300 and cache_block(8192, 512 * 8, tpu) == 4096
-    assert cache_block(6144, 512 * 8, tpu) == 2048 and cache_block(131072, 4096 * 32, tpu) == 128
-    assert cache_block(16384, 512 * 8, score_budget("cpu")) == 512
-    assert cache_block(2560, 8 * 256, 8 * 256 * 1024) == 512 and cache_block(139264, 4096 * 32, gpu) == 2048
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-1, 5000), st.sampled_from([1, 2, 3, 8]), st.sampled_from([4, 16, 128]), st.data())
+def test_local_lengths_count_the_visible_local_slots(q_pos, devices, page, data):
+    """A query at q_pos sees, on device d, exactly the local slots of positions <= q_pos among the
+    row's logical pages d, d + n, ...: a prefix of them."""
+    device = data.draw(st.integers(0, devices - 1))
+    got = int(local_lengths(jnp.array([[q_pos]]), device, devices, page)[0, 0])
+    positions = np.arange(q_pos + 1)
+    assert got == int(np.sum((positions // page) % devices == device))
+
+
+def test_page_slots_and_block_pages():
+    table = jnp.array([[5, 2, 7], [1, 0, 3]], jnp.int32)
+    slots = page_slots(table, jnp.array([[0, 9, 17], [3, 4, 4]]), jnp.array([[True, True, True], [True, True, False]]),
+                       8)
+    assert np.asarray(slots).tolist() == [[40, 17, 57], [11, 12, DROP]]
+    tpu = score_budget("tpu")
+    assert block_pages(128, 512 * 8, tpu) == 32 and block_pages(128, 4096 * 32, tpu) == 1
+    assert block_pages(16, 1 * 32, score_budget("cpu")) == 512 and block_pages(256, 4096 * 32, tpu) == 1
 
 
 def test_gpu_kernel_is_refused_off_gpus():
@@ -117,7 +141,7 @@ def test_gpu_kernel_is_refused_off_gpus():
     "auto" takes the portable kernel there."""
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
     with pytest.raises(ValueError, match="kernel 'gpu' needs GPU devices"):
-        cache_ops(layout, "bgsd", kernel="gpu")
+        cache_ops(layout, kernel="gpu")
     assert resolve_kernel("auto", "cpu") == "xla"
     with pytest.raises(ValueError, match="unknown attention kernel 'cudnn'; choose from auto, xla, gpu"):
         resolve_kernel("cudnn", "gpu")

@@ -8,7 +8,8 @@ import pytest
 
 import glm_jax
 from glm_jax.cli import main
-from glm_jax.engine import init_cache, model_step
+from glm_jax.engine import model_step
+from glm_jax.engine.cache import one_row_cache
 from glm_jax.sharding import Layout, make_mesh
 
 
@@ -42,17 +43,17 @@ def test_cached_decode_logits_equal_full_recomputation(reference, mesh):
     ids = ref["greedy_ids"][:1]                                   # 40 tokens
     full = model.logits(ids)[0]
     layout = model.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
-    cache = init_cache(model.config, layout, 1, 64, np.float32)
+    cache = one_row_cache(model.config, layout, 64, 8, np.float32)          # 8 pages of 8 over the devices
     prompt, got = 20, []
     step = jax.jit(lambda *a, last_only: model_step(model.graphdef, *a, layout=layout, last_only=last_only),
                    static_argnames="last_only")
     valid = np.ones((1, prompt), bool)
-    logits, cache = step(model.state, cache, ids[:, :prompt], np.arange(prompt)[None], np.arange(prompt, dtype=np.int32),
-                         valid, last_only=False)
+    row = np.zeros(1, np.int32)
+    logits, cache = step(model.state, cache, ids[:, :prompt], np.arange(prompt)[None], valid, row, last_only=False)
     got.extend(np.asarray(logits[0]))
     for t in range(prompt, ids.shape[1]):                          # one token at a time from the cache
-        logits, cache = step(model.state, cache, ids[:, t:t + 1], np.array([[t]]), np.array([t], np.int32),
-                             np.ones((1, 1), bool), last_only=True)
+        logits, cache = step(model.state, cache, ids[:, t:t + 1], np.array([[t]]), np.ones((1, 1), bool), row,
+                             last_only=True)
         got.append(np.asarray(logits[0]))
     got = np.stack(got)
     assert np.linalg.norm(got - full) / np.linalg.norm(full) <= 1e-5
@@ -126,9 +127,9 @@ def test_cli_chat_reuses_the_conversation_cache(tiny_chat_model, capsys, monkeyp
     lines = iter(["hello", "tell me more", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", "--model", str(tiny_chat_model), "--max-new-tokens", "5", "--temperature", "0",
-                 "--max-model-len", "300"]) == 0
+                 "--max-model-len", "300", "--page-size", "4"]) == 0
     first, second = requests
-    assert first.cached == 0 and second.cached >= first.prompt_len
+    assert first.cached == 0 and second.cached >= first.prompt_len // 4 * 4 > 0   # the kept turn's full pages
     model = glm_jax.load(tiny_chat_model)
     assert second.output == model.generate([second.prompt], max_new_tokens=5, temperature=0)[0]
     assert capsys.readouterr().out.count("assistant> ") == 2
@@ -139,29 +140,9 @@ def test_cli_generate_bad_input(tiny_chat_model, capsys):
     assert "top_p must lie in (0, 1]" in capsys.readouterr().err
 
 
-def test_striped_cache_slots_are_a_bijection():
-    from jax.sharding import PartitionSpec as P
-
-    from glm_jax.engine import cache_length
-    from glm_jax.engine.cache import _local_slots
-
-    layout = Layout(make_mesh("sequence=4,data=2"))
-    length = cache_length(3000, 4)
-    assert length == 4096
-    slots = np.arange(length, dtype=np.int32)
-    local = jax.shard_map(lambda s: _local_slots(s, length // 4, "sequence")[None], mesh=layout.mesh,
-                          in_specs=P(), out_specs=P("sequence"), check_vma=False)(slots)
-    local = np.asarray(local)                                       # [device, slot] -> local slot or 1024
-    owned = local < length // 4
-    assert (owned.sum(axis=0) == 1).all()                           # every slot on exactly one device
-    for d in range(4):
-        assert sorted(local[d][owned[d]]) == list(range(length // 4))
-        assert owned[d][:2048].sum() == 512                         # any prefix is split evenly
-
-
 @pytest.mark.slow
-def test_long_prompt_on_a_striped_cache(reference):
-    """2,100 prompt tokens: 4,096 cache slots over 4 devices in stripes of 512."""
+def test_long_prompt_on_a_paged_pool_over_four_devices(reference):
+    """2,100 prompt tokens: 17 pages of 128 round the 4 devices of `sequence`."""
     folder, _ = fixture(reference, "chatglm-f32")
     prompt = np.random.default_rng(5).integers(0, 512, 2100).tolist()
     want = glm_jax.load(folder).generate([prompt], max_new_tokens=6, temperature=0)
@@ -208,9 +189,10 @@ def test_int8_cache_logits_against_the_float_cache(reference):
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
     model = glm_jax.load(folder)
     step = jax.jit(lambda cache: model_step(model.graphdef, model.state, cache, ids, np.arange(t)[None],
-                                            np.arange(t, dtype=np.int32), np.ones((1, t), bool), layout=layout,
+                                            np.ones((1, t), bool), np.zeros(1, np.int32), layout=layout,
                                             last_only=False)[0][0])
-    cached = {dtype: np.asarray(step(init_cache(model.config, layout, 1, 64, dtype))) for dtype in (np.float32, np.int8)}
+    cached = {dtype: np.asarray(step(one_row_cache(model.config, layout, 64, 16, dtype)))
+              for dtype in (np.float32, np.int8)}
 
     def moved(move):
         def attention(q, k, v, q_index, k_index):

@@ -145,6 +145,17 @@ def _cache_maker(config: GLMConfig, layout: Layout, batch: int, width: int, num_
     return jax.jit(make, out_shardings=jax.tree.map(lambda x: x.sharding, like))
 
 
+def one_row_cache(config: GLMConfig, layout: Layout, length: int, page_size: int, dtype) -> KVCache:
+    """A cache of one row (row 0) holding `length` tokens in its own pages, placed as the allocator
+    places them (logical page j on page device j % n): for scripts and tests that call
+    `model_step` directly."""
+    n = page_devices(layout)
+    width = table_width(length, page_size, n)
+    cache = init_cache(config, layout, 1, width, width, page_size, dtype)
+    j = jnp.arange(width, dtype=jnp.int32)
+    return dataclasses.replace(cache, pages=((j % n) * (width // n) + j // n)[None])
+
+
 def cache_bytes_per_token(config: GLMConfig, layout: Layout, dtype) -> int:
     """Bytes one token's K/V take over all layers on the whole mesh (int8: with its scales)."""
     per_head = config.head_dim * jnp.dtype(dtype).itemsize + (4 if jnp.dtype(dtype) == jnp.int8 else 0)
@@ -203,13 +214,15 @@ def block_pages(page_size: int, queries: int, budget: int) -> int:
 def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
     """The portable kernel: a loop over tiles of `tile_pages` pages of every row (gathered from
     the pool) up to the longest row's visible slots, every query of the chunk at once; a tile
-    every query sees whole skips the mask."""
+    every query sees whole skips the mask (queries that see nothing aside: padding, whose output
+    nobody reads)."""
     b, c = lengths.shape
     g, _, page, d = k.shape
     qg = heads_major(group_queries(q, g))                                   # [b, G, R, C, D]
     width = -(-table.shape[1] // tile_pages) * tile_pages
     table = jnp.pad(jnp.clip(table, 0, k.shape[1] - 1), ((0, 0), (0, width - table.shape[1])))
     span = tile_pages * page
+    shortest = jnp.where(lengths > 0, lengths, jnp.iinfo(jnp.int32).max).min()  # empty queries' outputs go unused
 
     def gather(x, ids):  # [G, P, page(, D)] -> [G, b, span(, D)]
         t = x[:, ids]                                                       # [G, b, T, page(, D)]
@@ -220,7 +233,7 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
         k_t, v_t = gather(k, ids), gather(v, ids)
         scales = [None if x is None else gather(x, ids) for x in (k_scale, v_scale)]
         slot = i * span + jnp.arange(span, dtype=jnp.int32)
-        whole = (i + 1) * span <= lengths.min()
+        whole = (i + 1) * span <= shortest
         return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, "gbsd", *scales),
                             lambda st: update(st, qg, k_t, v_t, slot < lengths[:, :, None], "gbsd", *scales), st)
 

@@ -88,17 +88,17 @@ def chunk_logits(config, graphdef, state, layout, kernel: str, prompt: list[int]
     import jax
     import numpy as np
 
-    from glm_jax.engine import cache_length, init_cache, model_step
+    from glm_jax.engine import model_step, one_row_cache
 
     step = jax.jit(functools.partial(model_step, graphdef, layout=layout, kernel=kernel, last_only=False),
                    donate_argnums=(1,))
-    cache = init_cache(config, layout, 1, cache_length(len(prompt), 1), jax.tree.leaves(state)[0].dtype)
+    cache = one_row_cache(config, layout, len(prompt), 128, jax.tree.leaves(state)[0].dtype)
     ids = np.asarray(prompt, np.int32)[None]
     out = []
     for start in range(0, len(prompt), chunk):
         part = slice(start, start + chunk)
         logits, cache = step(state, cache, ids[:, part], np.arange(len(prompt), dtype=np.int32)[None, part],
-                             np.arange(start, start + chunk, dtype=np.int32), np.ones((1, chunk), bool))
+                             np.ones((1, chunk), bool), np.zeros(1, np.int32))
         out.append(logits[0])
     return jax.numpy.concatenate(out)
 
