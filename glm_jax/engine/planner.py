@@ -58,6 +58,7 @@ class Planner:
         self.waiting: collections.deque[Request] = collections.deque()
         self.preemptions = 0
         self._order = itertools.count()
+        self._freed: set[int] = set()
 
     @property
     def batch(self) -> int:
@@ -72,6 +73,7 @@ class Planner:
         """The round's plan: cancellations, page-table entries, prefill chunks (up to
         `prefill_chunk` tokens, at least one chunk), a decode burst."""
         plan = Plan(cancel=np.zeros(self.batch, bool), chunks=[], decode=np.zeros(0, np.int32))
+        self._freed = set()           # rows cancelled on device this round (after its admissions): not reused
         updates: list[tuple[int, int, int]] = []
         for request, reason in cancels:
             if request.finish_reason is not None:
@@ -143,7 +145,7 @@ class Planner:
     def _admit(self, request: Request, updates) -> int | None:
         """A free row for the waiting request when the pool can hold it: its cached prefix shared,
         pages for the rest of its prompt (and its first decoded token) available."""
-        free = [i for i, r in enumerate(self.rows) if r is None]
+        free = [i for i, r in enumerate(self.rows) if r is None and i not in self._freed]
         if not free:
             return None
         page, target = self.pool.page_size, request.prompt_len + len(request.output)
@@ -208,6 +210,7 @@ class Planner:
     def _release(self, i: int) -> None:
         self.pool.release(self.rows[i].pages)
         self.rows[i] = None
+        self._freed.add(i)
 
     # -- after a round ---------------------------------------------------------------------------
 
