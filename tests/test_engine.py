@@ -226,3 +226,27 @@ def test_sampling_params_validate_themselves(field, value, message):
     """Every way in (the API, the server, the engine) builds SamplingParams, which refuse bad values."""
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{"max_tokens": 4, field: value})
+
+
+def test_preempted_requests_resume_with_the_same_tokens(f32):
+    """Six requests on a pool with room for about two: the newest running ones are preempted and
+    resumed (prompt and what they emitted prefilled again, mostly from cached pages; the next draw
+    with the same key), greedy and sampled alike: every answer equals the one from a pool that
+    holds them all."""
+    folder, ref = f32
+    prompts = [ref["input_ids"][i % 2][: 10 + 3 * i].tolist() for i in range(6)]
+    params = [SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.9, top_k=20 if i % 3 else 0, seed=i)
+              for i in range(6)]
+
+    def answers(**pool):
+        engine = glm_jax.load(folder, prefill_chunk=8, page_size=8, **pool).engine(max_batch=6, max_model_len=64,
+                                                                                    steps_per_call=4)
+        requests = [engine.submit(p, s) for p, s in zip(prompts, params)]
+        run(engine)
+        return [r.output for r in requests], engine.stats()
+
+    roomy, stats = answers()
+    assert stats["preemptions"] == 0
+    tight, stats = answers(kv_cache_tokens=96)                              # 12 pages
+    assert stats["preemptions"] > 0 and stats["pages_used"] == 0
+    assert tight == roomy and all(len(out) == 24 for out in roomy)

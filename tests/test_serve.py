@@ -361,6 +361,37 @@ def test_metrics_and_log(url, caplog):
     counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert counts["glm_jax_prompt_tokens_total"] > 0 and counts["glm_jax_generation_tokens_total"] > 0
     assert counts["glm_jax_time_to_first_token_seconds_count"] > 0
+    assert counts["glm_jax_kv_pages_total"] > counts["glm_jax_kv_pages_free"] - 1 >= 0
+    assert counts["glm_jax_kv_pages_used"] == 0 and counts["glm_jax_kv_pages_cached"] >= 0
+    assert counts["glm_jax_prefix_queries_total"] >= counts["glm_jax_prefix_hits_total"] >= 0
+    assert counts["glm_jax_preemptions_total"] == 0 and 0 <= counts["glm_jax_prefix_cache_hit_rate"] <= 1
+
+
+def test_an_over_subscribed_pool_answers_every_request_whole(tiny_chat_model, model):
+    """Sixteen clients at once on a KV pool with room for about two of them: requests wait, the
+    newest running ones are preempted and resumed; every answer is whole and equals the greedy
+    answer alone; a refusal is a 429 (the queue bound), never a 5xx."""
+    small = glm_jax.load(tiny_chat_model, page_size=16, kv_cache_tokens=160)      # 10 pages
+    engine = small.engine(max_batch=8, max_model_len=128, steps_per_call=4, max_queue=6)
+    prompts = [" ".join(["word"] * (10 + 3 * i)) for i in range(16)]
+    want = dict(zip(prompts, model.generate(prompts, max_new_tokens=40, temperature=0)))    # a pool for all
+    engine.start()
+    try:
+        with serving(create_app(small, engine, served_model_name=NAME, max_model_len=128)) as base:
+            def ask(prompt):
+                try:
+                    return client(base).completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0)
+                except openai.RateLimitError:
+                    return 429
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(ask, prompts))
+    finally:
+        engine.shutdown(timeout=10)
+    done = [(p, a) for p, a in zip(prompts, answers) if a != 429]
+    assert len(done) >= 6 and engine.stats()["preemptions"] > 0
+    for p, a in done:
+        assert a.choices[0].text == text_of(small, want[p])
+        assert a.choices[0].finish_reason == ("length" if len(want[p]) == 40 else "stop")
 
 
 def test_fuzz_openapi_schema(url, model):

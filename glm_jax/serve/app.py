@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -97,6 +98,30 @@ class Metrics:
               registry=self.registry).set_function(lambda: engine.stats()["waiting"])
         Gauge("glm_jax_requests_running", "requests holding a batch slot",
               registry=self.registry).set_function(lambda: engine.stats()["running"])
+        self.registry.register(_EngineCollector(engine))
+
+
+class _EngineCollector:
+    """The engine's KV page pool and prefix cache, read from `Engine.stats` at each scrape."""
+
+    GAUGES = {"pages_total": "pages in the KV cache's pool", "pages_used": "pages held by running requests",
+              "pages_cached": "full pages holding a cached prefix (held or not)",
+              "pages_free": "pages a request can take now (free or cached unreferenced)"}
+    COUNTERS = {"prefix_queries": "pages looked up in the prefix cache", "prefix_hits": "pages found there",
+                "preemptions": "running requests preempted for pages (recomputed later)",
+                "evictions": "cached pages reused for others"}
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        for name, doc in self.GAUGES.items():
+            yield GaugeMetricFamily(f"glm_jax_kv_{name}", doc, value=stats[name])
+        yield GaugeMetricFamily("glm_jax_prefix_cache_hit_rate", "prefix-cache hits / pages looked up",
+                                value=stats["prefix_hit_rate"])
+        for name, doc in self.COUNTERS.items():
+            yield CounterMetricFamily(f"glm_jax_{name}", doc, value=stats[name])
 
 
 class _AccessLog:
