@@ -112,7 +112,7 @@ def format_summary(summary: dict) -> str:
     lengths = summary["lengths"]
     width = max(8, *(len(f"{n:,}") + 2 for n in lengths))
     name = max(16, *(len(t) + 1 for t in summary["tasks"]))
-    lines = [f"RULER: {summary['model']}", f"haystack: {summary['haystack']}",
+    lines = [f"RULER: {summary['model']}", f"essay haystack: {summary['haystack'] or 'none (no essay task)'}",
              f"{'task':<{name}}" + "".join(f"{n:>{width},}" for n in lengths)]
     for task, row in zip(list(summary["tasks"]) + ["average"], score_grid(summary)):
         lines.append(f"{task:<{name}}" + "".join(f"{'-' if np.isnan(x) else f'{x:.1f}':>{width}}" for x in row))
