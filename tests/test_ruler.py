@@ -66,6 +66,9 @@ def test_answers_recoverable_and_prefix_opens_the_answer(built, name):
 NIAH = [n for n in tasks.SYNTHETIC if tasks.TASKS[n].kind == "niah"]
 
 
+NEEDLE = re.compile(r"One of the special magic \w+ for ([\w-]+) is: ([\w-]+)\.")
+
+
 @pytest.mark.parametrize("name", NIAH)
 def test_needles_sit_at_their_depths_and_answer_the_query(built, name):
     s, text = built[name]
@@ -73,26 +76,24 @@ def test_needles_sit_at_their_depths_and_answer_the_query(built, name):
     a = tasks.TASKS[name].args
     start = user.index("afterwards.\n") + len("afterwards.\n")
     context = user[start:user.rindex("\nWhat ")]
-    found = re.findall(r"One of the special magic \w+ for ([\w-]+) is: ([\w-]+)\.", context)
-    keys_by_value = {v: k for k, v in found}
-    queried = {keys_by_value[v] for v in s.rendered.answers}
+    found = list(NEEDLE.finditer(context))
+    key_of = {m.group(2): m.group(1) for m in found}
+    queried = {key_of[v] for v in s.rendered.answers}
     assert len(queried) == a["num_needle_q"] and all(k in assistant for k in queried)
     assert len(s.rendered.answers) == a["num_needle_q"] * a["num_needle_v"]
-    # every answer's needle sits where its recorded depth says (one needle per depth, in order)
-    needles = [m for m in re.finditer(r"One of the special magic \w+ for ([\w-]+) is: ([\w-]+)\.", context)
-               if m.group(1) in {k for k in keys_by_value.values() if k in queried or a["type_haystack"] != "needle"}]
-    if a["type_haystack"] == "needle":
+    assert sum(m.group(1) in queried for m in found) == len(s.rendered.answers)    # no distractor shares a key
+    if a["type_haystack"] == "needle":      # every line a needle; the real ones where their depths say
         lines = context.split("\n")
-        assert len(lines) > 40 and all(line.startswith("One of the special magic") for line in lines)
+        assert len(lines) > 40 and len(found) == len(lines)
+        n = len(lines) - len(s.rendered.answers)         # the distractors
         for depth, answer in zip(s.rendered.depths, s.rendered.answers):
             index = next(i for i, line in enumerate(lines) if answer in line)
-            assert abs(100 * index / len(lines) - depth) < 2
-    else:
-        assert len(needles) == a["num_needle_k"] * a["num_needle_v"] == len(s.rendered.depths)
-        for depth, m in zip(s.rendered.depths, needles):
+            assert 0 <= depth - 100 * index / n < 100 / n
+    else:                                   # the needles alone, in depth order, where their depths say
+        assert len(found) == a["num_needle_k"] * a["num_needle_v"] == len(s.rendered.depths)
+        for depth, m in zip(s.rendered.depths, found):
             assert abs(100 * m.start() / len(context) - depth) < 3, (depth, m.start() / len(context))
-        if a["type_haystack"] == "essay":
-            assert "Essay sentence number" in context
+        assert ("Essay sentence number" in context) == (a["type_haystack"] == "essay")
 
 
 def test_single_value_template_is_singular_as_ruler_rewrites_it(built):

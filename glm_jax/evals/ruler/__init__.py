@@ -15,7 +15,8 @@ words); qa_1 (SQuAD v2) and qa_2 (HotpotQA) from the user's files.
   (any of them) for QA.
 
 OUT gets config.json (a rerun with the same arguments resumes, other ones are refused unless
-forced), results.jsonl (a line per sample), summary.json (task x length, the average per length,
+forced), results.jsonl (a line per sample: task, length, sample, prompt_tokens, answers, response,
+score, depths, seconds: its share of its batch's engine time), summary.json (task x length, the average per length,
 RULER's weighted averages and effective length) and heatmap.png.
 """
 

@@ -18,7 +18,7 @@ class Rendered:
     content: str                 # the user turn
     prefix: str                  # the answer prefix: the start of the assistant's turn
     answers: tuple[str, ...]     # the reference strings
-    depths: tuple[float, ...] = ()   # where the needles (chain lines) sit: percent of the haystack units
+    depths: tuple[float, ...] = ()   # the needles' (chain lines') drawn depths: percent of the haystack units
 
 
 @dataclasses.dataclass(frozen=True)

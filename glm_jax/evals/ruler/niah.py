@@ -89,14 +89,14 @@ def draw(task: Task, rng: np.random.Generator, essay: Sequence[str] | None) -> D
                 at = slot
             pieces.append(" ".join(sentences[at:]))
             context = " ".join(pieces)
-            where = tuple(100 * s / max(1, len(sentences)) for s in slots)
+            where = tuple(float(d) for d in depths)
         else:
             lines = [NOISE] * n if kind == "noise" else distractors.take(n)
             slots = [int(f * n) for f in fractions]
             for slot, needle in sorted(zip(slots, needles), reverse=True):
                 lines.insert(slot, needle)
             context = "\n".join(lines)
-            where = tuple(100 * s / max(1, n) for s in slots)
+            where = tuple(100 * f for f in fractions)
         content = body.format(type_needle_v=noun, context=context, query=query)
         return Rendered(content, prefix, answers, where)
 

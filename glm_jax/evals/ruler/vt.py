@@ -34,7 +34,7 @@ def _text(n: int, lines: list[list[str]], fractions: list[np.ndarray]) -> tuple[
     where = []
     for chain, f in zip(lines, fractions):     # each chain's lines in order, at sorted positions among the rest
         positions = sorted(int(x * len(sentences)) for x in f)
-        where += [100 * p / max(1, len(sentences)) for p in positions]
+        where += [100 * x for x in sorted(f)]
         for j, (p, line) in enumerate(zip(positions, chain)):
             sentences.insert(p + j, line)
     return "\n".join(sentences).replace(". \n", ".\n"), tuple(where)
