@@ -11,8 +11,7 @@ import pathlib
 from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_REMAT, DTYPES, HF_LAYOUTS,
                              KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PREFILL_CHUNK, REMAT_HELP,
                              REMATS, RULER_BATCH, RULER_SAMPLES, SCHEDULES, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL,
-                             SHUTDOWN_TIMEOUT,
-                             STEPS_PER_CALL)
+                             SHUTDOWN_TIMEOUT, STEPS_PER_CALL)
 
 FENCE_HELP = ("let XLA schedule each block's weight gradients freely; by default they are computed with the "
               "block's input gradient (one optimization barrier): v5p-8 LoRA at 524,288 tokens fits only with the "
