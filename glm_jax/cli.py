@@ -142,6 +142,19 @@ def _needle(args) -> int:
     return 0
 
 
+def _ruler(args) -> int:
+    from glm_jax.evals import ruler
+    from glm_jax.evals.common import parse_lengths
+
+    config = ruler.RulerConfig(**_fields(
+        args, ruler.RulerConfig, lengths=parse_lengths(args.lengths, args.min_length, args.max_length,
+                                                       args.num_lengths)))
+    use_compile_cache(compile_cache_dir(args.compile_cache))
+    summary = ruler.run(config)
+    print(json.dumps(summary) if args.json else ruler.format_summary(summary))
+    return 0
+
+
 def _finetune(args) -> int:
     from glm_jax.train.run import FinetuneConfig, finetune
 
@@ -158,7 +171,8 @@ def _finetune(args) -> int:
 
 
 COMMANDS = {"convert": _convert, "export": _export, "parity": _parity, "generate": _generate, "chat": _chat,
-            "serve": _serve, "compile-report": _compile_report, "needle": _needle, "finetune": _finetune}
+            "serve": _serve, "compile-report": _compile_report, "needle": _needle, "ruler": _ruler,
+            "finetune": _finetune}
 
 
 class Terminated(KeyboardInterrupt):

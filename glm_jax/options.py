@@ -31,6 +31,10 @@ SERVE_MAX_MODEL_LEN = 8192     # `serve`'s default context per request (at most 
 CHAT_MAX_MODEL_LEN = 32768     # `chat`'s default context for the whole conversation (at most the model's)
 SHUTDOWN_TIMEOUT = 30.0        # seconds a draining engine / server waits for requests in flight
 
+# -- evaluations -----------------------------------------------------------------------------------
+RULER_SAMPLES = 25             # samples per task and length (RULER's own runs use 500)
+RULER_BATCH = 8                # rows per engine call in `ruler` (lower it for long lengths: the KV cache per row)
+
 # -- training --------------------------------------------------------------------------------------
 # What a block keeps for its backward pass: "none" everything, "dots" its matmul outputs, "full"
 # only its input, "segments" as full with only every ceil(sqrt(layers))-th block input kept.

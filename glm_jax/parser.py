@@ -10,9 +10,8 @@ import pathlib
 
 from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_REMAT, DTYPES, HF_LAYOUTS,
                              KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PAGE_SIZE, PREFILL_CHUNK,
-                             REMAT_HELP,
-                             REMATS, SCHEDULES, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT,
-                             STEPS_PER_CALL)
+                             REMAT_HELP, REMATS, RULER_BATCH, RULER_SAMPLES, SCHEDULES, SERVE_MAX_MODEL_LEN,
+                             SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT, STEPS_PER_CALL)
 
 FENCE_HELP = ("let XLA schedule each block's weight gradients freely; by default they are computed with the "
               "block's input gradient (one optimization barrier): v5p-8 LoRA at 524,288 tokens fits only with the "
@@ -255,6 +254,52 @@ def build_parser() -> argparse.ArgumentParser:
                         "or repeat your findings. Keep your response short and direct.\"; a model trained by "
                         "scripts/bench_finetune.py expects \"Answer with the number only.\")")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget in tokens (default 32)")
+    _runtime_flags(p)
+    p.add_argument("--force", action="store_true", help="start afresh in an OUT that holds another run")
+    _quiet_flag(p, "no progress lines")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+
+    p = sub.add_parser("ruler", help="RULER's synthetic long-context tasks: score per task x context length, "
+                                     "RULER's averages, heatmap",
+                       description="RULER (NVIDIA/RULER) in the model's chat format: needle retrieval (single, "
+                                   "multi-key, multi-value, multi-query; noise, essay or needle haystacks), "
+                                   "variable tracking, common and frequent words, and QA on SQuAD / HotpotQA files "
+                                   "the user gives. Each prompt plus the task's generation budget fits each "
+                                   "length in the model's tokens (the most haystack that does); greedy answers, "
+                                   "many samples per engine call; scored as RULER scores (string_match_all; QA "
+                                   "string_match_part). OUT gets results.jsonl (a line per sample: a rerun of the "
+                                   "same command skips finished ones), summary.json (task x length, the average "
+                                   "per length, weighted averages, effective length) and heatmap.png.")
+    _model_flag(p)
+    p.add_argument("--out", type=pathlib.Path, required=True,
+                   help="output folder (new, or a run of the same arguments to resume)")
+    p.add_argument("--lengths", default=None, metavar="N,N,...",
+                   help="context lengths in tokens, prompt and generation budget counted, e.g. "
+                        "4096,8192,16384,32768,65536,131072")
+    p.add_argument("--min-length", type=int, default=None, help="with --max-length, --num-lengths: evenly spaced "
+                                                                "lengths from this")
+    p.add_argument("--max-length", type=int, default=None, help="the longest of the evenly spaced lengths")
+    p.add_argument("--num-lengths", type=int, default=None, help="how many evenly spaced lengths")
+    p.add_argument("--tasks", default=None, metavar="T,T,...",
+                   help="niah_single_1, niah_single_2, niah_single_3, niah_multikey_1, niah_multikey_2, "
+                        "niah_multikey_3, niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_1, qa_2 (default: the "
+                        "eleven synthetic ones, and qa_1 / qa_2 when --qa-data gives their files)")
+    p.add_argument("--samples", type=int, default=RULER_SAMPLES,
+                   help=f"samples per task and length (default {RULER_SAMPLES}; RULER reports 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample's keys, values, words and positions "
+                                                       "(default 0)")
+    p.add_argument("--haystack", type=pathlib.Path, default=None, metavar="FILE",
+                   help="the essay tasks' text (niah_single_2/3, niah_multikey_1, niah_multivalue, niah_multiquery): "
+                        "a text file, a .jsonl file with a 'text' field per line or a folder of .txt files, e.g. "
+                        "Paul Graham's essays as RULER uses (default: the noise lines; nothing is downloaded)")
+    p.add_argument("--qa-data", type=pathlib.Path, action="append", default=[], metavar="FILE",
+                   help="a SQuAD v2 file (dev-v2.0.json: qa_1) or a HotpotQA one (hotpot_dev_distractor_v1.json: "
+                        "qa_2); give it twice for both")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation budget of every task (default RULER's: 128 NIAH, 30 vt, 120 cwe, 50 fwe, 32 QA)")
+    p.add_argument("--batch-size", type=int, default=RULER_BATCH,
+                   help=f"samples run together per engine call (default {RULER_BATCH}; each holds a KV cache of "
+                        f"its length: use 1 at 1M)")
     _runtime_flags(p)
     p.add_argument("--force", action="store_true", help="start afresh in an OUT that holds another run")
     _quiet_flag(p, "no progress lines")

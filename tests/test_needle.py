@@ -15,11 +15,11 @@ import pytest
 
 import glm_jax
 from glm_jax.cli import main
+from glm_jax.evals import common as C
 from glm_jax.evals.needle import haystack as H
 from glm_jax.evals.needle import plan as PL
 from glm_jax.evals.needle import prompt as P
 from glm_jax.evals.needle import results as R
-from glm_jax.evals.needle import runner
 from glm_jax.tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 4096
@@ -96,13 +96,13 @@ def check_prompt(tok, haystack, length, needles, question, offset, prompt):
     content = P.render(haystack, offset, prompt.haystack_sentences, sorted(needles, key=lambda x: x.depth),
                         question, np.concatenate([[0], np.cumsum(H.window(
                             haystack, offset, prompt.haystack_sentences, haystack.counts))]))[0]
-    assert ids == P.prompt_ids(tok, content)
+    assert ids == C.prompt_ids(tok, content)
     more = H.available_sentences(haystack, offset)
     if more is None or prompt.haystack_sentences < more:                   # one more sentence is over
         n = prompt.haystack_sentences + 1
         longer = P.render(haystack, offset, n, needles, question,
                            np.concatenate([[0], np.cumsum(H.window(haystack, offset, n, haystack.counts))]))[0]
-        assert len(P.prompt_ids(tok, longer)) > length
+        assert len(C.prompt_ids(tok, longer)) > length
     assert prompt.text.startswith("[gMASK]<sop><|user|>\n") and prompt.text.endswith(question + "<|assistant|>")
     raw = prompt.text.encode()
     for needle, index in zip(sorted(needles, key=lambda x: x.depth), prompt.needle_token_indices):
@@ -183,8 +183,8 @@ def test_plan_is_seeded_and_cells_are_independent(tok, haystacks):
 
 
 def test_grid_arguments():
-    assert PL.parse_lengths("8000, 1000,1000") == [1000, 8000]
-    assert PL.parse_lengths(None, 1000, 2000, 3) == [1000, 1500, 2000]
+    assert C.parse_lengths("8000, 1000,1000") == [1000, 8000]
+    assert C.parse_lengths(None, 1000, 2000, 3) == [1000, 1500, 2000]
     assert PL.parse_depths(None) == [0, 25, 50, 75, 100]
     assert PL.parse_depths(None, 4) == [0, 33.3, 66.7, 100]
     assert PL.parse_depths("100,0,12.5") == [0, 12.5, 100]
@@ -203,8 +203,8 @@ def test_scoring_is_substring():
 # -- runner ----------------------------------------------------------------------------------------
 
 def test_model_config_of_either_folder(tiny, reference):
-    assert runner.model_config(tiny).max_seq_len == MAX_SEQ_LEN
-    assert runner.model_config(reference / "models" / "glm-4-9b-chat-1m").max_seq_len == 1048576
+    assert C.model_config(tiny).max_seq_len == MAX_SEQ_LEN
+    assert C.model_config(reference / "models" / "glm-4-9b-chat-1m").max_seq_len == 1048576
 
 
 # -- runner and results: the command, with a model that reads the prompt ---------------------------

@@ -26,8 +26,9 @@ as each finishes), summary.json and heatmap.png.
 """
 
 from glm_jax.evals.needle.haystack import FILLER, FILLER_NAME, Haystack, load_haystack
-from glm_jax.evals.needle.plan import CITIES, Case, parse_depths, parse_lengths, plan_cases
-from glm_jax.evals.needle.prompt import INSTRUCTION, NEEDLE, QUESTION, Needle, Prompt, build_prompt, prompt_ids
+from glm_jax.evals.common import parse_lengths, prompt_ids
+from glm_jax.evals.needle.plan import CITIES, Case, parse_depths, plan_cases
+from glm_jax.evals.needle.prompt import INSTRUCTION, NEEDLE, QUESTION, Needle, Prompt, build_prompt
 from glm_jax.evals.needle.results import format_summary, is_correct
 from glm_jax.evals.needle.runner import NeedleConfig, run
 

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from glm_jax.evals.common import parse_numbers
 from glm_jax.evals.needle.haystack import Haystack
 from glm_jax.evals.needle.prompt import INSTRUCTION, Needle, needle_depths, prompt_ids, render
 
-# The cities of scripts/bench_finetune.py (a tiny model trained there has seen most of them).
 # The cities of scripts/bench_finetune.py (a tiny model trained there has seen most of them).
 CITIES = (
     "Tokyo", "Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Lisbon",
@@ -76,45 +76,12 @@ def plan_cases(tokenizer, haystack: Haystack, lengths: Sequence[int], depths: Se
     return cases
 
 
-def _numbers(text: str, flag: str, kind) -> list:
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(kind(part.strip()))
-        except ValueError:
-            raise ValueError(f"{flag}: {part.strip()!r} is not a{'n integer' if kind is int else ' number'}") from None
-    return values
-
-
-def parse_lengths(lengths: str | None, minimum: int | None = None, maximum: int | None = None,
-                  num: int | None = None) -> list[int]:
-    """--lengths 1000,8000 or --min-length/--max-length/--num-lengths (linear, rounded): sorted, unique."""
-    linear = (minimum, maximum, num)
-    if lengths is not None:
-        if any(v is not None for v in linear):
-            raise ValueError("give either --lengths or --min-length/--max-length/--num-lengths, not both")
-        values = _numbers(lengths, "--lengths", int)
-    elif all(v is not None for v in linear):
-        if num < 1:
-            raise ValueError(f"--num-lengths must be at least 1, got {num}")
-        if minimum > maximum:
-            raise ValueError(f"--min-length {minimum} is above --max-length {maximum}")
-        values = [int(round(v)) for v in np.linspace(minimum, maximum, num)]
-    else:
-        raise ValueError("give the context lengths: --lengths 1000,8000,... or --min-length, --max-length "
-                         "and --num-lengths")
-    bad = [v for v in values if v < 1]
-    if bad:
-        raise ValueError(f"context lengths must be positive, got {bad[0]}")
-    return sorted(set(values))
-
-
 def parse_depths(depths: str | None, num: int | None = None) -> list[float]:
     """--depths 0,25,50 (percent) or --num-depths N (spread from 0 to 100): sorted, unique."""
     if depths is not None and num is not None:
         raise ValueError("give either --depths or --num-depths, not both")
     if depths is not None:
-        values = _numbers(depths, "--depths", float)
+        values = parse_numbers(depths, "--depths", float)
     elif num is not None:
         if num < 1:
             raise ValueError(f"--num-depths must be at least 1, got {num}")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from glm_jax.evals.common import largest_fitting, prompt_ids
 from glm_jax.evals.needle.haystack import Haystack, available_sentences, window
 
 NEEDLE = "The special magic {city} number is: {number}."
@@ -48,12 +49,6 @@ class Prompt:
 def needle_depths(depth: float, k: int) -> list[float]:
     """K needle depths: d, d + 100/K, ... with those over 100 wrapped round (minus 100); sorted."""
     return sorted(round(x - 100 if x > 100 else x, 6) for x in (depth + 100 * j / k for j in range(k)))
-
-
-def prompt_ids(tokenizer, content: str) -> list[int]:
-    """One user turn of the chat template, generation prompt included; content encoded as text."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         split_special_tokens=True)
 
 
 def _template_head(tokenizer) -> str:
@@ -97,37 +92,12 @@ def build_prompt(tokenizer, haystack: Haystack, length: int, needles: Sequence[N
 
     n = int(np.searchsorted(prefix, length - base, side="right")) - 1     # the estimate
     n = max(0, min(n, limit))
-    lo, hi = _bracket(fits, n, limit)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    lo = largest_fitting(fits, n, limit) or 0      # fits(0): checked above
     fits(lo)
     ids, content, starts = cache[lo]
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
     indices = tuple(_token_at(tokenizer, ids, len((head + content[:s]).encode("utf-8"))) for s in starts)
     return Prompt(ids, text, indices, lo)
-
-
-def _bracket(fits, n: int, limit: int) -> tuple[int, int]:
-    """(lo, hi): fits(lo), and hi = limit + 1 or not fits(hi); galloping from the estimate n."""
-    step = 1
-    if fits(n):
-        lo = n
-        while True:
-            probe = lo + step
-            if probe > limit:
-                return lo, limit + 1
-            if not fits(probe):
-                return lo, probe
-            lo, step = probe, step * 2
-    hi = n
-    while True:
-        probe = hi - step
-        if probe <= 0:
-            return 0, hi      # fits(0): checked by the caller
-        if fits(probe):
-            return probe, hi
-        hi, step = probe, step * 2
 
 
 def render(haystack: Haystack, offset: int, n: int, needles: Sequence[Needle], question: str,

@@ -4,17 +4,17 @@ prefill and a greedy decode each) and writes the results as each finishes."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
 
 from glm_jax import options
+from glm_jax.evals.common import load_model, log, model_config
+from glm_jax.evals.rundir import append_result
 from glm_jax.evals.needle.haystack import FILLER_NAME, Haystack, load_haystack
 from glm_jax.evals.needle.plan import CITIES, DEFAULT_DEPTHS, plan_cases
 from glm_jax.evals.needle.prompt import INSTRUCTION, NEEDLE, QUESTION, build_prompt
-from glm_jax.evals.needle.results import (RESULTS, append_result, check_out, is_correct, read_results, result_key,
+from glm_jax.evals.needle.results import (RESULTS, check_out, is_correct, read_results, result_key,
                                           start_out, write_summary)
 
 PREFILL_BAR_TOKENS = 65536   # prompts at least this long show the prefill progress bar
@@ -57,20 +57,6 @@ class NeedleConfig:
             raise ValueError(f"depths are percentages in 0..100, got {bad[0]:g}")
 
 
-def model_config(folder: pathlib.Path):
-    """The GLMConfig of a glm-jax or HF model folder, from config.json alone (no weights read)."""
-    from glm_jax.config import GLMConfig
-
-    path = pathlib.Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a glm-jax or Hugging Face model folder)")
-    try:
-        kind = json.loads(path.read_text()).get("model_type")
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: not a JSON object ({e})") from None
-    return GLMConfig.load(path) if kind == "glm_jax" else GLMConfig.from_hf(path)
-
-
 def run_config(c: NeedleConfig, haystack: Haystack) -> dict:
     """What the results depend on (config.json): a rerun with the same resumes."""
     return {"model": str(pathlib.Path(c.model).resolve()),
@@ -80,11 +66,6 @@ def run_config(c: NeedleConfig, haystack: Haystack) -> dict:
             "depths": [float(d) for d in c.depths], "samples": c.samples, "seed": c.seed,
             "multi_needle": c.multi_needle, "instruction": c.instruction, "max_new_tokens": c.max_new_tokens,
             "dtype": c.dtype, "kv_cache_dtype": c.kv_cache_dtype, "needle": NEEDLE, "question": QUESTION}
-
-
-def _log(message: str, enabled: bool) -> None:
-    if enabled:
-        print(message, file=sys.stderr, flush=True)
 
 
 def run(c: NeedleConfig) -> dict:
@@ -109,16 +90,12 @@ def run(c: NeedleConfig) -> dict:
     total = len(cases) * c.multi_needle
     todo = [(case, j) for case in cases for j in range(c.multi_needle)
             if (case.context_length, case.depth_percent, case.sample, j) not in done]
-    _log(f"needle: {c.model}; haystack: {haystack.description}; {len(c.lengths)} lengths x {len(c.depths)} depths"
+    log(f"needle: {c.model}; haystack: {haystack.description}; {len(c.lengths)} lengths x {len(c.depths)} depths"
          f" x {c.samples} samples" + (f" x {c.multi_needle} needles" if c.multi_needle > 1 else "") +
          f" = {total} prompts, {total - len(todo)} done; results in {out / RESULTS}", c.progress)
     model = None
     if todo:   # the weights (and the mesh) load before OUT is written to
-        import glm_jax
-
-        model = glm_jax.load(c.model, dtype=c.dtype, mesh=c.mesh, prefill_chunk=c.prefill_chunk,
-                             kv_cache_dtype=c.kv_cache_dtype, page_size=c.page_size,
-                             kv_cache_tokens=c.kv_cache_tokens, kv_cache_memory=c.kv_cache_memory)
+        model = load_model(c)
     rows = start_out(out, settings, c.force)
     try:
         if todo:
@@ -154,7 +131,7 @@ def _run_prompts(c: NeedleConfig, model, out: pathlib.Path, haystack: Haystack, 
         append_result(out / RESULTS, row)
         rows.append(row)
         speed = row["prefill_tokens_per_s"]
-        _log(f"needle {len(rows)}/{total} | length {case.context_length:,} depth {case.depth_percent:g}% "
+        log(f"needle {len(rows)}/{total} | length {case.context_length:,} depth {case.depth_percent:g}% "
              f"sample {case.sample}" + (f" needle {j + 1}/{len(case.needles)}" if len(case.needles) > 1 else "") +
              f" | {len(prompt.ids):,} tokens, prefill {speed or 0:,.0f} tok/s, {seconds:.1f} s | "
              f"{'correct' if row['correct'] else 'wrong'}", c.progress)
