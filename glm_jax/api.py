@@ -163,6 +163,14 @@ class Model:
             return self._engine.generate(prompts, max_new_tokens=max_new_tokens, seed=seed, on_token=on_token,
                                          progress=progress, reuse=reuse, **sampling)
 
+    def cache_stats(self) -> dict:
+        """`generate`'s KV page pool: pages total / used / cached / free, prefix-cache lookups, hits
+        and hit rate, evictions, preemptions (see `Engine.stats`)."""
+        stats = self._engine.stats()
+        return {k: stats[k] for k in ("page_size", "kv_cache_tokens", "pages_total", "pages_used", "pages_cached",
+                                      "pages_free", "prefix_queries", "prefix_hits", "prefix_hit_rate", "evictions",
+                                      "preemptions")}
+
     def final_norm(self, hidden) -> np.ndarray:
         """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""
         norm = nnx.merge(self.graphdef, self.state).final_norm

@@ -50,7 +50,7 @@ def generate(model, prompt: str, sampling: dict[str, Any], *, system: str | None
     print(json.dumps({"prompt_tokens": len(prompt_ids), "ids": ids,
                       "text": tok.decode(ids, skip_special_tokens=True),
                       "stopped": bool(ids) and ids[-1] in sampling["stop_ids"],
-                      "seconds": time.perf_counter() - start, **sampling}))
+                      "seconds": time.perf_counter() - start, **sampling, "kv_cache": model.cache_stats()}))
 
 
 def chat(model, sampling: dict[str, Any], *, system: str | None = None, max_model_len: int | None = None,

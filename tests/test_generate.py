@@ -164,13 +164,24 @@ def test_int8_cache_sharded_equals_unsharded(reference, capsys):
 
 def test_cli_generate_int8_cache(tiny_chat_model, capsys):
     assert main(["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--max-new-tokens", "4",
-                 "--temperature", "0", "--kv-cache-dtype", "int8", "--json"]) == 0
+                 "--temperature", "0", "--kv-cache-dtype", "int8", "--kv-cache-tokens", "500", "--page-size", "16",
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     ids = glm_jax.load(tiny_chat_model, kv_cache_dtype="int8").generate(["hi"], max_new_tokens=4, temperature=0)[0]
     assert result["ids"] == ids and (len(ids) == 4 or result["stopped"])
+    pool = result["kv_cache"]
+    assert (pool["page_size"], pool["pages_total"], pool["kv_cache_tokens"], pool["pages_used"]) == (16, 32, 512, 0)
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--kv-cache-dtype", "fp4"])
     assert exit_.value.code == 2
+    for flags, message in ((["--page-size", "12"], "page size must be a power of two, got 12"),
+                           (["--kv-cache-memory", "0.5"], "--kv-cache-memory needs the devices' memory statistics"),
+                           (["--kv-cache-tokens", "100"], "cannot hold one request of 256 tokens"),
+                           (["--kv-cache-tokens", "100", "--kv-cache-memory", "0.5"], "not both")):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(tiny_chat_model), "--prompt", "hi", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_int8_cache_logits_against_the_float_cache(reference):

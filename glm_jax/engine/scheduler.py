@@ -120,7 +120,8 @@ class Engine:
         pages = pool_pages(tokens, self.page_size, n)
         if pages < width:
             raise ValueError(f"the KV cache ({pages * self.page_size} tokens in pages of {self.page_size} over {n} "
-                             f"devices) cannot hold one request of --max-model-len {max_model_len}")
+                             f"devices) cannot hold one request of {max_model_len} tokens (the request length "
+                             f"bound); raise --kv-cache-tokens")
         self.fixed, self.max_model_len = fixed, max_model_len
         if self.cache is not None and (self.cache.pages.shape, self.cache.num_pages) == ((max_batch, width), pages):
             return
