@@ -250,3 +250,18 @@ def test_preempted_requests_resume_with_the_same_tokens(f32):
     tight, stats = answers(kv_cache_tokens=96)                              # 12 pages
     assert stats["preemptions"] > 0 and stats["pages_used"] == 0
     assert tight == roomy and all(len(out) == 24 for out in roomy)
+
+
+def test_kv_cache_memory_sizes_the_pool_from_free_device_memory(f32, monkeypatch):
+    """--kv-cache-memory F: F of the memory each device has left, over the devices a token's K/V
+    are spread on (pages over `sequence`, heads over `tensor`), in whole pages."""
+    from glm_jax.engine import scheduler
+    from glm_jax.engine.cache import cache_bytes_per_token
+
+    folder, _ = f32
+    monkeypatch.setattr(scheduler, "free_device_memory", lambda devices: 10 * 2**20)
+    model = glm_jax.load(folder, mesh="tensor=2,sequence=4", page_size=16, kv_cache_memory=0.5)
+    engine = model.engine(max_batch=2, max_model_len=64)
+    per_token = cache_bytes_per_token(model.config, model.layout, model.dtype)
+    want = int(0.5 * 10 * 2**20 * 8 // per_token)                   # 4 page devices x 2 head shards
+    assert want - 16 * 4 < engine.stats()["kv_cache_tokens"] <= want + 16 * 4

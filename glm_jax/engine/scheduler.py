@@ -17,6 +17,7 @@ admission, and a decode burst per (row bucket, 1 or `steps_per_call` steps).
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from typing import Callable, Sequence
@@ -35,6 +36,15 @@ from .pages import PagePool
 from .planner import Planner
 from .programs import Programs, Rows, programs_for, run_all, run_plan
 from .requests import EngineClosed, QueueFull, Request, SamplingParams
+
+def free_device_memory(devices) -> int | None:
+    """Bytes the fullest of `devices` has left (its limit less what is in use: the weights, once
+    loaded), or None when a device gives no memory statistics (CPUs)."""
+    stats = [d.memory_stats() or {} for d in devices]
+    if not all("bytes_limit" in s for s in stats):
+        return None
+    return min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+
 
 IDLE_WAIT = 0.5     # seconds an idle engine thread sleeps between rounds (others get an empty round)
 DRAIN_POLL = 0.02   # seconds between checks of a draining engine
@@ -98,14 +108,14 @@ class Engine:
             return self.kv_cache_tokens
         if self.kv_cache_memory is None:
             return max_batch * max_model_len
-        stats = [d.memory_stats() or {} for d in self.layout.mesh.devices.flat]
-        if not all("bytes_limit" in s for s in stats):
+        free = free_device_memory(self.layout.mesh.devices.flat)
+        if free is None:
             platform = self.layout.mesh.devices.flat[0].platform
             raise ValueError(f"--kv-cache-memory needs the devices' memory statistics, which {platform} devices do "
                              f"not give; size the pool with --kv-cache-tokens")
-        free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
         heads = cache_heads(self.config, self.layout)
-        shards = page_devices(self.layout) * (heads // -(-heads // self.layout.size("tensor")))
+        head_shards = math.prod(self.layout.size(a) for a in self.layout.mesh_axes("kv_heads", heads))
+        shards = page_devices(self.layout) * head_shards                  # devices sharing a token's K/V
         return int(self.kv_cache_memory * free * shards // cache_bytes_per_token(self.config, self.layout,
                                                                                  self.cache_dtype))
 
