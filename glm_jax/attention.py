@@ -100,33 +100,40 @@ def heads_major(q: jax.Array) -> jax.Array:
 
 
 def _scores(q, k, kv_layout: str = "bsgd", q_layout: str = "bgrtd"):
-    """q [B,G,R,T,D] (or q_layout), k [B,S,G,D] (or [B,G,S,D]) -> scaled float32 scores [B,G,R,T,S]."""
-    s = jnp.einsum(f"{q_layout},{kv_layout}->bgrts", q, k, preferred_element_type=jnp.float32,
+    """q [B,G,R,T,D] (or q_layout), k [B,S,G,D] (or kv_layout) -> scaled float32 scores [B,G,R,T,S]
+    (in q_layout's order, d replaced by s)."""
+    s = jnp.einsum(f"{q_layout},{kv_layout}->{q_layout[:-1]}s", q, k, preferred_element_type=jnp.float32,
                    precision=precision(q, k))
     return s * (1.0 / np.sqrt(q.shape[-1]))
 
 
 def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-           kv_layout: str = "bsgd", k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> State:
+           kv_layout: str = "bsgd", k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
+           q_layout: str = "bgrtd") -> State:
     """Folds one KV block into the state. q [B,G,R,T,D] (`heads_major`), k/v [B,S,G,D] (kv_layout
-    "bsgd") or [B,G,S,D] ("bgsd"), mask [B,T,S] (None: every key visible to every query). int8 k/v
-    come with float32 scales (kv_layout without d): scores are (q . k) * k_scale and probabilities
-    are multiplied by v_scale before p . v: the int8 block is only converted as the products'
-    operand (whether XLA materialises that conversion is the compiler's choice)."""
-    per_key = lambda x: jnp.einsum(f"{kv_layout.replace('d', '')}->bgs", x)[:, :, None, None, :]  # [B,G,1,1,S]
+    "bsgd") or any order of those letters ("bgsd", "gbsd"), mask [B,T,S] (None: every key visible
+    to every query). q_layout "gbrtd" takes q [G,B,R,T,D], a state in that order and a mask
+    broadcastable to the scores [G,B,R,T,S]: with K/V [G,B,S,D] tiles the products then need no
+    transposed copy of them. int8 k/v come with float32 scales (kv_layout without d): scores are
+    (q . k) * k_scale and probabilities are multiplied by v_scale before p . v: the int8 block is
+    only converted as the products' operand (whether XLA materialises that conversion is the
+    compiler's choice)."""
+    lead = q_layout[:2]
+    per_key = lambda x: jnp.einsum(f"{kv_layout.replace('d', '')}->{lead}s", x)[:, :, None, None, :]  # [B,G,1,1,S]
     if k_scale is not None:
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        s = _scores(q, k, kv_layout) * per_key(k_scale)
+        s = _scores(q, k, kv_layout, q_layout) * per_key(k_scale)
     else:
-        s = _scores(q, k, kv_layout)
+        s = _scores(q, k, kv_layout, q_layout)
     if mask is not None:
-        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        s = jnp.where(mask[:, None, None] if mask.ndim == 3 else mask, s, -jnp.inf)
     m = jnp.maximum(state.m, s.max(axis=-1))
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)       # rows with nothing visible yet stay at zero
     p = jnp.exp(s - m_safe[..., None])               # [B, G, R, T, S]
     correction = jnp.exp(state.m - m_safe)
     weights = p if v_scale is None else p * per_key(v_scale)
-    pv = jnp.einsum(f"bgrts,{kv_layout}->bgrtd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32,
+    pv = jnp.einsum(f"{q_layout[:-1]}s,{kv_layout}->{q_layout}", weights.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32,
                     precision=precision(v))
     return State(m=m, l=state.l * correction + p.sum(axis=-1),
                  acc=state.acc * correction[..., None] + pv)

@@ -218,7 +218,7 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     nobody reads)."""
     b, c = lengths.shape
     g, _, page, d = k.shape
-    qg = heads_major(group_queries(q, g))                                   # [b, G, R, C, D]
+    qg = heads_major(group_queries(q, g)).swapaxes(0, 1)                    # [G, b, R, C, D], as the tiles
     width = -(-table.shape[1] // tile_pages) * tile_pages
     table = jnp.pad(jnp.clip(table, 0, k.shape[1] - 1), ((0, 0), (0, width - table.shape[1])))
     span = tile_pages * page
@@ -234,11 +234,13 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
         scales = [None if x is None else gather(x, ids) for x in (k_scale, v_scale)]
         slot = i * span + jnp.arange(span, dtype=jnp.int32)
         whole = (i + 1) * span <= shortest
-        return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, "gbsd", *scales),
-                            lambda st: update(st, qg, k_t, v_t, slot < lengths[:, :, None], "gbsd", *scales), st)
+        mask = (slot < lengths[:, :, None])[None, :, None]                  # [1, b, 1, C, span]
+        return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, "gbsd", *scales, q_layout="gbrtd"),
+                            lambda st: update(st, qg, k_t, v_t, mask, "gbsd", *scales, q_layout="gbrtd"), st)
 
     tiles = -(-lengths.max() // span)
-    return jax.lax.fori_loop(0, tiles, step, init_state(b, c, g, q.shape[2] // g, d))
+    state = init_state(b, c, g, q.shape[2] // g, d).map(lambda x: x.swapaxes(0, 1))
+    return jax.lax.fori_loop(0, tiles, step, state).map(lambda x: x.swapaxes(0, 1))
 
 
 def gpu_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
