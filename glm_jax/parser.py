@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_REMAT, DTYPES, HF_LAYOUTS,
-                             KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PAGE_SIZE, PREFILL_CHUNK,
-                             REMAT_HELP,
+from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_KERNEL, DEFAULT_REMAT, DTYPES,
+                             HF_LAYOUTS, KERNELS, KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS,
+                             PAGE_SIZE, PREFILL_CHUNK, REMAT_HELP,
                              REMATS, SCHEDULES, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT,
                              STEPS_PER_CALL)
 
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1)")
     p.add_argument("--mesh", default=None, help="mesh spec (default: chosen per topology, see README)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk in tokens (default 4096)")
+    p.add_argument("--kernel", choices=KERNELS, default=DEFAULT_KERNEL,
+                   help=f"attention kernel of the programs (default {DEFAULT_KERNEL}: the platform's, see README)")
     _kv_cache_flag(p)
     p.add_argument("--weights-over-sequence", choices=("auto", "yes", "no"), default="auto",
                    help="also shard weights over the sequence axis (default: per topology)")
