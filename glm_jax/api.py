@@ -191,9 +191,10 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     prefill_chunk: tokens per prefill step in `generate` (bounds prefill activations).
     kv_cache_dtype: the KV cache's storage in `generate`: None (the weights' dtype) or "int8"
       (per-token, per-head float32 scales; dequantized inside the attention).
-    kernel: attention in `generate` (options.KERNELS): "auto" (gpu on a GPU, xla elsewhere), "xla"
-      (portable) or "gpu" (GPUs only; for a cache held by one device: a paged Pallas kernel for
-      decode steps).
+    kernel: attention in `generate` (options.KERNELS): "auto" (gpu on a GPU, tpu on a TPU, xla
+      elsewhere), "xla" (portable), "gpu" (GPUs only; for a cache held by one device: cuDNN for one
+      request's prefill chunks, a paged Pallas kernel for decode steps) or "tpu" (TPUs only: JAX's
+      Pallas paged-attention kernel for decode steps of a bf16 cache).
     page_size, kv_cache_tokens, kv_cache_memory: the engine's KV page pool (`Engine`): slots a page;
       its size in tokens, or as a fraction of the device memory left after the weights (GPU/TPU);
       default: room for every request of a `generate` call (or `engine`'s max_batch x max_model_len).

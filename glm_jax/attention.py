@@ -5,7 +5,7 @@ Every attention here takes
   q_index [batch, time] and k_index [batch, kv_time]: int32 token-order indices.
 A key is visible to a query when `k_index <= q_index` (causal), both lie in the same segment (the
 bits above SEGMENT_SHIFT: packed training rows hold several examples) and `k_index != PAD`; PAD
-marks empty cache slots, left padding and the padding blockwise/ring attention add. Indices are token order, not
+marks left padding and the padding blockwise/ring attention add. Indices are token order, not
 RoPE positions: RoPE positions are the model's business (they may start at 1,000,000). Because
 masking goes by index, any permutation of the tokens (the ring's zigzag layout) is handled alike.
 KV heads are never repeated: query head h reads KV group h // (q_heads // kv_heads).
@@ -204,55 +204,6 @@ def tiles_forward(state: State, q, k, v, q_index, k_index, *, causal: bool, bloc
     tiled = state.map(lambda x: _tiles(x, nq, axis=3))
     out = jax.lax.map(one_query_tile, (tiled, _tiles(q, nq, axis=3), _tiles(q_index, nq)))
     return out.map(lambda x: _untile(x, axis=3))
-
-
-def live_slots(k_index: jax.Array) -> jax.Array:
-    """[B, S] -> int32 scalar: one past the last slot any row has filled (0 for an empty cache)."""
-    filled = jnp.where(k_index != PAD, jnp.arange(1, k_index.shape[1] + 1, dtype=jnp.int32), 0)
-    return filled.max()
-
-
-def cache_forward(state: State, q, k, v, q_index, k_index, k_scale=None, v_scale=None, *, block_k: int,
-                  kv_layout: str = "bsgd", rows: jax.Array | None = None) -> State:
-    """Folds a KV cache (or one device's part of it) into the state, causal by index.
-
-    q [B,C,G,R,D] (C new tokens: a prefill chunk, or one for decode); k/v [B,S,G,D] (or [B,G,S,D],
-    see `update`); k_index [B,S]. [C, block_k] score tiles over the filled slots only (a loop that
-    stops at `live_slots`), every query of the chunk at once; S % block_k == 0 (a cache of at most
-    block_k slots is one tile). A tile every query sees whole (all but the chunk's own diagonal
-    tiles, and all but the last for decode) skips the mask. Decode takes this loop too: it reads
-    only the filled tiles, never slots that were not written.
-    int8 k/v: with their scales ([B,S,G] or [B,G,S]), see `update`.
-    rows (int32 [b]): q and k_index are of these rows of a larger k/v: one row is sliced tile by
-    tile (no copy of it), several are gathered.
-    """
-    seq = kv_layout.index("s")
-    scale_seq = kv_layout.replace("d", "").index("s")
-    q = heads_major(q)                                                  # [B, G, R, C, D]
-
-    def part(x, start, size, axis):  # [1 or B, ..., size (at axis), ...]
-        if x is None:
-            return None
-        if rows is not None:
-            x = jax.lax.dynamic_slice_in_dim(x, rows[0], 1, 0) if rows.shape[0] == 1 else x[rows]
-        return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
-
-    if k.shape[seq] <= block_k:
-        s = k.shape[seq]
-        return update(state, q, part(k, 0, s, seq), part(v, 0, s, seq), visible(q_index, k_index, True), kv_layout,
-                      part(k_scale, 0, s, scale_seq), part(v_scale, 0, s, scale_seq))
-
-    def step(i, st):
-        start = i * block_k
-        k_t, v_t = (part(x, start, block_k, seq) for x in (k, v))
-        scales = [part(x, start, block_k, scale_seq) for x in (k_scale, v_scale)]
-        ki_t = jax.lax.dynamic_slice_in_dim(k_index, start, block_k, 1)
-        whole = ki_t.max() <= q_index.min()          # no PAD (the largest index) and every key before every query
-        return jax.lax.cond(whole, lambda st: update(st, q, k_t, v_t, None, kv_layout, *scales),
-                            lambda st: update(st, q, k_t, v_t, visible(q_index, ki_t, True), kv_layout, *scales), st)
-
-    tiles = -(-live_slots(k_index) // block_k)
-    return jax.lax.fori_loop(0, tiles, step, state)
 
 
 def tiles_backward(q, k, v, q_index, k_index, lse, dout, delta, *, causal: bool, block_q: int,

@@ -115,7 +115,7 @@ def _compile_report(args) -> int:
             reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
                                      batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
                                      kv_cache_dtype=args.kv_cache_dtype, kv_cache_tokens=args.kv_cache_tokens,
-                                     page_size=args.page_size)
+                                     page_size=args.page_size, kernel=args.kernel)
     except Exception as e:   # XLA refuses, at compile time, a program larger than the chip's memory
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

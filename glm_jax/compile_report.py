@@ -20,7 +20,7 @@ from flax import nnx
 
 from .config import GLMConfig
 from .model import abstract_model
-from .options import DEFAULT_REMAT, LOSS_CHUNK, PAGE_SIZE
+from .options import DEFAULT_KERNEL, DEFAULT_REMAT, LOSS_CHUNK, PAGE_SIZE
 from .params import param_specs
 from .engine.cache import abstract_cache, cache_dtype, page_devices, pool_pages, resolve_kernel, table_width
 from .engine.programs import programs_for
@@ -178,8 +178,9 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
                    mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
                    weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None,
-                   kv_cache_tokens: int | None = None, page_size: int = PAGE_SIZE) -> list[ProgramReport]:
-    """Compiles the engine's own programs (`engine.programs.programs_for`, kernel "auto") for
+                   kv_cache_tokens: int | None = None, page_size: int = PAGE_SIZE,
+                   kernel: str = DEFAULT_KERNEL) -> list[ProgramReport]:
+    """Compiles the engine's own programs (`engine.programs.programs_for`, attention `kernel`) for
     `batch` requests of up to `seq_len` tokens over a page pool of `kv_cache_tokens` slots (default
     batch x seq_len): one prefill chunk (of one request, as the engine prefills) and one decode
     step of every request; reports both.
@@ -192,7 +193,7 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
     graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype, kv_cache_tokens,
                                              page_size)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    kernel = resolve_kernel("auto", layout.mesh.devices.flat[0].platform)
+    kernel = resolve_kernel(kernel, layout.mesh.devices.flat[0].platform)
     programs = programs_for(config, graphdef, layout, kernel, batch, cache.pages.shape[1], cache.num_pages,
                             page_size, cache.k[0].dtype)
     compiled = programs.prefill.lower(state, cache, i32(), i32(1, chunk), i32(1, chunk),

@@ -14,10 +14,11 @@ KV_CACHE_DTYPES = ("int8",)                  # besides the weights' dtype (the d
 # -- attention -------------------------------------------------------------------------------------
 ATTENTIONS = ("auto", "exact", "blockwise")  # single-device attention of `Model.logits`
 STRATEGIES = ("ring", "allgather")           # context-parallel attention over the `sequence` axis
-# The engine's attention kernels: "auto" picks "gpu" on a GPU and "xla" elsewhere; "xla" is the
-# portable tile loop; "gpu" is cuDNN flash attention for prefill chunks and the Pallas decode
-# kernel for decode steps (a cache held by one device).
-KERNELS = ("auto", "xla", "gpu")
+# The engine's attention kernels: "auto" picks "gpu" on a GPU, "tpu" on a TPU and "xla" elsewhere;
+# "xla" is the portable tile loop; "gpu" is cuDNN flash attention for one request's prefill chunks
+# and the Pallas decode kernel for decode steps (a cache held by one device); "tpu" is JAX's
+# Pallas paged-attention kernel for decode steps (see engine.cache.local_kernel).
+KERNELS = ("auto", "xla", "gpu", "tpu")
 DEFAULT_KERNEL = "auto"
 
 # -- the engine ------------------------------------------------------------------------------------

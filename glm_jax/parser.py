@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_REMAT, DTYPES, HF_LAYOUTS,
-                             KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PAGE_SIZE, PREFILL_CHUNK,
-                             REMAT_HELP, REMATS, RULER_BATCH, RULER_SAMPLES, SCHEDULES, SERVE_MAX_MODEL_LEN,
-                             SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT, STEPS_PER_CALL)
+from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_KERNEL, DEFAULT_REMAT, DTYPES,
+                             HF_LAYOUTS, KERNELS, KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS,
+                             PAGE_SIZE, PREFILL_CHUNK, REMAT_HELP, REMATS, RULER_BATCH, RULER_SAMPLES, SCHEDULES,
+                             SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT, STEPS_PER_CALL)
 
 FENCE_HELP = ("let XLA schedule each block's weight gradients freely; by default they are computed with the "
               "block's input gradient (one optimization barrier): v5p-8 LoRA at 524,288 tokens fits only with the "
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1)")
     p.add_argument("--mesh", default=None, help="mesh spec (default: chosen per topology, see README)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk in tokens (default 4096)")
+    p.add_argument("--kernel", choices=KERNELS, default=DEFAULT_KERNEL,
+                   help=f"attention kernel of the programs (default {DEFAULT_KERNEL}: the platform's, see README)")
     _kv_cache_flag(p)
     p.add_argument("--weights-over-sequence", choices=("auto", "yes", "no"), default="auto",
                    help="also shard weights over the sequence axis (default: per topology)")

@@ -89,7 +89,8 @@ from typing import Callable  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(ROOT))   # this checkout's glm_jax before an installed one
 
-from gpu.bench import AUTO, FULL, OPTIONAL, SECTION_NAMES, SMALL, Bench, log  # noqa: E402  (scripts/ is on sys.path)
+from gpu.bench import (AUTO, FULL, GPU, OPTIONAL, SECTION_NAMES, SMALL, XLA, Bench,  # noqa: E402  (scripts/ on sys.path)
+                       log)
 from gpu.context import section_context, section_int8_32k, section_prefill_128k  # noqa: E402
 from gpu.device import section_device, section_model  # noqa: E402
 from gpu.fit import section_longest_fit  # noqa: E402
@@ -97,7 +98,6 @@ from gpu.hf import section_accuracy, section_transformers  # noqa: E402
 from gpu.kernels import section_decode_kernel, section_products  # noqa: E402
 from gpu.report import summary  # noqa: E402
 
-from glm_jax import options  # noqa: E402
 
 SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "device": section_device,
@@ -122,7 +122,7 @@ def parse_args(argv=None):
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="skip optional sections once this many seconds are nearly spent (default 420)")
     parser.add_argument("--prefill-chunk", type=int, help="tokens per prefill step (default 4096; 128 with --small)")
-    parser.add_argument("--kernel", default=AUTO, choices=options.KERNELS,
+    parser.add_argument("--kernel", default=AUTO, choices=(AUTO, XLA, GPU),
                         help=f"attention kernel of the timed Engines (default {AUTO}: the GPU's on a GPU)")
     parser.add_argument("--sections", help=f"optional sections to run, comma-separated (default all: "
                                            f"{','.join(OPTIONAL)})")

@@ -18,8 +18,9 @@ def test_local_report_fields_and_arithmetic(reference):
     reports = compile_report(config, topology="local", seq_len=4096, batch=2, mesh="tensor=2,sequence=4", chunk=256)
     assert [r.program for r in reports] == ["prefill chunk (256 tokens)", "decode step"]
     for r in reports:
-        # K and V: 2 layers x 2 x [2, 4096, 4 heads, 16] bf16, split 2 (heads) x 4 (positions), plus the index
-        assert r.kv_cache_bytes_per_device == 2 * 2 * (2 * 4096 * 4 * 16 * 2) // 8 + 2 * 4096 * 4 // 4
+        # K and V: 2 layers x 2 x a pool of 2 x 4096 slots [4 heads, 64 pages, 128, 16] bf16, split 2
+        # (heads) x 4 (pages), plus the page tables [2 rows, 32 pages] int32 every device holds
+        assert r.kv_cache_bytes_per_device == 2 * 2 * (2 * 4096 * 4 * 16 * 2) // 8 + 2 * 32 * 4
         assert r.alias_bytes_per_device >= r.kv_cache_bytes_per_device   # the cache is donated, updated in place
         assert r.hbm_bytes_per_device is None and r.fits is None and r.flops > 0
     assert reports[1].model_flops == model_flops(config, 2, 1, 4096)
@@ -78,7 +79,8 @@ def test_million_token_prefill_and_decode_fit_a_v5e_8():
 
 
 def test_int8_cache_report(reference, capsys):
-    """--kv-cache-dtype int8: int8 K/V plus a float32 scale per slot and KV head, about half the bf16 cache."""
+    """--kv-cache-dtype int8: int8 K/V plus a float32 scale per slot and KV head, about half the bf16 cache
+    (both with the page table)."""
     config = ["--config", str(reference / "fixtures" / "chatglm-f32"), "--topology", "local", "--seq-len", "2048",
               "--mesh", "sequence=8", "--chunk", "128", "--json"]
     assert main(["compile-report", *config]) == 0
@@ -86,9 +88,9 @@ def test_int8_cache_report(reference, capsys):
     assert main(["compile-report", *config, "--kv-cache-dtype", "int8"]) == 0
     int8 = json.loads(capsys.readouterr().out)[1]["kv_cache_bytes_per_device"]
     c = GLMConfig.from_hf(reference / "fixtures" / "chatglm-f32")
-    slots = 2048 // 8
+    slots, table = 2048 // 8, 2048 // 128 * 4                    # a device's pool slots; one row's page table
     values, scales = 2 * c.num_layers * slots * c.num_kv_heads * c.head_dim, 2 * c.num_layers * slots * c.num_kv_heads * 4
-    assert int8 == values + scales + slots * 4 and bf16 == 2 * values + slots * 4
+    assert int8 == values + scales + table and bf16 == 2 * values + table
 
 
 @pytest.mark.slow

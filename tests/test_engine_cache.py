@@ -2,14 +2,19 @@
 them against float64 numpy attention, on 1 to 8 devices; int8 pages; local lengths; the kernel
 choice."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from glm_jax.engine.cache import (DROP, block_pages, cache_ops, local_lengths, page_devices, page_slots, paged_tiles,
-                                  quantize, resolve_kernel, score_budget)
+from glm_jax.engine import cache as engine_cache
+from glm_jax.engine.cache import (DROP, TPU_TABLE_ENTRIES, block_pages, cache_ops, gpu_decode, gpu_prefill,
+                                  local_kernel, local_lengths, page_devices, page_slots, paged_tiles, quantize,
+                                  resolve_kernel, score_budget, tpu_decode)
+from glm_jax.kernels import paged_tpu
 from glm_jax.sharding import Layout, make_mesh
 
 HQ, G, D = 8, 2, 16
@@ -58,6 +63,19 @@ def test_paged_attend_matches_reference(mesh, page, lengths, chunk, int8):
     device j % n): K/V written through `write`, then decode (one query a row) or a prefill chunk (a
     row's last `chunk` positions, rows shorter than the chunk left-padded) attends through the
     tables, against float64; int8 pages against their dequantized values."""
+    check_attend(mesh, page, lengths, chunk, int8)
+
+
+def test_tpu_decode_merges_across_page_devices(monkeypatch):
+    """Kernel "tpu" on pages striped over 4 devices, its kernel in Pallas' TPU interpreter: each
+    device's running max and sum merge by log-sum-exp to the float64 answer."""
+    monkeypatch.setattr(engine_cache, "resolve_kernel", lambda kernel, platform: "tpu")
+    monkeypatch.setattr(paged_tpu, "tpu_paged_decode", functools.partial(paged_tpu.tpu_paged_decode, interpret=True))
+    check_attend("sequence=4", 16, [301, 9, 130], 1, False, kernel="tpu")
+
+
+def check_attend(mesh, page, lengths, chunk, int8, kernel="auto"):
+    """`test_paged_attend_matches_reference`'s case, attended with `kernel`."""
     layout = layout_of(mesh)
     n = page_devices(layout)
     rng = np.random.default_rng(sum(lengths) + chunk)
@@ -65,10 +83,12 @@ def test_paged_attend_matches_reference(mesh, page, lengths, chunk, int8):
     per_device = width * len(lengths) // n + 3
     table = tables(lengths, page, n, per_device, width, rng)
     pool_shape = (G, per_device * n, page, D)
-    write, attend = cache_ops(layout, budget=chunk * HQ * 4 * page)        # 4-page tiles or fewer
+    write, attend = cache_ops(layout, budget=chunk * HQ * 4 * page, kernel=kernel)   # 4-page tiles or fewer
     write = jax.jit(write)
     b, longest = len(lengths), max(lengths)
-    k_ref, v_ref = (rng.standard_normal((b, longest, G, D)).astype(np.float32) for _ in range(2))
+    # values bf16 holds exactly: the TPU kernel's products take bf16 passes, as on a TPU
+    held = (lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)) if kernel == "tpu" else np.float32
+    k_ref, v_ref = (held(rng.standard_normal((b, longest, G, D))) for _ in range(2))
     positions = np.broadcast_to(np.arange(longest, dtype=np.int32), (b, longest))
     valid = positions < np.array(lengths)[:, None]
     slots = page_slots(jnp.asarray(table), jnp.asarray(positions), jnp.asarray(valid), page)
@@ -85,7 +105,7 @@ def test_paged_attend_matches_reference(mesh, page, lengths, chunk, int8):
         garbage = jnp.asarray(rng.standard_normal(pool_shape) * 1e4, jnp.float32)     # what other requests left
         k, v = (write(garbage, jnp.asarray(x), slots) for x in (k_ref, v_ref))
         scales = ()
-    q = rng.standard_normal((b, chunk, HQ, D)).astype(np.float32)
+    q = held(rng.standard_normal((b, chunk, HQ, D)))
     q_pos = np.array([[p if p >= 0 else -1 for p in range(n_ - chunk, n_)] for n_ in lengths], np.int32)
     got = np.asarray(jax.jit(attend)(jnp.asarray(q), jnp.asarray(q_pos), k, v, jnp.asarray(table), *scales))
     for i in range(b):
@@ -136,15 +156,30 @@ def test_page_slots_and_block_pages():
     assert block_pages(16, 1 * 32, score_budget("cpu")) == 512 and block_pages(256, 4096 * 32, tpu) == 1
 
 
-def test_gpu_kernel_is_refused_off_gpus():
-    """Kernel "gpu" compiles for GPUs only: a CPU mesh refuses it instead of running something else;
-    "auto" takes the portable kernel there."""
+def test_platform_kernels_are_refused_elsewhere():
+    """Kernels "gpu" and "tpu" compile for their platform only: a CPU mesh refuses them instead of
+    running something else; "auto" takes the platform's kernel, the portable one on a CPU."""
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
-    with pytest.raises(ValueError, match="kernel 'gpu' needs GPU devices"):
-        cache_ops(layout, kernel="gpu")
-    assert resolve_kernel("auto", "cpu") == "xla"
-    with pytest.raises(ValueError, match="unknown attention kernel 'cudnn'; choose from auto, xla, gpu"):
+    for kernel in ("gpu", "tpu"):
+        with pytest.raises(ValueError, match=f"kernel '{kernel}' needs {kernel.upper()} devices, not cpu"):
+            cache_ops(layout, kernel=kernel)
+    assert [resolve_kernel("auto", p) for p in ("cpu", "gpu", "tpu")] == ["xla", "gpu", "tpu"]
+    with pytest.raises(ValueError, match="unknown attention kernel 'cudnn'; choose from auto, xla, gpu, tpu"):
         resolve_kernel("cudnn", "gpu")
+
+
+@pytest.mark.parametrize("kernel, devices, rows, chunk, table_pages, int8, want", [
+    ("gpu", 1, 8, 1, 64, True, gpu_decode), ("gpu", 1, 1, 512, 64, False, gpu_prefill),
+    ("gpu", 1, 1, 512, 64, True, paged_tiles), ("gpu", 1, 2, 512, 64, False, paged_tiles),
+    ("gpu", 2, 8, 1, 64, False, paged_tiles),
+    ("tpu", 8, 64, 1, 1024, False, tpu_decode), ("tpu", 8, 64, 1, 1024, True, paged_tiles),
+    ("tpu", 8, 1, 512, 1024, False, paged_tiles), ("tpu", 1, 2, 1, TPU_TABLE_ENTRIES // 2, False, tpu_decode),
+    ("tpu", 1, 2, 1, TPU_TABLE_ENTRIES // 2 + 1, False, paged_tiles), ("xla", 1, 1, 1, 64, False, paged_tiles),
+])
+def test_local_kernel_choice(kernel, devices, rows, chunk, table_pages, int8, want):
+    """GPU: decode on one device, prefill of one row of a float pool on one device; TPU: decode of
+    a float pool whose tables fit its scalar memory, on any devices; the tiles otherwise."""
+    assert local_kernel(kernel, devices, rows, chunk, table_pages, int8) is want
 
 
 def test_quantize_round_trip():

@@ -1,6 +1,7 @@
-"""The GPU kernels (glm_jax/kernels/): the Pallas decode kernel in Pallas' interpreter, the cuDNN
-chunk's decomposition through jax.nn's XLA path, their lowering for CUDA without a GPU, and the
-engine's "gpu" kernel itself on a GPU (skipped without one)."""
+"""The GPU kernels (glm_jax/kernels/): the paged Pallas decode kernel in Pallas' interpreter, the
+cuDNN chunk's decomposition through jax.nn's XLA path (alone and on a row's gathered pages, as
+`gpu_prefill` runs it), the decode kernel's lowering for CUDA without a GPU, and the engine's
+"gpu" kernel itself on a GPU (skipped without one)."""
 
 import functools
 
@@ -11,8 +12,7 @@ import pytest
 from jax import export
 
 from glm_jax.attention import PAD, normalized, ungroup
-from glm_jax.engine import cache as engine_cache
-from glm_jax.engine.cache import cache_ops, pallas_decode, quantize
+from glm_jax.engine.cache import cache_ops, gpu_prefill, quantize
 from glm_jax.kernels import decode_pallas
 from glm_jax.kernels.cudnn import cudnn_chunk
 from glm_jax.sharding import Layout, make_mesh
@@ -35,59 +35,6 @@ def reference(q, k, v, q_index, k_index):
     return np.einsum("bhcs,bshd->bchd", p / np.where(total == 0, 1.0, total), v)   # seeing nothing: zeros
 
 
-def decode_case(order, length, rows, int8, dtype=np.float32):
-    """Cache rows filled up to each selected row's query slot (NaN beyond: K/V, or an int8 cache's
-    scales; a stale request's would be finite, NaN proves they are never read); a full row and an
-    inactive one (q_index -1). Returns the kernel's arguments and the float64 answer."""
-    rng = np.random.default_rng(3)
-    cache_rows = 4
-    k_ref, v_ref = (rng.standard_normal((cache_rows, length, G, D)).astype(np.float32) for _ in range(2))
-    picked = np.arange(cache_rows) if rows is None else np.asarray(rows)
-    q_slot = rng.integers(0, length, len(picked)).astype(np.int32)
-    q_slot[0], q_slot[-1] = length - 1, -1
-    if int8:
-        (k, k_scale), (v, v_scale) = (tuple(np.array(a) for a in quantize(jnp.asarray(x))) for x in (k_ref, v_ref))
-        k_ref, v_ref = k * k_scale[..., None], v * v_scale[..., None]          # what the cache holds
-        poisoned = (k_scale, v_scale)
-    else:
-        k, v = k_ref.astype(dtype), v_ref.astype(dtype)
-        k_ref, v_ref = k.astype(np.float32), v.astype(np.float32)
-        poisoned = (k, v)
-    index = np.full((cache_rows, length), PAD, np.int32)
-    for row, slot in zip(picked, q_slot):
-        for x in poisoned:
-            x[row, slot + 1:] = np.nan
-        index[row, :slot + 1] = np.arange(slot + 1)
-    arrays = [k, v] + (list(poisoned) if int8 else [])
-    if order == "bgsd":
-        arrays = [np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in arrays]
-    q = rng.standard_normal((len(picked), 1, HQ, D)).astype(dtype)
-    want = reference(q.astype(np.float32), k_ref[picked], v_ref[picked], q_slot[:, None], index[picked])
-    want[q_slot < 0] = 0.0
-    args = (jnp.asarray(q), jnp.asarray(q_slot[:, None]), *(jnp.asarray(x) for x in arrays[:2]), jnp.asarray(index))
-    return args, tuple(jnp.asarray(x) for x in arrays[2:]), None if rows is None else jnp.asarray(rows, jnp.int32), want
-
-
-DECODE_CASES = [("bsgd", 1152, None, False), ("bgsd", 1152, None, False), ("bsgd", 272, [2, 0], False),
-                ("bgsd", 96, [3, 1], False), ("bsgd", 1152, None, True), ("bgsd", 272, [2, 0], True)]
-
-
-@pytest.mark.parametrize("order, length, rows, int8", DECODE_CASES)
-def test_decode_kernel_reads_each_row_to_its_length(monkeypatch, order, length, rows, int8):
-    """The engine's decode kernel (`pallas_decode`: `decode_by_length` on the engine's rows, slot p
-    holding position p), in Pallas' interpreter: query row i at slot q_i sees slots [0, q_i] of
-    its cache row and nothing else; an inactive row gets zeros; against float64 (int8: on the
-    dequantized values), for every row (rows None) and for selected rows in any order."""
-    monkeypatch.setattr(engine_cache, "decode_by_length",
-                        functools.partial(decode_pallas.decode_by_length, interpret=True))
-    (q, q_index, k, v, index), scales, selected, want = decode_case(order, length, rows, int8)
-    if selected is not None:
-        index = index[selected]                                             # as `cache_ops` hands it over
-    run = jax.jit(lambda *a: ungroup(normalized(pallas_decode(*a, rows=selected, order=order, block_k=0)), jnp.float32))
-    got = run(q, q_index, k, v, index, *scales)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
-
-
 def chunk_case(start, s=512, chunk=64, dtype=np.float32):
     rng = np.random.default_rng(start)
     k, v = (rng.standard_normal((B, s, G, D)).astype(dtype) for _ in range(2))
@@ -106,44 +53,6 @@ def test_fused_chunk_decomposition(start):
     state = jax.jit(cudnn_chunk, static_argnums=4)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), start, "xla")
     got = ungroup(normalized(state), jnp.float32)
     np.testing.assert_allclose(np.asarray(got), reference(q, k, v, qi, index), rtol=0, atol=2e-5)
-
-
-@pytest.mark.parametrize("order, int8", [("bsgd", False), ("bgsd", False), ("bsgd", True)])
-def test_decode_kernel_lowers_for_cuda(order, int8):
-    """The decode kernel compiles to a Triton call for CUDA (exported here, without a GPU): bf16 or
-    int8 caches in either dim order. (cuDNN's lowering needs a GPU: `test_gpu_kernels_on_a_gpu`.)"""
-    q = jax.ShapeDtypeStruct((2, 4, 8, 1, 128), jnp.bfloat16)
-    dims = {"b": 4, "s": 2048, "g": 4, "d": 128}
-    kv = jax.ShapeDtypeStruct(tuple(dims[c] for c in order), jnp.int8 if int8 else jnp.bfloat16)
-    scales = (jax.ShapeDtypeStruct(kv.shape[:-1], jnp.float32),) * 2 if int8 else ()
-    ids = jax.ShapeDtypeStruct((2,), jnp.int32)
-    run = jax.jit(lambda q, k, v, lengths, rows, *s: decode_pallas.decode_by_length(q, k, v, lengths, rows, *s,
-                                                                                     kv_layout=order))
-    exported = export.export(run, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, kv, kv, ids, ids, *scales)
-    text = exported.mlir_module()
-    assert exported.platforms == ("cuda",) and "__gpu$xla.gpu.triton" in text and 'name = "decode_by_length"' in text
-
-
-@on_gpu
-def test_gpu_kernels_on_a_gpu():
-    """Kernel "gpu" compiled and run on a GPU through the engine's cache attention: the Pallas decode
-    kernel on the engine's rows (bf16 and int8 caches) and cuDNN for prefill chunks (bf16), against
-    float64 within bf16 rounding."""
-    layout = Layout(make_mesh("sequence=1", GPU[:1]))
-    for order, length, rows, int8 in DECODE_CASES:
-        (q, q_index, k, v, index), scales, selected, want = decode_case(order, length, rows, int8,
-                                                                        dtype=jnp.bfloat16)
-        attend = jax.jit(cache_ops(layout, order, kernel="gpu")[1])
-        got = attend(q, q_index, k, v, index, *scales, rows=selected)
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2, err_msg=str((order, rows)))
-    attend = jax.jit(cache_ops(layout, "bsgd", kernel="gpu")[1])
-    for start in (0, 96, 200):
-        q, k, v, qi, index = chunk_case(start, dtype=jnp.bfloat16)
-        got = attend(*(jnp.asarray(x) for x in (q, qi, k, v, index)))
-        want = reference(*(np.asarray(x, np.float32) for x in (q, k, v)), qi, index)
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2, err_msg=f"start {start}")
-
 
 
 def paged_case(page, int8, dtype=np.float32, poison=np.nan, chunk=1):
@@ -213,3 +122,38 @@ def test_paged_decode_lowers_for_cuda(page, int8):
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, lengths, kv, kv, table, *scales)
     text = exported.mlir_module()
     assert "__gpu$xla.gpu.triton" in text and 'name = "paged_decode"' in text
+
+
+POISON = 1e3   # finite garbage: jax.nn's XLA attention multiplies masked-out values by 0 (0 * NaN is NaN)
+prefill_xla = jax.jit(functools.partial(gpu_prefill, tile_pages=4, implementation="xla"))
+
+
+@pytest.mark.parametrize("row", [3, 2, 1])
+def test_gpu_prefill_on_gathered_pages(row):
+    """`gpu_prefill` on one row of `paged_case`'s pool (16-slot pages, shuffled), cuDNN's part
+    through jax.nn's XLA path: whole chunks of 43 after 341 slots (row 3) and from position 0
+    (row 2) take the fused decomposition, a left-padded one (row 1) `paged_tiles`; against
+    float64 for every real query."""
+    (q, lengths, k, v, table), _, want = paged_case(16, False, poison=POISON, chunk=43)
+    one = slice(row, row + 1)
+    got = np.asarray(ungroup(normalized(prefill_xla(q[one], lengths[one], k, v, table[one])), jnp.float32))
+    real = np.asarray(lengths[one]) > 0
+    np.testing.assert_allclose(got[real], want[one][real], rtol=0, atol=2e-5)
+
+
+@on_gpu
+def test_gpu_kernels_on_a_gpu():
+    """Kernel "gpu" compiled and run on a GPU through the engine's cache attention (`cache_ops`): the
+    Pallas decode kernel on bf16 and int8 pools, and one row's prefill chunks by cuDNN (whole
+    chunks) or the tiles (a left-padded one) on a bf16 pool, against float64 within bf16 rounding."""
+    attend = jax.jit(cache_ops(Layout(make_mesh("sequence=1", GPU[:1])), kernel="gpu")[1])
+    for page, int8 in [(16, False), (128, True), (256, False)]:
+        (q, lengths, k, v, table), scales, want = paged_case(page, int8, jnp.bfloat16, POISON)
+        got = attend(q, lengths - 1, k, v, table, *scales)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2, err_msg=f"page {page}")
+    for row in (3, 2):
+        (q, lengths, k, v, table), _, want = paged_case(16, False, jnp.bfloat16, POISON, chunk=64)
+        one = slice(row, row + 1)
+        got = np.asarray(attend(q[one], lengths[one] - 1, k, v, table[one]), np.float32)
+        real = np.asarray(lengths[one]) > 0
+        np.testing.assert_allclose(got[real], want[one][real], rtol=0, atol=2e-2, err_msg=f"row {row}")

@@ -18,8 +18,8 @@ KV moves per token.
 Visibility is by position alone: a query at position q sees its row's positions <= q. On one
 device those are a prefix of the row's local slots (local slot s: slot s % page of the row's s //
 page-th local page), its `lengths`. Attention on the cache has one per-device signature, `(q,
-lengths, k, v, table, k_scale, v_scale)` -> State: `paged_tiles` (portable) and the GPU decode
-kernel take it.
+lengths, k, v, table, k_scale, v_scale)` -> State: `paged_tiles` (portable), `gpu_decode`,
+`gpu_prefill` and `tpu_decode` take it; `local_kernel` picks one per call.
 """
 
 from __future__ import annotations
@@ -178,15 +178,20 @@ def local_lengths(q_pos: jax.Array, device, devices: int, page_size: int) -> jax
     return local_full * page_size + jnp.where(full % devices == device, rest, 0)
 
 
+AUTO_KERNELS = {"gpu": "gpu", "tpu": "tpu"}   # what "auto" is on these platforms ("xla" on others)
+
+
 def resolve_kernel(kernel: str, platform: str) -> str:
     """The attention `kernel` (one of options.KERNELS) for a mesh of `platform` devices: "auto" is
-    "gpu" on a GPU and "xla" elsewhere. "gpu" elsewhere than on a GPU is refused (its kernels
-    compile for GPUs only; the CPU tests call them directly, in Pallas' interpreter)."""
+    AUTO_KERNELS' choice for the platform, else "xla". "gpu" and "tpu" elsewhere than on their
+    platform are refused (their kernels compile for it only; the CPU tests call them directly,
+    in Pallas' interpreters)."""
     check_choice("attention kernel", kernel, KERNELS)
     if kernel == "auto":
-        return "gpu" if platform == "gpu" else "xla"
-    if kernel == "gpu" and platform != "gpu":
-        raise ValueError(f"attention kernel 'gpu' needs GPU devices, not {platform}; use 'auto' or 'xla'")
+        return AUTO_KERNELS.get(platform, "xla")
+    if kernel in ("gpu", "tpu") and platform != kernel:
+        raise ValueError(f"attention kernel {kernel!r} needs {kernel.upper()} devices, not {platform}; "
+                         "use 'auto' or 'xla'")
     return kernel
 
 
@@ -244,16 +249,63 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
 
 
 def gpu_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
-    """One query a row (C = 1) by the paged Pallas decode kernel."""
+    """One query a row (C = 1) by the paged Pallas (Triton) decode kernel."""
     from ..kernels.decode_pallas import paged_decode
 
     return paged_decode(q, lengths, k, v, table, k_scale, v_scale)
 
 
+def gpu_prefill(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int,
+                implementation: str = "cudnn") -> State:
+    """One row's prefill chunk (C > 1, a float pool held by one device) by `cudnn_chunk` on the
+    row's pages gathered into a contiguous [1, M*page, G, D] K and V (position p at slot p), when
+    the chunk is whole: its first query is real, so (chunks being left-padded) all are, at
+    positions start .. start+C-1 after the row's slots [0, start). Otherwise (a short last chunk)
+    by `paged_tiles`. implementation: `cudnn_chunk`'s ("xla": its CPU test seam)."""
+    from ..kernels.cudnn import cudnn_chunk
+
+    g, _, _, d = k.shape
+    start = lengths[0, 0] - 1
+
+    def fused():
+        ids = jnp.clip(table[0], 0, k.shape[1] - 1)
+        rows = [x[:, ids].reshape(g, -1, d).transpose(1, 0, 2)[None] for x in (k, v)]     # [1, M*page, G, D]
+        return cudnn_chunk(q, *rows, start, implementation)
+
+    return jax.lax.cond(start >= 0, fused, lambda: paged_tiles(q, lengths, k, v, table, tile_pages=tile_pages))
+
+
+def tpu_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
+    """One query a row (C = 1) by the Pallas TPU paged-attention kernel (`tpu_paged_decode`),
+    every table entry made a valid page id (it fetches whole blocks of the table's pages)."""
+    from ..kernels.paged_tpu import tpu_paged_decode
+
+    return tpu_paged_decode(q, lengths, k, v, jnp.clip(table, 0, k.shape[1] - 1), k_scale, v_scale)
+
+
+# Table entries (rows x local table pages) `tpu_decode` takes at most: the kernel's table lives in
+# the TPU core's scalar memory, 1 MiB on a v5e (a 256 x 1024 table does not compile there), so
+# half of it; larger calls take `paged_tiles`.
+TPU_TABLE_ENTRIES = 1 << 17
+
+
+def local_kernel(kernel: str, devices: int, rows: int, chunk: int, table_pages: int, quantized: bool):
+    """The per-device kernel of an attention call of `rows` rows of `chunk` queries on a pool over
+    `devices` page devices, local tables of `table_pages` pages: for "gpu" on one device,
+    `gpu_decode` for decode steps and `gpu_prefill` for one row's chunk of a float pool; for
+    "tpu", `tpu_decode` for decode steps of a float pool (int8 scales would be broadcast to a
+    float32 copy 4x the pool) within TPU_TABLE_ENTRIES; `paged_tiles` for everything else."""
+    if kernel == "gpu" and devices == 1 and (chunk == 1 or (rows == 1 and not quantized)):
+        return gpu_decode if chunk == 1 else gpu_prefill
+    if kernel == "tpu" and chunk == 1 and not quantized and rows * table_pages <= TPU_TABLE_ENTRIES:
+        return tpu_decode
+    return paged_tiles
+
+
 def cache_ops(layout: Layout, *, budget: int | None = None, kernel: str = "auto"):
     """(write, attend) on the sharded pool, both shard_mapped over the mesh. `kernel` (see
-    `resolve_kernel`): "xla" runs `paged_tiles`; "gpu" runs, on a pool held by one device, the
-    paged Pallas kernel for decode steps and `paged_tiles` for prefill chunks.
+    `resolve_kernel`): "xla" runs `paged_tiles`; "gpu" and "tpu" their kernels where
+    `local_kernel` takes them.
     `budget`: float32 values per score tile (default: `score_budget` of the mesh's chips).
 
     write(part, values, slots) -> part with the slots set: a K/V pool [G,P,page,D] takes values
@@ -279,9 +331,9 @@ def cache_ops(layout: Layout, *, budget: int | None = None, kernel: str = "auto"
             first = (jax.lax.axis_index(axes) if axes else 0) * pages * page
             mine = (slots >= first) & (slots < first + pages * page)
             at = jnp.where(mine, slots - first, pages * page)                  # [b, C]; out of range: dropped
-            flat = part.reshape((g, pages * page) + part.shape[3:])
-            flat = flat.at[:, at].set(jnp.moveaxis(vals, 2, 0).astype(part.dtype), mode="drop")
-            return flat.reshape(part.shape)
+            # indexed by (page, offset), never through a [G, P*page, D] view: on TPU that reshape
+            # re-tiles (copies) the whole pool
+            return part.at[:, at // page, at % page].set(jnp.moveaxis(vals, 2, 0).astype(part.dtype), mode="drop")
 
         return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, value_spec, P()), out_specs=spec,
                              check_vma=False)(part, values, slots)
@@ -299,8 +351,8 @@ def cache_ops(layout: Layout, *, budget: int | None = None, kernel: str = "auto"
         split = kv_spec[0] or ()
         local_heads = hq // math.prod(layout.size(a) for a in ((split,) if isinstance(split, str) else split))
         tile = block_pages(page_size, c * local_heads, budget or score_budget(platform))
-        run = gpu_decode if kernel == "gpu" and n == 1 and c == 1 else paged_tiles
         width = -(-table.shape[1] // n) * n
+        run = local_kernel(kernel, n, b, c, width // n, k_scale is not None)
 
         def local(q, q_pos, table, k, v, *scales):
             device = jax.lax.axis_index(axes) if axes else 0

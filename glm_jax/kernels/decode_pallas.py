@@ -1,6 +1,5 @@
 """The decode step's attention as one Pallas (Triton) kernel: one query a row against K/V read
-either from cache rows filled from slot 0 (the row engine's layout, slot p holds position p) or
-through a page table from a page pool (the paged engine's layout)."""
+through its page table from the engine's page pool."""
 
 from __future__ import annotations
 
@@ -11,74 +10,54 @@ import numpy as np
 from ..attention import State, group_queries, heads_major
 
 DECODE_PROGRAMS = 128           # at least this many programs when the cache allows (an H100 has 132 SMs)
-TILE_SLOTS = (128, 64, 32, 16)  # block_k candidates, largest first: a tile must divide the cache (and a page)
+TILE_MAX = 128                  # block_k: a whole page up to this many slots, else a power-of-two part of one
+PAGE_MIN = 16                   # the smallest page (a tile of Triton's dot)
 MIN_ROWS = 16                   # Triton's dot wants 16+ rows (GQA groups of GLM-4 have 8): queries are padded
 NUM_WARPS = 4                   # Triton launch parameters of the kernel
 NUM_STAGES = 2
 
 
-def decode_tiles(slots: int, programs: int, most: int = TILE_SLOTS[0]) -> tuple[int, int] | None:
-    """(block_k, splits) of the decode kernel for a cache of `slots` slots and `programs` (rows x
-    KV groups) programs per split: the largest power-of-two tile of 16 to min(128, most) slots
-    dividing the cache, and the number of equal slot ranges, a divisor of the tile count, that
-    brings the programs to DECODE_PROGRAMS; None when no such tile divides the cache."""
-    block = next((b for b in TILE_SLOTS if b <= most and slots % b == 0), None)
-    if block is None:
-        return None
-    tiles = slots // block
+def decode_tiles(pages: int, page: int, programs: int) -> tuple[int, int]:
+    """(block_k, splits) of the decode kernel for tables of `pages` pages of `page` slots and
+    `programs` (rows x KV groups) programs per split: tiles of min(page, TILE_MAX) slots, and the
+    number of equal slot ranges, a divisor of the tile count, that brings the programs to
+    DECODE_PROGRAMS."""
+    block = min(page, TILE_MAX)
+    tiles = pages * page // block
     want = max(1, -(-DECODE_PROGRAMS // programs))
     return block, max(d for d in range(1, min(tiles, want) + 1) if tiles % d == 0)
-
-
-def decode_by_length(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, rows: jax.Array,
-                     k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, *,
-                     kv_layout: str = "bsgd", interpret: bool = False) -> State:
-    """One query a row against cache rows filled from slot 0, as one Pallas (Triton) kernel (XLA
-    spends about ten small kernels a layer on this attention).
-    q [b,G,R,1,D] (`heads_major`); k/v [B,S,G,D] (or [B,G,S,D], kv_layout); lengths int32 [b]: query
-    row i sees slots [0, lengths[i]) of cache row rows[i] (0: nothing). int8 k/v come with float32
-    scales [B,S,G] (or [B,G,S]), applied as in `update`: each tile is converted to q's dtype in
-    the kernel. The slots are cut into `splits` equal ranges (`decode_tiles`); a program per (row,
-    KV group, range) folds its range's filled tiles of block_k slots into a float32 online-softmax
-    state, stopping at the row's length; the ranges' states are merged here by log-sum-exp.
-    interpret: run the kernel in Pallas' interpreter (a test seam for CPUs: the engine never sets it)."""
-    slots = k.shape[kv_layout.index("s")]
-    return _decode(q, k, v, lengths, rows, k_scale, v_scale, kv_layout, slots, TILE_SLOTS[0], interpret)
 
 
 def paged_decode(q: jax.Array, lengths: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array,
                  k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, *,
                  interpret: bool = False) -> State:
-    """`decode_by_length`'s kernel on a page pool: q [b,1,Hq,D]; lengths int32 [b,1]; k/v [G,P,page,D]
-    (page a power of two, 16 or more); table int32 [b,M]: row i's page ids in order; scales
-    [G,P,page] for int8 pools. Query i sees slots [0, lengths[i]) of its row, slot s being slot
-    s % page of page table[i, s // page]; table entries past a row's length are never read. Tiles
-    are pages, or power-of-two parts of them of at most 128 slots. -> State [b,G,R,1(,D)]."""
-    g, _, page, _ = k.shape
-    if page < TILE_SLOTS[-1] or page & (page - 1):
-        raise ValueError(f"page size {page} must be a power of two of at least {TILE_SLOTS[-1]}")
-    qg = heads_major(group_queries(q, g))
-    return _decode(qg, k, v, lengths[:, 0], table, k_scale, v_scale, "paged", table.shape[1] * page, page,
-                   interpret)
-
-
-def _decode(q, k, v, lengths, where, k_scale, v_scale, kv_layout: str, slots: int, most: int,
-            interpret: bool) -> State:
-    """The kernel: q [b,G,R,1,D] over `slots` slots a row in tiles of at most `most`; `where` is the
-    rows [b] of a row cache (kv_layout "bsgd"/"bgsd") or the page table [b,M] of a pool ("paged")."""
+    """One query a row against a page pool, as one Pallas (Triton) kernel (XLA spends about ten
+    small kernels a layer on this attention). q [b,1,Hq,D]; lengths int32 [b,1]; k/v [G,P,page,D]
+    (page a power of two, 16 or more); table int32 [b,M]: row i's page ids in order; int8 pools
+    come with float32 scales [G,P,page], applied as in `update` (each tile converted to q's dtype
+    in the kernel). Query i sees slots [0, lengths[i]) of its row, slot s being slot s % page of
+    page table[i, s // page]; table entries past a row's length are never read.
+    The row's M*page slots are cut into `splits` equal ranges (`decode_tiles`: tiles are pages, or
+    power-of-two parts of them of TILE_MAX slots); a program per (row, KV group, range) folds
+    its range's filled tiles into a float32 online-softmax state, stopping at the row's length;
+    the ranges' states are merged here by log-sum-exp. -> State [b,G,R,1(,D)].
+    interpret: run the kernel in Pallas' interpreter (a test seam for CPUs: the engine never sets it)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    b, g, r, _, d = q.shape
-    block_k, splits = decode_tiles(slots, b * g, most)
-    span = slots // splits
-    page = k.shape[2] if kv_layout == "paged" else None
+    g, _, page, _ = k.shape
+    if page < PAGE_MIN or page & (page - 1):
+        raise ValueError(f"page size {page} must be a power of two of at least {PAGE_MIN}")
+    q = heads_major(group_queries(q, g))                                               # [b, G, R, 1, D]
+    b, _, r, _, d = q.shape
+    block_k, splits = decode_tiles(table.shape[1], page, b * g)
+    span = table.shape[1] * page // splits
     rp = max(MIN_ROWS, 1 << (r - 1).bit_length())
     qp = jnp.pad(q[:, :, :, 0], ((0, 0), (0, 0), (0, rp - r), (0, 0)))                # [b, G, Rp, D]
     scale = 1.0 / np.sqrt(d)
     scaled = k_scale is not None
 
-    def kernel(lengths_ref, where_ref, q_ref, k_ref, v_ref, *refs):
+    def kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, *refs):
         ks_ref, vs_ref, acc_ref, m_ref, l_ref = refs if scaled else (None, None, *refs)
         i, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         length = lengths_ref[i]
@@ -87,11 +66,7 @@ def _decode(q, k, v, lengths, where, k_scale, v_scale, kv_layout: str, slots: in
         qt = q_ref[...]                                                                # [Rp, D]
 
         def tile(ref, first):      # [block_k, D] of K or V, [block_k] of a scale, from slot `first` on
-            if kv_layout == "paged":
-                at = pl.ds(jax.lax.rem(first, page), block_k)
-                return ref[h, where_ref[i, jax.lax.div(first, page)], at]
-            at = pl.ds(first, block_k)
-            return ref[where_ref[i], at, h] if kv_layout == "bsgd" else ref[where_ref[i], h, at]
+            return ref[h, table_ref[i, jax.lax.div(first, page)], pl.ds(jax.lax.rem(first, page), block_k)]
 
         def step(t, carry):
             acc, m, l = carry
@@ -129,8 +104,8 @@ def _decode(q, k, v, lengths, where, k_scale, v_scale, kv_layout: str, slots: in
                    jax.ShapeDtypeStruct((splits, b, g, rp), jnp.float32),
                    jax.ShapeDtypeStruct((splits, b, g, rp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-        interpret=interpret, name="paged_decode" if kv_layout == "paged" else "decode_by_length",
-    )(lengths.astype(jnp.int32), where.astype(jnp.int32), qp, k, v, *scales)
+        interpret=interpret, name="paged_decode",
+    )(lengths[:, 0].astype(jnp.int32), table.astype(jnp.int32), qp, k, v, *scales)
     m, l, acc = m[..., :r, None], l[..., :r, None], acc[..., :r, None, :]          # [splits, b, G, R, 1(, D)]
     top = m.max(axis=0)
     weight = jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top))                     # 0 for an empty range

@@ -26,9 +26,10 @@ DATASHEET = (
     ("H200", 989e12, 4.8e12),
 )
 
-# The engine's attention kernels, in options' order: the library's default, the portable tiles, and
-# the GPU's (cuDNN flash attention for prefill chunks, the Pallas kernel for decode steps).
-AUTO, XLA, GPU = options.KERNELS
+# The engine's attention kernels a GPU runs, in options' order (the fourth, "tpu", needs TPUs): the
+# library's default, the portable tiles, and the GPU's (cuDNN flash attention for prefill chunks,
+# the Pallas kernel for decode steps).
+AUTO, XLA, GPU = options.KERNELS[:3]
 
 TARGETS = {  # issue #15
     "decode_roofline_fraction_1k": 0.85,

@@ -7,15 +7,20 @@ from gpu.bench import GiB, Bench, log
 
 
 def abstract_cache_bytes(config, length: int, **cache_kwargs) -> int:
-    """Bytes of a batch-1 cache of `length` slots on one device (K/V, scales, index)."""
+    """Bytes of a one-request cache of `length` slots on one device: a pool of the request's pages
+    of PAGE_SIZE slots (K/V, int8 scales) and its page table."""
     import jax
     import jax.numpy as jnp
 
     from glm_jax.engine import abstract_cache, cache_dtype
+    from glm_jax.engine.cache import table_width
+    from glm_jax.options import PAGE_SIZE
     from glm_jax.sharding import Layout, make_mesh
 
     layout = Layout(make_mesh("sequence=1", jax.devices()[:1]))
-    cache = abstract_cache(config, layout, 1, length, cache_dtype(cache_kwargs.get("kv_cache_dtype"), jnp.bfloat16))
+    pages = table_width(length, PAGE_SIZE, 1)
+    cache = abstract_cache(config, layout, 1, pages, pages, PAGE_SIZE,
+                           cache_dtype(cache_kwargs.get("kv_cache_dtype"), jnp.bfloat16))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 

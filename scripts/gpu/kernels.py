@@ -57,13 +57,13 @@ def section_products(bench: Bench) -> dict:
             "rest_seconds": None if step is None else step - per_step}
 
 
-def attention_call_seconds(attend, q, q_index, k, v, index, repeats: int = 50) -> float:
+def attention_call_seconds(attend, q, q_pos, k, v, table, repeats: int = 50) -> float:
     """Seconds of one decode attention call (`cache_ops`' attend): `repeats` dependent calls in
     one program (each query depends on the last output), divided; median of 5."""
     import jax
 
     def chain(q):
-        body = lambda _, x: attend(x, q_index, k, v, index).astype(x.dtype) * 0.5 + q
+        body = lambda _, x: attend(x, q_pos, k, v, table).astype(x.dtype) * 0.5 + q
         return jax.lax.fori_loop(0, repeats, body, q)
 
     f = jax.jit(chain)
@@ -72,10 +72,11 @@ def attention_call_seconds(attend, q, q_index, k, v, index, repeats: int = 50) -
 
 
 def section_decode_kernel(bench: Bench) -> dict:
-    """The decode step's attention: the Pallas kernel that the GPU kernel ("auto" on a GPU) uses for
-    one token a row, against XLA's tiles. Per case (the 1K and 32K contexts' filled
+    """The decode step's attention: the paged Pallas kernel that the GPU kernel ("auto" on a GPU)
+    uses for one token a row, against XLA's tiles. Per case (the 1K and 32K contexts' filled
     slots, prompt + 1 + N/2, and the int8 cache at 32K): one layer's attention call alone (one row,
-    the model's heads, the engine's cache bucket, bf16 or int8 with random scales), microseconds
+    the model's heads, a pool of the row's pages of PAGE_SIZE slots in shuffled order, bf16 or
+    int8 with random scales), microseconds
     and the largest difference from XLA's output and from a float32 reference (the XLA kernel on
     float32 copies of the values the cache holds). Then the decode through an Engine with the XLA
     kernel (its prefill too, untimed here) against this run's context_1k, context_32k and int8_32k,
@@ -84,50 +85,49 @@ def section_decode_kernel(bench: Bench) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from glm_jax.attention import PAD, group_queries, heads_major, normalized, ungroup
-    from glm_jax.engine import Engine, cache_length
-    from glm_jax.engine.cache import cache_ops, cache_order
-    from glm_jax.kernels.decode_pallas import decode_by_length
+    from glm_jax.attention import normalized, ungroup
+    from glm_jax.engine import Engine
+    from glm_jax.engine.cache import cache_ops, table_width
+    from glm_jax.kernels.decode_pallas import paged_decode
+    from glm_jax.options import PAGE_SIZE
 
     bench.need_model()
     c, layout = bench.config, bench.layout
     g, hq, d = c.num_kv_heads, c.num_heads, c.head_dim
-    order = cache_order(layout, g)
     cases = {"context_1k": ("context_1k", None), "context_32k": ("context_32k", None),
              "int8_32k": ("context_32k", "int8")}
     f32 = lambda x: x.astype(jnp.float32)
-    out: dict = {"cache_order": order, "attention": {}}
+    out: dict = {"page_size": PAGE_SIZE, "attention": {}}
     interpret = layout.mesh.devices.flat[0].platform != "gpu"   # off GPUs, Pallas' interpreter runs it
 
-    def pallas(q, q_index, k, v, k_index, k_scale=None, v_scale=None):   # the kernel on the one-row cache
-        state = decode_by_length(heads_major(group_queries(q, g)), k, v, q_index[:, 0] + 1, jnp.arange(q.shape[0]),
-                                 k_scale, v_scale, kv_layout=order, interpret=interpret)
-        return ungroup(normalized(state), q.dtype)
+    def pallas(q, q_pos, k, v, table, k_scale=None, v_scale=None):   # the engine's decode kernel, one device
+        return ungroup(normalized(paged_decode(q, q_pos + 1, k, v, table, k_scale, v_scale, interpret=interpret)),
+                       q.dtype)
 
     for name, (context, dtype) in cases.items():
         prompt, new = bench.scale.contexts[context]
         filled = prompt + 1 + new // 2
-        slots = cache_length(prompt + new, 1)
-        shape = tuple({"b": 1, "s": slots, "g": g, "d": d}[x] for x in order)
-        keys = jax.random.split(jax.random.key(7), 5)
+        pages = table_width(prompt + new, PAGE_SIZE, 1)
+        shape = (g, pages, PAGE_SIZE, d)
+        keys = jax.random.split(jax.random.key(7), 6)
         q = jax.random.normal(keys[2], (1, 1, hq, d), jnp.bfloat16)
         if dtype == "int8":
             k, v = (jax.random.randint(key, shape, -127, 128, jnp.int8) for key in keys[:2])
-            scales = tuple(jax.random.uniform(key, shape[:-1], jnp.float32, 0.5, 1.5) / 127 for key in keys[3:])
+            scales = tuple(jax.random.uniform(key, shape[:-1], jnp.float32, 0.5, 1.5) / 127 for key in keys[3:5])
             held = tuple(f32(x) * s[..., None] for x, s in zip((k, v), scales))
         else:
             k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:2])
             scales, held = (), (f32(k), f32(v))
-        index = jnp.where(jnp.arange(slots) < filled, jnp.arange(slots), PAD).astype(jnp.int32)[None]
-        q_index = jnp.full((1, 1), filled - 1, jnp.int32)
-        kernels = {XLA: cache_ops(layout, order, kernel=XLA)[1], GPU: pallas}
-        got = {kernel: f32(jax.jit(attend)(q, q_index, k, v, index, *scales)) for kernel, attend in kernels.items()}
-        reference = jax.jit(kernels[XLA])(f32(q), q_index, *held, index)
+        table = jax.random.permutation(keys[5], pages).astype(jnp.int32)[None]         # the row's pages, scattered
+        q_pos = jnp.full((1, 1), filled - 1, jnp.int32)
+        kernels = {XLA: cache_ops(layout, kernel=XLA)[1], GPU: pallas}
+        got = {kernel: f32(jax.jit(attend)(q, q_pos, k, v, table, *scales)) for kernel, attend in kernels.items()}
+        reference = jax.jit(kernels[XLA])(f32(q), q_pos, *held, table)
         seconds = {kernel: attention_call_seconds(functools.partial(attend, k_scale=scales[0], v_scale=scales[1])
-                                                  if scales else attend, q, q_index, k, v, index)
+                                                  if scales else attend, q, q_pos, k, v, table)
                    for kernel, attend in kernels.items()}
         out["attention"][name] = {
-            "filled_slots": filled, "cache_slots": slots, "cache_dtype": dtype or "bfloat16",
+            "filled_slots": filled, "cache_slots": pages * PAGE_SIZE, "cache_dtype": dtype or "bfloat16",
             "microseconds": {"xla": seconds[XLA] * 1e6, "pallas": seconds[GPU] * 1e6},
             "speedup": seconds[XLA] / seconds[GPU],
             "max_abs_pallas_vs_xla": float(jnp.abs(got[GPU] - got[XLA]).max()),
