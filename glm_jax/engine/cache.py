@@ -220,18 +220,23 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     """The portable kernel: a loop over tiles of `tile_pages` pages of every row (gathered from
     the pool) up to the longest row's visible slots, every query of the chunk at once; a tile
     every query sees whole skips the mask (queries that see nothing aside: padding, whose output
-    nobody reads)."""
+    nobody reads). Several rows compute in the gathered tiles' [G, b] order (no transposed copy
+    of them); one row in [b, G] order (XLA's CPU products of a [G, 1] batch are 2x slower)."""
     b, c = lengths.shape
     g, _, page, d = k.shape
-    qg = heads_major(group_queries(q, g)).swapaxes(0, 1)                    # [G, b, R, C, D], as the tiles
+    swap = b > 1
+    flip = lambda x: x.swapaxes(0, 1)
+    order, tile_order = (flip, lambda x: x) if swap else (lambda x: x, flip)  # queries/state; tiles ([G, b, ...])
+    q_layout, kv_layout = ("gbrtd", "gbsd") if swap else ("bgrtd", "bgsd")
+    qg = order(heads_major(group_queries(q, g)))                            # [G, b, R, C, D] or [b, G, R, C, D]
     width = -(-table.shape[1] // tile_pages) * tile_pages
     table = jnp.pad(jnp.clip(table, 0, k.shape[1] - 1), ((0, 0), (0, width - table.shape[1])))
     span = tile_pages * page
     shortest = jnp.where(lengths > 0, lengths, jnp.iinfo(jnp.int32).max).min()  # empty queries' outputs go unused
 
-    def gather(x, ids):  # [G, P, page(, D)] -> [G, b, span(, D)]
+    def gather(x, ids):  # [G, P, page(, D)] -> [G, b, span(, D)] (or [b, G, ...] for one row)
         t = x[:, ids]                                                       # [G, b, T, page(, D)]
-        return t.reshape(t.shape[:2] + (span,) + t.shape[4:])
+        return tile_order(t.reshape(t.shape[:2] + (span,) + t.shape[4:]))
 
     def step(i, st):
         ids = jax.lax.dynamic_slice_in_dim(table, i * tile_pages, tile_pages, 1)
@@ -239,13 +244,16 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
         scales = [None if x is None else gather(x, ids) for x in (k_scale, v_scale)]
         slot = i * span + jnp.arange(span, dtype=jnp.int32)
         whole = (i + 1) * span <= shortest
-        mask = (slot < lengths[:, :, None])[None, :, None]                  # [1, b, 1, C, span]
-        return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, "gbsd", *scales, q_layout="gbrtd"),
-                            lambda st: update(st, qg, k_t, v_t, mask, "gbsd", *scales, q_layout="gbrtd"), st)
+        mask = slot < lengths[:, :, None]                                   # [b, C, span]
+        mask = mask[None, :, None] if swap else mask
+        # under lax.cond the products run as plain matmuls on the gathered tiles (fused with the
+        # gather outside one, XLA's CPU backend is 2-3x slower)
+        return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, kv_layout, *scales, q_layout=q_layout),
+                            lambda st: update(st, qg, k_t, v_t, mask, kv_layout, *scales, q_layout=q_layout), st)
 
     tiles = -(-lengths.max() // span)
-    state = init_state(b, c, g, q.shape[2] // g, d).map(lambda x: x.swapaxes(0, 1))
-    return jax.lax.fori_loop(0, tiles, step, state).map(lambda x: x.swapaxes(0, 1))
+    state = init_state(b, c, g, q.shape[2] // g, d).map(order)
+    return jax.lax.fori_loop(0, tiles, step, state).map(order)
 
 
 def gpu_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
