@@ -1,10 +1,16 @@
 """Shared by the benchmark scripts (run as `python scripts/NAME.py`, so this folder is on sys.path):
-timing (single calls, interleaved rounds), roofline figures, and random models (glm_jax.testing's,
-also as transformers' GlmForCausalLM on the very same weights)."""
+timing (single calls, interleaved rounds), roofline figures, random models (glm_jax.testing's, also
+as transformers' GlmForCausalLM on the very same weights; the long-context benchmark model), and a
+worker subprocess that runs another tree's glm_jax (an earlier commit, for side-by-side runs)."""
 
+import json
+import os
 import pathlib
+import subprocess
+import sys
 import threading
 import time
+import traceback
 from typing import Callable
 
 import numpy as np
@@ -93,3 +99,76 @@ def hf_random_model(folder: pathlib.Path, config, *, seed: int = 0, attn_impleme
 
     write_random_checkpoint(folder, config, layout="glm", seed=seed, force=True, **weights)
     return transformers.GlmForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation).eval()
+
+
+# the long-context benchmark model ("162M" in docs/benchmarks.md): bench_long.py, bench_paged.py
+LONG_MODEL = {"layers": 2, "hidden": 512, "heads": 8, "kv_heads": 2, "head_dim": 128, "ffn": 1408, "vocab": 151552}
+
+
+def long_model_config(max_seq_len: int, *, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                      ffn: int, vocab: int):
+    """The config of the long-context benchmark model (fields as LONG_MODEL): random GLM-4, float32,
+    rope_theta 1e8, partial rotary 0.5."""
+    from glm_jax.testing import random_config
+
+    return random_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=1e8,
+                         max_seq_len=max_seq_len)
+
+
+# -- another tree's glm_jax in a worker subprocess ---------------------------------------------------
+
+def serve_ops(ops: dict[str, Callable]) -> None:
+    """The worker's end: one JSON {"op", "args"} a line on stdin, one JSON line back on the original
+    stdout ({"ok": result} or {"error": traceback}); whatever libraries print goes to stderr."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        call = json.loads(line)
+        try:
+            reply = {"ok": ops[call["op"]](**call["args"])}
+        except Exception:  # noqa: BLE001 - handed to the caller, which raises it
+            reply = {"error": traceback.format_exc()}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class Local:
+    """`ops` run in this process, called like a Worker (results through JSON, as from one)."""
+
+    def __init__(self, ops: dict[str, Callable]):
+        self.ops = ops
+
+    def __call__(self, op: str, **args):
+        return json.loads(json.dumps(self.ops[op](**args)))
+
+    def close(self) -> None:
+        pass
+
+
+class Worker:
+    """`python SCRIPT *args` run from `root` with PYTHONPATH=root (so `import glm_jax` gives that
+    tree's code), serving `serve_ops`; calling it runs one op there and returns its result."""
+
+    def __init__(self, script: pathlib.Path, args: list[str], root: pathlib.Path):
+        env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        self.proc = subprocess.Popen([sys.executable, str(script), *args], cwd=root, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def __call__(self, op: str, **args):
+        self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the worker exited ({self.proc.wait()}) during {op}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"{op} failed in the worker:\n{reply['error']}")
+        return reply["ok"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -50,11 +50,11 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _bench import decode_bytes, hf_random_model, memory_bandwidth  # noqa: E402
+from _bench import LONG_MODEL, decode_bytes, hf_random_model, long_model_config, memory_bandwidth  # noqa: E402
 
 from glm_jax import options  # noqa: E402
 
-VOCAB = 151552
+VOCAB = LONG_MODEL["vocab"]
 PREFILL_REPEAT_LIMIT_S = 30.0   # transformers prefills longer than this are timed once
 
 
@@ -127,12 +127,12 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=16, help="new tokens per run (decode: the last N-1 of them)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-chunk", type=int, default=options.PREFILL_CHUNK, help="glm-jax Model prefill_chunk")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--ffn", type=int, default=1408)
+    parser.add_argument("--layers", type=int, default=LONG_MODEL["layers"])
+    parser.add_argument("--hidden", type=int, default=LONG_MODEL["hidden"])
+    parser.add_argument("--heads", type=int, default=LONG_MODEL["heads"])
+    parser.add_argument("--kv-heads", type=int, default=LONG_MODEL["kv_heads"])
+    parser.add_argument("--head-dim", type=int, default=LONG_MODEL["head_dim"])
+    parser.add_argument("--ffn", type=int, default=LONG_MODEL["ffn"])
     parser.add_argument("--skip-transformers", action="store_true", help="time glm-jax only")
     parser.add_argument("--kv-cache-dtype", choices=options.KV_CACHE_DTYPES, default=None,
                         help="also time glm-jax with this KV cache (side glm_jax_int8), against its own roofline")
@@ -155,11 +155,8 @@ def main() -> int:
 
     import glm_jax
 
-    from glm_jax.testing import random_config
-
-    config = random_config(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.ffn,
-                           num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                           head_dim=args.head_dim, rope_theta=1e8, max_seq_len=max(prompts) + args.new)
+    config = long_model_config(max(prompts) + args.new, vocab=VOCAB, hidden=args.hidden, ffn=args.ffn,
+                               layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim)
     params = config.num_params
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp) / "model"
