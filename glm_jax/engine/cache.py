@@ -216,12 +216,16 @@ def block_pages(page_size: int, queries: int, budget: int) -> int:
 # -- per-device kernels: q [b,C,Hq,D], lengths [b,C] (local slots each query sees), the device's
 #    pool k/v [G,P,page,D], table [b,M] (local page ids of each row's local pages), scales or None
 
+REST_TILES = 8   # the pages past a row's whole tiles go in tiles this many times smaller
+
+
 def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
-    """The portable kernel: a loop over tiles of `tile_pages` pages of every row (gathered from
-    the pool) up to the longest row's visible slots, every query of the chunk at once; a tile
-    every query sees whole skips the mask (queries that see nothing aside: padding, whose output
-    nobody reads). Several rows compute in the gathered tiles' [G, b] order (no transposed copy
-    of them); one row in [b, G] order (XLA's CPU products of a [G, 1] batch are 2x slower)."""
+    """The portable kernel: every query of the chunk at once over tiles of its rows' pages
+    (gathered from the pool): whole tiles of `tile_pages` pages up to the longest row's visible
+    slots, then the rest in tiles REST_TILES times smaller (a short row reads little past its
+    end). A tile every query sees whole skips the mask. Several rows compute in the gathered tiles' [G, b] order (no
+    transposed copy of them); one row in [b, G] order (XLA's CPU products of a [G, 1] batch are
+    2x slower)."""
     b, c = lengths.shape
     g, _, page, d = k.shape
     swap = b > 1
@@ -229,31 +233,41 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     order, tile_order = (flip, lambda x: x) if swap else (lambda x: x, flip)  # queries/state; tiles ([G, b, ...])
     q_layout, kv_layout = ("gbrtd", "gbsd") if swap else ("bgrtd", "bgsd")
     qg = order(heads_major(group_queries(q, g)))                            # [G, b, R, C, D] or [b, G, R, C, D]
-    width = -(-table.shape[1] // tile_pages) * tile_pages
+    tile_pages = min(tile_pages, table.shape[1])
+    rest_pages = max(1, tile_pages // REST_TILES)
+    width = table.shape[1] + tile_pages
     table = jnp.pad(jnp.clip(table, 0, k.shape[1] - 1), ((0, 0), (0, width - table.shape[1])))
-    span = tile_pages * page
-    shortest = jnp.where(lengths > 0, lengths, jnp.iinfo(jnp.int32).max).min()  # empty queries' outputs go unused
+    shortest = lengths.min()      # a query seeing nothing here may see pages on other devices: it counts
 
-    def gather(x, ids):  # [G, P, page(, D)] -> [G, b, span(, D)] (or [b, G, ...] for one row)
-        t = x[:, ids]                                                       # [G, b, T, page(, D)]
-        return tile_order(t.reshape(t.shape[:2] + (span,) + t.shape[4:]))
+    def fold(state, first, tiles, pages):  # `tiles` tiles of `pages` pages from page `first` on
+        span = pages * page
 
-    def step(i, st):
-        ids = jax.lax.dynamic_slice_in_dim(table, i * tile_pages, tile_pages, 1)
-        k_t, v_t = gather(k, ids), gather(v, ids)
-        scales = [None if x is None else gather(x, ids) for x in (k_scale, v_scale)]
-        slot = i * span + jnp.arange(span, dtype=jnp.int32)
-        whole = (i + 1) * span <= shortest
-        mask = slot < lengths[:, :, None]                                   # [b, C, span]
-        mask = mask[None, :, None] if swap else mask
-        # under lax.cond the products run as plain matmuls on the gathered tiles (fused with the
-        # gather outside one, XLA's CPU backend is 2-3x slower)
-        return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, kv_layout, *scales, q_layout=q_layout),
-                            lambda st: update(st, qg, k_t, v_t, mask, kv_layout, *scales, q_layout=q_layout), st)
+        def gather(x, ids):  # [G, P, page(, D)] -> [G, b, span(, D)] (or [b, G, ...] for one row)
+            t = x[:, ids]                                                   # [G, b, T, page(, D)]
+            return tile_order(t.reshape(t.shape[:2] + (span,) + t.shape[4:]))
 
-    tiles = -(-lengths.max() // span)
+        def step(i, st):
+            start = first + i * pages
+            ids = jax.lax.dynamic_slice_in_dim(table, start, pages, 1)
+            k_t, v_t = gather(k, ids), gather(v, ids)
+            scales = [None if x is None else gather(x, ids) for x in (k_scale, v_scale)]
+            slot = start * page + jnp.arange(span, dtype=jnp.int32)
+            whole = (start + pages) * page <= shortest
+            mask = slot < lengths[:, :, None]                               # [b, C, span]
+            mask = mask[None, :, None] if swap else mask
+            # under lax.cond the products run as plain matmuls on the gathered tiles (fused with the
+            # gather outside one, XLA's CPU backend is 2-3x slower)
+            return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, kv_layout, *scales, q_layout=q_layout),
+                                lambda st: update(st, qg, k_t, v_t, mask, kv_layout, *scales, q_layout=q_layout), st)
+
+        return jax.lax.fori_loop(0, tiles, step, state)
+
+    needed = -(-lengths.max() // page)                                      # pages the longest row sees
+    whole_tiles = needed // tile_pages
     state = init_state(b, c, g, q.shape[2] // g, d).map(order)
-    return jax.lax.fori_loop(0, tiles, step, state).map(order)
+    state = fold(state, 0, whole_tiles, tile_pages)
+    rest = -(-(needed - whole_tiles * tile_pages) // rest_pages)
+    return fold(state, whole_tiles * tile_pages, rest, rest_pages).map(order)
 
 
 def gpu_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
