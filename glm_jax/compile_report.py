@@ -20,8 +20,9 @@ from flax import nnx
 
 from .config import GLMConfig
 from .model import abstract_model
-from .options import DEFAULT_REMAT, LOSS_CHUNK
+from .options import DEFAULT_REMAT, LOSS_CHUNK, Quantization
 from .params import param_specs
+from .quantize import assemble, stored_specs
 from .engine.cache import abstract_cache, cache_dtype, resolve_kernel
 from .engine.programs import programs_for
 from .sharding import Layout, make_mesh
@@ -124,15 +125,13 @@ def layout_for(topology: str, mesh: str | None, weights_over_sequence: bool | No
 
 
 def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, dtype,
-                    kv_cache_dtype: str | None = None):
-    """ShapeDtypeStructs (with shardings) for the weights and an empty cache."""
+                    kv_cache_dtype: str | None = None, quantize: str | None = None):
+    """ShapeDtypeStructs (with shardings) for the weights (quantized as `quantize` asks) and an empty cache."""
     graphdef, abstract = nnx.split(abstract_model(config, dtype))
-    specs = param_specs(config, dtype)
-    flat = []
-    for path, var in nnx.to_flat_state(abstract):
-        spec = specs[".".join(map(str, path))]
-        flat.append((path, var.replace(jax.ShapeDtypeStruct(spec.shape, spec.dtype,
-                                                            sharding=layout.sharding(spec.axes, spec.shape)))))
+    stored = stored_specs(param_specs(config, dtype), Quantization.parse(quantize))
+    weights = assemble({n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.sharding(s.axes, s.shape))
+                        for n, s in stored.items()})
+    flat = [(path, var.replace(weights[".".join(map(str, path))])) for path, var in nnx.to_flat_state(abstract)]
     state = nnx.from_flat_state(flat)
     return graphdef, state, abstract_cache(config, layout, batch, length, cache_dtype(kv_cache_dtype, dtype))
 
@@ -168,28 +167,31 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, batch: int = 1,
                    mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
-                   weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None) -> list[ProgramReport]:
+                   weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None,
+                   quantize: str | None = None) -> list[ProgramReport]:
     """Compiles the engine's own programs (`engine.programs.programs_for`, kernel "auto") on a
     `batch`-row cache of `seq_len` slots: one prefill chunk (of one row, as the engine prefills)
     and one decode step of every row; reports both.
     kv_cache_dtype: None (the weights' dtype) or "int8".
+    quantize: None (float weights), "int8", "int4" or "KIND:G": the layers' projections quantized.
 
     The prefill of a `seq_len` prompt is seq_len / chunk runs of the first program, so its
     FLOPs here are one chunk's (attending to the whole cache: the last, costliest chunk)."""
     layout, mesh_desc = layout_for(topology, mesh, weights_over_sequence)
     chip = chip_of(topology)
-    graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype)
+    graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype, quantize)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     kernel = resolve_kernel("auto", layout.mesh.devices.flat[0].platform)
     programs = programs_for(config, graphdef, layout, kernel, batch, seq_len, cache.k[0].dtype)
     compiled = programs.prefill.lower(state, cache, i32(), i32(1, chunk), i32(1, chunk),
                                       jax.ShapeDtypeStruct((1, chunk), jnp.bool_)).compile()
-    reports = [_report(f"prefill chunk ({chunk} tokens)", compiled, topology, mesh_desc, seq_len, batch, chip,
+    weights = f", {Quantization.parse(quantize)} weights" if quantize else ""
+    reports = [_report(f"prefill chunk ({chunk} tokens{weights})", compiled, topology, mesh_desc, seq_len, batch, chip,
                        layout, cache, model_flops(config, 1, chunk, seq_len))]
     rows = jax.eval_shape(programs.init_rows)
     compiled = programs.decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), i32(batch),
                                      steps=1).compile()
-    reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
+    reports.append(_report(f"decode step{weights and ' (' + weights[2:] + ')'}", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
                            model_flops(config, batch, 1, seq_len)))
     return reports
 

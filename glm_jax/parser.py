@@ -9,7 +9,8 @@ import argparse
 import pathlib
 
 from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_REMAT, DTYPES, HF_LAYOUTS,
-                             KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PREFILL_CHUNK, REMAT_HELP,
+                             KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS, PREFILL_CHUNK, QUANTIZE_HELP,
+                             REMAT_HELP,
                              REMATS, SCHEDULES, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT,
                              STEPS_PER_CALL)
 
@@ -31,6 +32,10 @@ def _kv_cache_flag(p: argparse.ArgumentParser) -> None:
                         "(default: the weights' dtype)")
 
 
+def _quantize_flag(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--quantize", default=None, metavar="KIND[:G]", help=QUANTIZE_HELP + what)
+
+
 def _compile_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache: a second run on the same model compiles nothing; "
@@ -45,6 +50,7 @@ def _runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help=f"prompt tokens per prefill step (default {PREFILL_CHUNK})")
     _kv_cache_flag(p)
+    _quantize_flag(p, "; a folder stored quantized loads as stored")
     _compile_cache_flag(p)
 
 
@@ -91,12 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=pathlib.Path, help="Hugging Face model folder")
     p.add_argument("dst", type=pathlib.Path, help="glm-jax model folder to create")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="stored weight dtype (default: the source's)")
+    _quantize_flag(p, "; stored quantized")
     _output_flags(p, "DST")
 
     p = sub.add_parser("export", help="glm-jax model folder -> HF folder",
                        description="Write a glm-jax model folder back as a Hugging Face folder. A folder made "
                                    "by `convert` comes back as its source (same layout, shards and bytes "
-                                   "when the dtype was kept).")
+                                   "when the dtype was kept). A folder stored quantized (convert --quantize) is "
+                                   "written dequantized, in its config's float dtype.")
     p.add_argument("model", type=pathlib.Path, help="glm-jax model folder")
     p.add_argument("out", type=pathlib.Path, help="Hugging Face folder to create")
     p.add_argument("--layout", choices=HF_LAYOUTS, default=None,
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="mesh spec (default: chosen per topology, see README)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk in tokens (default 4096)")
     _kv_cache_flag(p)
+    _quantize_flag(p, " (not with --train)")
     p.add_argument("--weights-over-sequence", choices=("auto", "yes", "no"), default="auto",
                    help="also shard weights over the sequence axis (default: per topology)")
     p.add_argument("--train", action="store_true",
@@ -285,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default=None, metavar="REGEX",
                    help="weights to adapt, matched against names like layers.3.attn.q_proj (default: every "
                         "attention and MLP projection; never the embedding, norms or output layer)")
+    _quantize_flag(p, "; with --lora-rank only: the base is frozen quantized, the adapters train in float32 "
+                      "and OUT gets the merged model in float")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint (a larger --steps trains on, the learning-rate schedule recomputed for the new total)")

@@ -37,6 +37,7 @@ class NeedleConfig:
     mesh: str | None = None
     prefill_chunk: int = options.PREFILL_CHUNK
     kv_cache_dtype: str | None = None
+    quantize: str | None = None       # options.Quantization's forms: the weights' quantization
     force: bool = False
     progress: bool = True
 
@@ -76,7 +77,8 @@ def run_config(c: NeedleConfig, haystack: Haystack) -> dict:
             "repeat_haystack": haystack.repeat, "lengths": [int(n) for n in c.lengths],
             "depths": [float(d) for d in c.depths], "samples": c.samples, "seed": c.seed,
             "multi_needle": c.multi_needle, "instruction": c.instruction, "max_new_tokens": c.max_new_tokens,
-            "dtype": c.dtype, "kv_cache_dtype": c.kv_cache_dtype, "needle": NEEDLE, "question": QUESTION}
+            "dtype": c.dtype, "kv_cache_dtype": c.kv_cache_dtype, "needle": NEEDLE, "question": QUESTION,
+            **({"quantize": c.quantize} if c.quantize else {})}         # runs before quantization resume
 
 
 def _log(message: str, enabled: bool) -> None:
@@ -114,7 +116,7 @@ def run(c: NeedleConfig) -> dict:
         import glm_jax
 
         model = glm_jax.load(c.model, dtype=c.dtype, mesh=c.mesh, prefill_chunk=c.prefill_chunk,
-                             kv_cache_dtype=c.kv_cache_dtype)
+                             kv_cache_dtype=c.kv_cache_dtype, quantize=c.quantize)
     rows = start_out(out, settings, c.force)
     try:
         if todo:
