@@ -25,8 +25,8 @@ from typing import Iterator
 import numpy as np
 
 from glm_jax.config import GLMConfig
-from glm_jax.options import DTYPES
-from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params, signals_held
+from glm_jax.options import DTYPES, Quantization
+from glm_jax.params import PARAMS_DIR, load_params, param_specs, save_params, signals_held, stored_arrays
 from glm_jax.progress import Progress
 
 from .hf import ConversionError, HFCheckpoint, default_shards, hf_tensor_from, iter_params, layout_of, write_hf
@@ -122,17 +122,24 @@ def _groups(params: Iterator[tuple[str, np.ndarray]], progress: Progress) -> Ite
 
 
 def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str | None = None,
-            force: bool = False, progress: bool = True) -> GLMConfig:
-    """Converts an untouched HF folder (either layout) into a glm-jax model folder."""
+            quantize: str | None = None, force: bool = False, progress: bool = True) -> GLMConfig:
+    """Converts an untouched HF folder (either layout) into a glm-jax model folder; with `quantize`
+    ("int8", "int4", "KIND:G") the layers' projections are stored quantized (glm_jax/quantize.py),
+    the rest in `dtype`."""
+    from glm_jax.quantize import quantize_stream, stored_specs
+
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    q = Quantization.parse(quantize)
     config, layout, ckpt, plan = open_hf(src)
     dtype = dtype or config.dtype
     target = np_dtype(dtype)
-    total = sum(int(np.prod(t.shape)) for t in plan) * target.itemsize
+    specs = param_specs(config, target)
+    stored = stored_specs(specs, q)               # a group that does not divide a width stops here
+    total = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in stored.values())
     with atomic_folder(dst, force) as tmp:
         config.replace(dtype=dtype).save(tmp / "config.json")
         with Progress(f"convert {src.name}", total, enabled=progress) as bar:
-            save_params(tmp / PARAMS_DIR, _groups(iter_params(ckpt, plan, target), bar))
+            save_params(tmp / PARAMS_DIR, _groups(quantize_stream(iter_params(ckpt, plan, target), specs, q), bar))
         _remember_hf(src, tmp, layout, ckpt, config.dtype)
     return config
 
@@ -188,9 +195,12 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
     With the hf_source.json the converter (or a fine-tuning run) left, the result is the source folder
     again (same layout, names, shards, metadata and bytes when the dtype was kept, and its other
     files); without it, the original `chatglm` layout (or `layout`) with a generated config and
-    shards of about 2 GB.
+    shards of about 2 GB. A folder stored quantized (`convert --quantize`) is written dequantized:
+    a float model in the config's dtype that carries the quantization's rounding.
     """
     import jax
+
+    from glm_jax.quantize import as_float, assemble, stored_quantization, stored_specs
 
     model_dir, out = pathlib.Path(model_dir), pathlib.Path(out)
     config = GLMConfig.load(model_dir / "config.json")
@@ -216,12 +226,14 @@ def export(model_dir: str | pathlib.Path, out: str | pathlib.Path, *, force: boo
     specs = param_specs(config, np_dtype(config.dtype))
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     path = model_dir / PARAMS_DIR
+    stored = stored_specs(specs, stored_quantization(stored_arrays(path), specs))   # quantized: dequantized
 
     def tensor(t):  # restores just the parameters of one HF tensor (Orbax's reads swallow an interrupt)
-        names = [p.param for p in t.parts]
+        names = {p.param for p in t.parts}
+        wanted = {n: s for n, s in stored.items() if n in names or n.rpartition(".")[0] in names}
         with signals_held():
-            arrays = load_params(path, {n: specs[n] for n in names}, {n: cpu for n in names})
-        return hf_tensor_from(t, lambda n: np.asarray(arrays[n]))
+            arrays = assemble(load_params(path, wanted, {n: cpu for n in wanted}))
+        return hf_tensor_from(t, lambda n: np.asarray(as_float(arrays[n], specs[n].dtype)))
 
     total = sum(int(np.prod(t.shape)) for t in plan) * itemsize
     with atomic_folder(out, force) as tmp:

@@ -16,9 +16,10 @@ from .attention import AttentionFn
 from .config import GLMConfig
 from .forward import forward
 from .generation import GenerationDefaults
-from .params import PARAMS_DIR, load_params, param_specs, split_model
+from .params import PARAMS_DIR, ParamSpec, load_params, param_specs, split_model, stored_arrays
+from .quantize import assemble, quantize_stream, stored_quantization, stored_specs
 from .engine import Engine, SamplingParams, cache_dtype, to_host
-from .options import DTYPES, MAX_BATCH, PAGE_SIZE, PREFILL_CHUNK, STEPS_PER_CALL, check_choice
+from .options import DTYPES, MAX_BATCH, PAGE_SIZE, PREFILL_CHUNK, STEPS_PER_CALL, Quantization, check_choice
 from .runtime import select_platforms
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
@@ -179,8 +180,9 @@ class Model:
 
 def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
          attention: str | AttentionFn = "auto", strategy: str = "ring", prefill_chunk: int = PREFILL_CHUNK,
-         kv_cache_dtype: str | None = None, kernel: str = "auto", page_size: int = PAGE_SIZE,
-         kv_cache_tokens: int | None = None, kv_cache_memory: float | None = None) -> Model:
+         kv_cache_dtype: str | None = None, kernel: str = "auto", quantize: str | None = None,
+         page_size: int = PAGE_SIZE, kv_cache_tokens: int | None = None,
+         kv_cache_memory: float | None = None) -> Model:
     """Loads a converted glm-jax folder, or an HF folder (either layout, converted in memory).
 
     dtype: "bfloat16" or "float32" (default: the stored weights' dtype).
@@ -198,8 +200,12 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     page_size, kv_cache_tokens, kv_cache_memory: the engine's KV page pool (`Engine`): slots a page;
       its size in tokens, or as a fraction of the device memory left after the weights (GPU/TPU);
       default: room for every request of a `generate` call (or `engine`'s max_batch x max_model_len).
+    quantize: "int8", "int4" or "KIND:G" (options.Quantization): the layers' projections are
+      quantized while loading, one layer at a time (glm_jax/quantize.py). A folder `convert
+      --quantize` wrote loads as stored, quantize left None (or the same).
     """
     path = pathlib.Path(path)
+    q = Quantization.parse(quantize)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a glm-jax or Hugging Face model folder)")
@@ -207,8 +213,7 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
     if json.loads(config_file.read_text()).get("model_type") == "glm_jax":
         config = GLMConfig.load(config_file)
         target = _dtype(dtype) or _dtype(config.dtype)
-        specs = param_specs(config, target)
-        arrays = load_params(path / PARAMS_DIR, specs, _shardings(specs, layout))
+        arrays = _load_folder(path / PARAMS_DIR, param_specs(config, target), layout, q)
     else:
         from glm_jax.convert.checkpoint import np_dtype, open_hf
         from glm_jax.convert.hf import iter_params
@@ -217,12 +222,38 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None, mesh=None,
         target = _dtype(dtype) or (_dtype(config.dtype) if config.dtype in DTYPES else jnp.bfloat16)
         specs = param_specs(config, target)
         shardings = _shardings(specs, layout)
-        arrays = {n: jax.device_put(a, shardings[n])
-                  for n, a in iter_params(ckpt, plan, np_dtype(jnp.dtype(target).name))}
+        arrays = _placed(((n, jax.device_put(a, shardings[n]))
+                          for n, a in iter_params(ckpt, plan, np_dtype(jnp.dtype(target).name))), specs, layout, q)
     graphdef, state = split_model(config, target, arrays)
     return Model(config, graphdef, state, attention=attention, layout=layout, strategy=strategy, path=path,
                  prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype, kernel=kernel, page_size=page_size,
                  kv_cache_tokens=kv_cache_tokens, kv_cache_memory=kv_cache_memory)
+
+
+def _load_folder(path: pathlib.Path, specs: dict[str, ParamSpec], layout: Layout | None, q: Quantization | None):
+    """The weights of a glm-jax folder's checkpoint: as stored (float, or quantized by `convert`), or
+    float ones quantized with q one layer at a time (never the whole float model in memory)."""
+    stored = stored_quantization(stored_arrays(path), specs)
+    if stored is not None and q is not None and stored != q:
+        raise ValueError(f"{path.parent} is stored quantized ({stored}); load it without --quantize or as "
+                         f"{stored}, or quantize its float source")
+    if stored is not None or q is None:
+        wanted = stored_specs(specs, stored)
+        return assemble(load_params(path, wanted, _shardings(wanted, layout)))
+    layers: dict[str, dict[str, ParamSpec]] = {}
+    for name, spec in specs.items():
+        parts = name.split(".")
+        layers.setdefault(".".join(parts[:2]) if parts[0] == "layers" else parts[0], {})[name] = spec
+    loaded = (item for group in layers.values()
+              for item in load_params(path, group, _shardings(group, layout)).items())
+    return _placed(loaded, specs, layout, q)
+
+
+def _placed(params, specs: dict[str, ParamSpec], layout: Layout | None, q: Quantization | None) -> dict:
+    """(name, array) pairs on devices -> the model's weights (quantized with q), each stored array on
+    its sharding."""
+    shardings = _shardings(stored_specs(specs, q), layout)
+    return assemble({n: jax.device_put(a, shardings[n]) for n, a in quantize_stream(params, specs, q)})
 
 
 def _shardings(specs, layout: Layout | None) -> dict[str, jax.sharding.Sharding]:

@@ -25,9 +25,12 @@ def _convert(args) -> int:
     from glm_jax.convert.checkpoint import convert
 
     start = time.perf_counter()
-    config = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=args.progress)
+    config = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize, force=args.force,
+                     progress=args.progress)
+    stored = args.dtype or config.dtype
     print(f"converted {args.src} -> {args.dst} ({config.num_params / 1e9:.2f}B parameters, "
-          f"{args.dtype or config.dtype}) in {time.perf_counter() - start:.1f} s")
+          f"{f'{args.quantize} projections, the rest {stored}' if args.quantize else stored}) "
+          f"in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -55,7 +58,7 @@ def _load(args):
 
     use_compile_cache(compile_cache_dir(args.compile_cache))
     model = glm_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, prefill_chunk=args.prefill_chunk,
-                         kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
+                         kv_cache_dtype=args.kv_cache_dtype, quantize=args.quantize, page_size=args.page_size,
                          kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=args.kv_cache_memory)
     if model.tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer.model in the model folder")
@@ -106,6 +109,8 @@ def _compile_report(args) -> int:
     config = GLMConfig.from_hf(args.config) if pathlib.Path(args.config).exists() else GLMConfig.preset(args.config)
     if not args.train and (args.lora_rank is not None or args.remat is not None or not args.gradient_fence):
         raise ValueError("--lora-rank, --remat and --no-gradient-fence need --train")
+    if args.train and args.quantize:
+        raise ValueError("--quantize compiles the serving programs; it does not go with --train")
     try:
         if args.train:
             reports = [train_report(config, topology=args.topology, seq_len=args.seq_len, batch=args.batch,
@@ -115,7 +120,7 @@ def _compile_report(args) -> int:
             reports = compile_report(config, topology=args.topology, seq_len=args.seq_len,
                                      batch=args.batch, mesh=args.mesh, chunk=args.chunk, weights_over_sequence=over,
                                      kv_cache_dtype=args.kv_cache_dtype, kv_cache_tokens=args.kv_cache_tokens,
-                                     page_size=args.page_size, kernel=args.kernel)
+                                     page_size=args.page_size, kernel=args.kernel, quantize=args.quantize)
     except Exception as e:   # XLA refuses, at compile time, a program larger than the chip's memory
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

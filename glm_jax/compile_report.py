@@ -20,8 +20,9 @@ from flax import nnx
 
 from .config import GLMConfig
 from .model import abstract_model
-from .options import DEFAULT_KERNEL, DEFAULT_REMAT, LOSS_CHUNK, PAGE_SIZE
+from .options import DEFAULT_KERNEL, DEFAULT_REMAT, LOSS_CHUNK, PAGE_SIZE, Quantization
 from .params import param_specs
+from .quantize import assemble, stored_specs
 from .engine.cache import abstract_cache, cache_dtype, page_devices, pool_pages, resolve_kernel, table_width
 from .engine.programs import programs_for
 from .sharding import Layout, make_mesh
@@ -127,16 +128,15 @@ def layout_for(topology: str, mesh: str | None, weights_over_sequence: bool | No
 
 def abstract_inputs(config: GLMConfig, layout: Layout, batch: int, length: int, dtype,
                     kv_cache_dtype: str | None = None, kv_cache_tokens: int | None = None,
-                    page_size: int = PAGE_SIZE):
-    """ShapeDtypeStructs (with shardings) for the weights and an empty cache: a pool of
-    `kv_cache_tokens` slots (default batch x length) and `batch` page tables of `length` tokens."""
+                    page_size: int = PAGE_SIZE, quantize: str | None = None):
+    """ShapeDtypeStructs (with shardings) for the weights (quantized as `quantize` asks) and an empty
+    cache: a pool of `kv_cache_tokens` slots (default batch x length) and `batch` page tables of
+    `length` tokens."""
     graphdef, abstract = nnx.split(abstract_model(config, dtype))
-    specs = param_specs(config, dtype)
-    flat = []
-    for path, var in nnx.to_flat_state(abstract):
-        spec = specs[".".join(map(str, path))]
-        flat.append((path, var.replace(jax.ShapeDtypeStruct(spec.shape, spec.dtype,
-                                                            sharding=layout.sharding(spec.axes, spec.shape)))))
+    stored = stored_specs(param_specs(config, dtype), Quantization.parse(quantize))
+    weights = assemble({n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout.sharding(s.axes, s.shape))
+                        for n, s in stored.items()})
+    flat = [(path, var.replace(weights[".".join(map(str, path))])) for path, var in nnx.to_flat_state(abstract)]
     state = nnx.from_flat_state(flat)
     n = page_devices(layout)
     width = table_width(length, page_size, n)
@@ -179,31 +179,34 @@ def compile_report(config: GLMConfig, *, topology: str = "local", seq_len: int, 
                    mesh: str | None = None, chunk: int = 4096, dtype=jnp.bfloat16,
                    weights_over_sequence: bool | None = None, kv_cache_dtype: str | None = None,
                    kv_cache_tokens: int | None = None, page_size: int = PAGE_SIZE,
-                   kernel: str = DEFAULT_KERNEL) -> list[ProgramReport]:
+                   kernel: str = DEFAULT_KERNEL, quantize: str | None = None) -> list[ProgramReport]:
     """Compiles the engine's own programs (`engine.programs.programs_for`, attention `kernel`) for
     `batch` requests of up to `seq_len` tokens over a page pool of `kv_cache_tokens` slots (default
     batch x seq_len): one prefill chunk (of one request, as the engine prefills) and one decode
     step of every request; reports both.
     kv_cache_dtype: None (the weights' dtype) or "int8".
+    quantize: None (float weights), "int8", "int4" or "KIND:G": the layers' projections quantized.
 
     The prefill of a `seq_len` prompt is seq_len / chunk runs of the first program, so its
     FLOPs here are one chunk's (attending to the whole cache: the last, costliest chunk)."""
     layout, mesh_desc = layout_for(topology, mesh, weights_over_sequence)
     chip = chip_of(topology)
     graphdef, state, cache = abstract_inputs(config, layout, batch, seq_len, dtype, kv_cache_dtype, kv_cache_tokens,
-                                             page_size)
+                                             page_size, quantize)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     kernel = resolve_kernel(kernel, layout.mesh.devices.flat[0].platform)
     programs = programs_for(config, graphdef, layout, kernel, batch, cache.pages.shape[1], cache.num_pages,
                             page_size, cache.k[0].dtype)
     compiled = programs.prefill.lower(state, cache, i32(), i32(1, chunk), i32(1, chunk),
                                       jax.ShapeDtypeStruct((1, chunk), jnp.bool_)).compile()
-    reports = [_report(f"prefill chunk ({chunk} tokens)", compiled, topology, mesh_desc, seq_len, batch, chip,
+    weights = f", {Quantization.parse(quantize)} weights" if quantize else ""
+    reports = [_report(f"prefill chunk ({chunk} tokens{weights})", compiled, topology, mesh_desc, seq_len, batch, chip,
                        layout, cache, model_flops(config, 1, chunk, seq_len))]
     rows = jax.eval_shape(programs.init_rows)
     compiled = programs.decode.lower(state, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), i32(batch),
                                      steps=1).compile()
-    reports.append(_report("decode step", compiled, topology, mesh_desc, seq_len, batch, chip, layout, cache,
+    reports.append(_report(f"decode step{weights and ' (' + weights[2:] + ')'}", compiled, topology, mesh_desc,
+                           seq_len, batch, chip, layout, cache,
                            model_flops(config, batch, 1, min(seq_len, cache.num_pages * page_size // batch))))
     return reports
 

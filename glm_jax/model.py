@@ -57,14 +57,18 @@ def _value(p):
 def dense(eq: str, x: jax.Array, w, b=None) -> jax.Array:
     """einsum(eq, x, w) with float32 accumulation, plus the bias b, rounded once to x's dtype.
     w and b are Params or their values; w is a plain array or a registered kind of weight."""
-    w = _value(w)
-    y = _MATMULS.get(type(w), _matmul)(eq, x, w)
+    y = any_matmul(eq, x, _value(w))
     if b is not None:
         y = y + _value(b).astype(jnp.float32)
     return y.astype(x.dtype)
 
 
-def _matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def any_matmul(eq: str, x: jax.Array, w) -> jax.Array:
+    """einsum(eq, x, w) in float32 for w of any registered kind (a plain array: `matmul`)."""
+    return _MATMULS.get(type(w), matmul)(eq, x, w)
+
+
+def matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(eq, x, w) in float32; a weight whose own dims and contracted dims are each a run
     ("bte,hde->bthd", "bthd,ehd->bte") goes as one [N, K] matrix (reshapes that move no data),
     a plain matmul: as a 3-D dot_general, XLA CPU copied (transposed) those weights at every

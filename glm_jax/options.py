@@ -7,9 +7,19 @@ else restates a choice list or a default. This module imports nothing heavy (no 
 
 from __future__ import annotations
 
+import dataclasses
+
 # -- numerics --------------------------------------------------------------------------------------
 DTYPES = ("bfloat16", "float32")             # compute / storage dtypes of the weights
 KV_CACHE_DTYPES = ("int8",)                  # besides the weights' dtype (the default, None)
+# Weight-only quantization of the layers' projections (glm_jax/quantize.py): int8 with one scale per
+# output channel, int4 with one scale per INT4_GROUP consecutive input features. "KIND:G" asks for
+# groups of G inputs instead (e.g. int4:64 for a model narrower than 128, int8:128).
+QUANTIZE = ("int8", "int4")
+INT4_GROUP = 128
+QUANTIZE_HELP = ("weight-only quantization of the layers' projections: int8 (per output channel) or int4 "
+                 f"(groups of {INT4_GROUP} inputs); KIND:G for groups of G inputs (the embedding, output layer, "
+                 "norms and biases stay in the float dtype)")
 
 # -- attention -------------------------------------------------------------------------------------
 ATTENTIONS = ("auto", "exact", "blockwise")  # single-device attention of `Model.logits`
@@ -52,6 +62,31 @@ COMPILE_CACHE_ENV = "GLM_JAX_COMPILE_CACHE"
 REMAT_HELP = ("what a block keeps for the backward pass: only its input (full), its matmul outputs (dots), "
               "everything (none), or full with only every ceil(sqrt(layers))-th block input kept through the "
               "forward pass (segments: one more forward, a fraction of the block inputs)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """A weight quantization: kind (QUANTIZE) and group (inputs per scale; None: one scale per
+    output channel). str() gives back the form `parse` reads."""
+    kind: str
+    group: int | None = None
+
+    @classmethod
+    def parse(cls, value: "str | Quantization | None") -> "Quantization | None":
+        """None, "int8", "int4" (groups of INT4_GROUP), "KIND:G"; a bad one is a ValueError."""
+        if value is None or isinstance(value, Quantization):
+            return value
+        kind, sep, group = str(value).partition(":")
+        check_choice("--quantize", kind, QUANTIZE)
+        if not sep:
+            return cls(kind, INT4_GROUP if kind == "int4" else None)
+        if not group.isdigit():
+            raise ValueError(f"--quantize {value!r}: the group after ':' must be a whole number (0: per channel)")
+        return cls(kind, int(group) or None)
+
+    def __str__(self) -> str:
+        default = INT4_GROUP if self.kind == "int4" else None
+        return self.kind if self.group == default else f"{self.kind}:{self.group or 0}"
 
 
 def check_choice(name: str, value: str, choices) -> str:

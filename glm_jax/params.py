@@ -25,6 +25,12 @@ class ParamSpec:
     axes: tuple[str, ...]  # logical axis names, one per dim
 
 
+def out_dims(spec: ParamSpec) -> int:
+    """How many leading dims of a projection are its outputs: the heads with their head_dim
+    (q/k/v), gate and up with the MLP dim (gate_up), else the first dim."""
+    return 2 if len(spec.axes) == 3 and (spec.axes[1] == "head_dim" or spec.axes[0] == "gate_up") else 1
+
+
 def _name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
@@ -114,6 +120,13 @@ def signals_held():
             signal.raise_signal(s)
 
 
+def stored_arrays(path: pathlib.Path) -> dict[str, Any]:
+    """The arrays of an Orbax folder by flat name: metadata only (shape, dtype), nothing read."""
+    from orbax.checkpoint import v1 as ocp
+
+    return unnest(ocp.metadata(pathlib.Path(path).absolute()).metadata)
+
+
 def load_params(path: pathlib.Path, specs: Mapping[str, ParamSpec],
                 shardings: Mapping[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
     """Restores the arrays named in `specs` straight onto their target shardings (each device reads
@@ -121,7 +134,7 @@ def load_params(path: pathlib.Path, specs: Mapping[str, ParamSpec],
     from orbax.checkpoint import v1 as ocp
 
     path = pathlib.Path(path).absolute()
-    stored = unnest(ocp.metadata(path).metadata)
+    stored = stored_arrays(path)
     missing = sorted(set(specs) - set(stored))
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing[:5])}")
@@ -136,5 +149,6 @@ def load_params(path: pathlib.Path, specs: Mapping[str, ParamSpec],
 
 
 def flat_params(state: nnx.State) -> dict[str, jax.Array]:
-    """The arrays of a split model's state by flat name (the inverse of `split_model`)."""
-    return {_name(path): var[...] for path, var in nnx.to_flat_state(state)}
+    """The weights of a split model's state by flat name (the inverse of `split_model`): arrays, or
+    another kind of weight a Param holds (quantize.Quantized)."""
+    return {_name(path): var.get_value() for path, var in nnx.to_flat_state(state)}

@@ -10,8 +10,8 @@ import pathlib
 
 from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_KERNEL, DEFAULT_REMAT, DTYPES,
                              HF_LAYOUTS, KERNELS, KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS,
-                             PAGE_SIZE, PREFILL_CHUNK, REMAT_HELP, REMATS, RULER_BATCH, RULER_SAMPLES, SCHEDULES,
-                             SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT, STEPS_PER_CALL)
+                             PAGE_SIZE, PREFILL_CHUNK, QUANTIZE_HELP, REMAT_HELP, REMATS, RULER_BATCH, RULER_SAMPLES,
+                             SCHEDULES, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT, STEPS_PER_CALL)
 
 FENCE_HELP = ("let XLA schedule each block's weight gradients freely; by default they are computed with the "
               "block's input gradient (one optimization barrier): v5p-8 LoRA at 524,288 tokens fits only with the "
@@ -42,6 +42,10 @@ def _kv_memory_flag(p: argparse.ArgumentParser) -> None:
                         "weights, like vLLM's gpu_memory_utilization (GPU/TPU; instead of --kv-cache-tokens)")
 
 
+def _quantize_flag(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--quantize", default=None, metavar="KIND[:G]", help=QUANTIZE_HELP + what)
+
+
 def _compile_cache_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache: a second run on the same model compiles nothing; "
@@ -57,6 +61,7 @@ def _runtime_flags(p: argparse.ArgumentParser) -> None:
                    help=f"prompt tokens per prefill step (default {PREFILL_CHUNK})")
     _kv_cache_flag(p)
     _kv_memory_flag(p)
+    _quantize_flag(p, "; a folder stored quantized loads as stored")
     _compile_cache_flag(p)
 
 
@@ -103,12 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", type=pathlib.Path, help="Hugging Face model folder")
     p.add_argument("dst", type=pathlib.Path, help="glm-jax model folder to create")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="stored weight dtype (default: the source's)")
+    _quantize_flag(p, "; stored quantized")
     _output_flags(p, "DST")
 
     p = sub.add_parser("export", help="glm-jax model folder -> HF folder",
                        description="Write a glm-jax model folder back as a Hugging Face folder. A folder made "
                                    "by `convert` comes back as its source (same layout, shards and bytes "
-                                   "when the dtype was kept).")
+                                   "when the dtype was kept). A folder stored quantized (convert --quantize) is "
+                                   "written dequantized, in its config's float dtype.")
     p.add_argument("model", type=pathlib.Path, help="glm-jax model folder")
     p.add_argument("out", type=pathlib.Path, help="Hugging Face folder to create")
     p.add_argument("--layout", choices=HF_LAYOUTS, default=None,
@@ -206,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", choices=KERNELS, default=DEFAULT_KERNEL,
                    help=f"attention kernel of the programs (default {DEFAULT_KERNEL}: the platform's, see README)")
     _kv_cache_flag(p)
+    _quantize_flag(p, " (not with --train)")
     p.add_argument("--weights-over-sequence", choices=("auto", "yes", "no"), default="auto",
                    help="also shard weights over the sequence axis (default: per topology)")
     p.add_argument("--train", action="store_true",
@@ -348,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default=None, metavar="REGEX",
                    help="weights to adapt, matched against names like layers.3.attn.q_proj (default: every "
                         "attention and MLP projection; never the embedding, norms or output layer)")
+    _quantize_flag(p, "; with --lora-rank only: the base is frozen quantized, the adapters train in float32 "
+                      "and OUT gets the merged model in float")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end only)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--resume", action="store_true", help="continue OUT's run from its latest checkpoint (a larger --steps trains on, the learning-rate schedule recomputed for the new total)")

@@ -111,3 +111,34 @@ def write_random_checkpoint(folder: pathlib.Path, config: GLMConfig, *, layout: 
     if reference is not None:
         copy_tokenizer(folder, reference)
     return folder
+
+
+# -- quantization references (float64) -------------------------------------------------------------
+
+QMAX = {"int8": 127, "int4": 7}
+
+
+def absmax_rounding(w: np.ndarray, k: int, kind: str, group: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Plain symmetric absmax rounding in float64 of a weight [*out, *in] (k output dims), groups of
+    `group` consecutive inputs (None: one per output channel): (the weight it stands for, scales [*out, G])."""
+    rows = w.astype(np.float64).reshape(*w.shape[:k], -1)
+    g = 1 if group is None else rows.shape[-1] // group
+    rows = rows.reshape(*rows.shape[:-1], g, -1)
+    scales = np.abs(rows).max(-1, keepdims=True) / QMAX[kind]
+    values = np.clip(np.round(rows / np.where(scales > 0, scales, 1)), -QMAX[kind], QMAX[kind])
+    return (values * scales).reshape(w.shape), scales[..., 0]
+
+
+def rounded_float64(hf, kind: str, group: int | None):
+    """A float64 copy of a transformers GlmForCausalLM whose layer projections are rounded by
+    `absmax_rounding` (torch weights are [out, in]: a row is an output channel, as in glm-jax)."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(hf).double()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("_proj") and ".layers." in f".{name}":
+                module.weight.copy_(torch.from_numpy(absmax_rounding(module.weight.numpy(), 1, kind, group)[0]))
+    return model

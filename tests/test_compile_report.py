@@ -116,3 +116,52 @@ def test_train_step_report(reference, capsys):
                                                "--no-gradient-fence need --train")
     assert main(["compile-report", *config, "--lora-rank", "2", "--remat", "segments"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["program"] == "train step (LoRA rank 2, remat segments)"
+
+
+def test_quantized_weights_report(reference, capsys):
+    """--quantize int8: the weights' arguments shrink by exactly the bytes the quantization saves."""
+    import jax.numpy as jnp
+
+    from glm_jax.options import Quantization
+    from glm_jax.params import param_specs
+    from glm_jax.quantize import stored_bytes, stored_specs
+
+    config = ["--config", str(reference / "fixtures" / "chatglm-f32"), "--topology", "local", "--seq-len", "256",
+              "--mesh", "sequence=8", "--chunk", "64", "--json"]
+    assert main(["compile-report", *config]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert main(["compile-report", *config, "--quantize", "int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out)
+    assert [r["program"] for r in int8] == ["prefill chunk (64 tokens, int8 weights)", "decode step (int8 weights)"]
+    specs = param_specs(GLMConfig.from_hf(reference / "fixtures" / "chatglm-f32"), jnp.bfloat16)
+    saved = stored_bytes(specs) - stored_bytes(stored_specs(specs, Quantization("int8")))
+    for a, b in zip(bf16, int8):                               # weights replicated over `sequence`
+        assert a["argument_bytes_per_device"] - b["argument_bytes_per_device"] == saved
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [tpu] extra (libtpu)")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_products_make_no_float_copy_of_the_weight_on_tpu(kind):
+    """On a v5e (compiled ahead of time), the quantized product of a decode token reads the int8 /
+    int4 weight inside the dot: no temporary the size of the weight in bf16. A prefill chunk: int8
+    too; int4 (grouped) gets one bf16 copy of the weight (XLA's choice; XLA's CPU backend converts
+    every weight to float32 first: docs/benchmarks.md, "Quantized weights")."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    from glm_jax.model import dense
+    from glm_jax.options import Quantization
+    from glm_jax.quantize import Quantized, storage_dtype
+
+    device = topologies.get_topology_desc(topology_name="v5e:1x1", platform="tpu").devices[0]
+    at = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+    f, h = 13696, 4096                                          # glm-4-9b's down_proj [H, F]
+    g = 1 if Quantization.parse(kind).group is None else f // Quantization.parse(kind).group
+    w = Quantized(at((h, f), storage_dtype(kind)), at((h, g), jnp.float32))
+    temps = {}
+    for tokens in (1, 512):
+        compiled = jax.jit(lambda x, w: dense("btf,ef->bte", x, w)).lower(at((1, tokens, f), jnp.bfloat16), w).compile()
+        temps[tokens] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[1] < h * f * 2 // 4, temps
+    assert temps[512] < h * f * 2 // 4 if kind == "int8" else temps[512] <= 1.05 * h * f * 2, temps

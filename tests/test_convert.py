@@ -48,6 +48,21 @@ def test_converted_folder_contents(reference, tmp_path):
     assert (out / "params").is_dir() and not list(tmp_path.glob(".m.*"))
 
 
+def test_export_of_a_quantized_folder_is_dequantized(reference, tmp_path):
+    """`export` of a `convert --quantize` folder writes the float weights it stands for (the source's
+    layout and dtype): the HF folder's logits are the quantized model's."""
+    import glm_jax
+
+    src = reference / "fixtures" / "chatglm-f32"
+    assert main(["convert", str(src), str(tmp_path / "q"), "--quantize", "int4:32", "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "q"), str(tmp_path / "hf"), "--quiet"]) == 0
+    ids = np.load(src / "reference.npz")["input_ids"]
+    np.testing.assert_allclose(glm_jax.load(tmp_path / "hf").logits(ids), glm_jax.load(tmp_path / "q").logits(ids),
+                               rtol=1e-5, atol=1e-5)
+    weights = sorted(p.name for p in src.iterdir() if p.suffix == ".safetensors")
+    assert weights == sorted(p.name for p in (tmp_path / "hf").iterdir() if p.suffix == ".safetensors")
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 def _rewrite(path, change):

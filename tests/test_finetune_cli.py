@@ -159,10 +159,35 @@ def test_lora_trains_adapters_only(tmp_path, hf):
                  str(SEQ), "--steps", "4", "--resume", "--lora-rank", "4", "--quiet", "--compile-cache", "off"]) == 2
 
 
+def test_lora_on_a_quantized_base_merges_into_a_float_model(tmp_path, hf):
+    """--quantize int8 --lora-rank: the base is frozen in int8, the adapters train; OUT is a float model
+    whose adapted weights are the dequantized base + scale x B A, the others the dequantized base."""
+    from orbax.checkpoint import v1 as ocp
+
+    from glm_jax.params import PARAMS_DIR, flat_params, unnest
+    from glm_jax.quantize import Quantized, dequantize
+
+    data = write_jsonl(tmp_path / "data.jsonl", id_rows(4, seed=2))
+    assert finetune("--model", hf, "--data", data, "--out", tmp_path / "out", "--steps", 2, "--lr", 5e-2,
+                    "--lora-rank", 2, "--lora-alpha", 8, "--lora-targets", r"\.q_proj$", "--quantize", "int8") == 0
+    base = flat_params(glm_jax.load(hf, quantize="int8").state)
+    tuned = flat_params(glm_jax.load(tmp_path / "out").state)
+    assert not any(isinstance(w, Quantized) for w in tuned.values())
+    adapters = unnest(ocp.load(tmp_path / "out" / "adapters" / PARAMS_DIR))
+    for n, w in base.items():
+        want = np.asarray(dequantize(w, np.float32)) if isinstance(w, Quantized) else np.asarray(w)
+        if n.endswith("q_proj"):
+            a, b = np.asarray(adapters[f"{n}.lora_a"]), np.asarray(adapters[f"{n}.lora_b"])
+            assert np.abs(b).max() > 0
+            want = want + 4.0 * np.tensordot(b, a, axes=([-1], [0]))
+        np.testing.assert_allclose(np.asarray(tuned[n]), want, rtol=1e-5, atol=1e-6, err_msg=n)
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--lora-rank", 0), "--lora-rank must be positive, got 0"),
     (("--lora-alpha", 4), "--lora-alpha and --lora-targets need --lora-rank"),
     (("--lora-rank", 2, "--lora-targets", "embed"), "--lora-targets 'embed' matches no projection weight"),
+    (("--quantize", "int8"), "--quantize needs --lora-rank: a quantized base trains only frozen, under LoRA adapters"),
 ])
 def test_bad_lora_setups(tmp_path, hf, capsys, extra, message):
     data = write_jsonl(tmp_path / "data.jsonl", id_rows(2))

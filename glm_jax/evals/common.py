@@ -105,9 +105,9 @@ def largest_fitting(fits: Callable[[int], bool], estimate: int, limit: int) -> i
 
 def load_model(c):
     """An evaluation's model: the folder `c.model` loaded with its runtime settings (dtype, mesh,
-    prefill chunk, KV cache dtype and page pool)."""
+    prefill chunk, weight quantization, KV cache dtype and page pool)."""
     import glm_jax
 
-    return glm_jax.load(c.model, dtype=c.dtype, mesh=c.mesh, prefill_chunk=c.prefill_chunk,
+    return glm_jax.load(c.model, dtype=c.dtype, mesh=c.mesh, prefill_chunk=c.prefill_chunk, quantize=c.quantize,
                         kv_cache_dtype=c.kv_cache_dtype, page_size=c.page_size, kv_cache_tokens=c.kv_cache_tokens,
                         kv_cache_memory=c.kv_cache_memory)

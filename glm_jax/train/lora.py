@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from ..attention import precision
-from ..model import register_weight
-from ..params import ParamSpec
+from ..model import any_matmul, register_weight
+from ..params import ParamSpec, out_dims
+from ..quantize import Quantized, as_float
 
 DEFAULT_TARGETS = r"\.(q|k|v|o|gate_up|down)_proj$"
 
@@ -38,7 +39,7 @@ class LowRank:
 
     @property
     def dtype(self):
-        return self.base.dtype
+        return self.a.dtype
 
 
 jax.tree_util.register_dataclass(LowRank, data_fields=["base", "a", "b"], meta_fields=["scale"])
@@ -50,7 +51,7 @@ def low_rank_matmul(eq: str, x: jax.Array, w: LowRank) -> jax.Array:
     (xs, ws), out = eq.split("->")[0].split(","), eq.split("->")[1]
     inner, outer = "".join(c for c in ws if c in xs), "".join(c for c in ws if c not in xs)
     kept = "".join(c for c in xs if c not in inner)
-    y = jnp.einsum(eq, x, w.base, preferred_element_type=jnp.float32, precision=precision(x, w.base))
+    y = any_matmul(eq, x, w.base)                                                         # any kind of base
     xa = jnp.einsum(f"{xs},z{inner}->{kept}z", x, w.a, preferred_element_type=jnp.float32,
                     precision=precision(x, w.a)).astype(x.dtype)                           # [..., r]
     return y + w.scale * jnp.einsum(f"{kept}z,{outer}z->{out}", xa, w.b, preferred_element_type=jnp.float32,
@@ -82,12 +83,6 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def out_dims(spec: ParamSpec) -> int:
-    """How many leading dims of a projection are its outputs: the heads with their head_dim
-    (q/k/v), gate and up with the MLP dim (gate_up), else the first dim."""
-    return 2 if len(spec.axes) == 3 and (spec.axes[1] == "head_dim" or spec.axes[0] == "gate_up") else 1
 
 
 def targets(c: LoRAConfig, specs: Mapping[str, ParamSpec]) -> list[str]:
@@ -130,7 +125,7 @@ def trainable_and_frozen(c: LoRAConfig | None, weights: Mapping[str, jax.Array],
 def attach(c: LoRAConfig, base: Mapping[str, jax.Array], adapters: Mapping[str, jax.Array], dtype) -> dict:
     """The weights the training forward uses: every adapted W as a LowRank (W, A, B in `dtype`),
     multiplied without forming W + scale * B A (no full-size merged weight or its gradient)."""
-    weights = {k: v.astype(dtype) for k, v in base.items()}
+    weights = {k: v if isinstance(v, Quantized) else v.astype(dtype) for k, v in base.items()}
     for key in adapters:
         if key.endswith(".lora_a"):
             name = key[: -len(".lora_a")]
@@ -141,12 +136,13 @@ def attach(c: LoRAConfig, base: Mapping[str, jax.Array], adapters: Mapping[str, 
 
 def merge(c: LoRAConfig, base: Mapping[str, jax.Array], adapters: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The weights with W + scale * B A for every adapted W (computed in float32, rounded to W's
-    dtype); the others as they are."""
+    dtype; a quantized W: to the adapters' dtype); the others as they are."""
     merged = dict(base)
     for key in adapters:
         if key.endswith(".lora_a"):
             name = key[: -len(".lora_a")]
             a, b = adapters[key], adapters[f"{name}.lora_b"]
             delta = jnp.tensordot(b, a, axes=([-1], [0]))                     # [*out, *in]
-            merged[name] = (base[name].astype(jnp.float32) + c.scale * delta).astype(base[name].dtype)
+            dtype = a.dtype if isinstance(base[name], Quantized) else base[name].dtype
+            merged[name] = (as_float(base[name], jnp.float32) + c.scale * delta).astype(dtype)
     return merged

@@ -43,6 +43,7 @@ class FinetuneConfig:
     lora_rank: int | None = None         # None: full fine-tuning
     lora_alpha: float | None = None      # default 2 x rank
     lora_targets: str | None = None      # default: every attention and MLP projection
+    quantize: str | None = None          # the frozen base's quantization (LoRA only), options.Quantization
     save_every: int = 0                  # 0: only at the end
     keep: int = 2
     resume: bool = False
@@ -65,6 +66,12 @@ class FinetuneConfig:
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < max(self.steps, 1) + 1:
             raise ValueError(f"--warmup-steps must be in [0, {self.steps}], got {self.warmup_steps}")
         self.lora()                                              # a bad LoRA setup stops here
+        if self.quantize is not None:
+            from ..options import Quantization
+
+            Quantization.parse(self.quantize)
+            if self.lora_rank is None:
+                raise ValueError("--quantize needs --lora-rank: a quantized base trains only frozen, under LoRA adapters")
         from ..options import REMATS
 
         if self.remat not in REMATS:
@@ -106,6 +113,7 @@ def finetune(c: FinetuneConfig) -> dict:
     from glm_jax.convert.checkpoint import remember_source
     from glm_jax.params import PARAMS_DIR, flat_params, param_specs, save_params
     from glm_jax.progress import Progress
+    from glm_jax.quantize import quantization_of
     from glm_jax.sharding import Layout, make_mesh
     from glm_jax.tokenizer import Tokenizer
 
@@ -121,19 +129,24 @@ def finetune(c: FinetuneConfig) -> dict:
     if c.resume and (done := _finished(c)) is not None:
         return done
     tokenizer = Tokenizer.from_file(c.model / "tokenizer.model") if (c.model / "tokenizer.model").is_file() else None
-    model = glm_jax.load(c.model, mesh=c.mesh if c.mesh else make_mesh("sequence=1", jax.devices()[:1]))
+    model = glm_jax.load(c.model, mesh=c.mesh if c.mesh else make_mesh("sequence=1", jax.devices()[:1]),
+                         quantize=c.quantize)
     config, layout = model.config, model.layout or Layout(make_mesh("sequence=1", jax.devices()[:1]))
     examples = read_examples(c.data, tokenizer, seq_len=c.seq_len, truncate=c.truncate, vocab_size=config.vocab_size)
     params = flat_params(model.state)
     dtype = model.dtype
     lora = c.lora()
+    quantized = str(quantization_of(params)) if quantization_of(params) else None
+    if quantized and lora is None:
+        raise ValueError(f"{c.model} is stored quantized ({quantized}): it trains only frozen, under LoRA "
+                         f"adapters (--lora-rank)")
     trainable, frozen = trainable_and_frozen(lora, params, param_specs(config, dtype), jax.random.key(c.seed),
                                              layout.mesh)
     trainer = Trainer(config, layout, dtype, make_optimizer(opt), remat=c.remat,
                       loss_chunk=c.loss_chunk, lora=lora, fence=c.gradient_fence)
     batches = Batches(examples, batch_size=c.batch_size, seq_len=c.seq_len, pad_id=config.pad_token_id or 0,
                       seed=c.seed, shuffle=c.shuffle, packing=c.packing)
-    record = {"model": config.to_dict(), "lora": lora and lora.to_dict(), "seq_len": c.seq_len,
+    record = {"model": config.to_dict(), "lora": lora and lora.to_dict(), "quantize": quantized, "seq_len": c.seq_len,
               "batch_size": c.batch_size, "grad_accum": c.grad_accum, "packing": c.packing,
               "optimizer": dataclasses.asdict(opt)}
 
@@ -146,7 +159,7 @@ def finetune(c: FinetuneConfig) -> dict:
         if start is None:
             raise ValueError(f"--resume: {c.out / 'checkpoints'} holds no finished checkpoint")
         saved = ckpt.record(start)
-        for key in ("model", "lora", "seq_len", "batch_size", "grad_accum", "packing"):
+        for key in ("model", "lora", "quantize", "seq_len", "batch_size", "grad_accum", "packing"):
             if saved.get(key) != record[key]:
                 raise ValueError(f"--resume: the checkpoint was made with another {key.replace('_', ' ')} "
                                  f"({saved.get(key)!r}, now {record[key]!r})")

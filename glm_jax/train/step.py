@@ -23,6 +23,7 @@ from ..config import GLMConfig
 from ..forward import device_order_call
 from ..options import DEFAULT_REMAT, LOSS_CHUNK, OPTIMIZERS, SCHEDULES, check_choice
 from ..params import param_specs, split_model
+from ..quantize import as_float
 from ..sharding import Layout
 from .lora import LoRAConfig, attach, merge
 from .loss import IGNORE, cross_entropy, shift_labels
@@ -124,7 +125,7 @@ class Trainer:
     def merged(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """The weights to save, in the model's dtype (LoRA: base + scale * B A)."""
         weights = merge(self.lora, frozen, params) if self.lora else params
-        return {k: v.astype(self.dtype) for k, v in weights.items()}
+        return {k: as_float(v, self.dtype) for k, v in weights.items()}     # a quantized base: dequantized
 
     def loss(self, params: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array], tokens, labels,
              positions, segments, counted: int | None = None) -> tuple[jax.Array, jax.Array]:

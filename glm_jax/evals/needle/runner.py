@@ -40,6 +40,7 @@ class NeedleConfig:
     page_size: int = options.PAGE_SIZE
     kv_cache_tokens: int | None = None
     kv_cache_memory: float | None = None
+    quantize: str | None = None       # options.Quantization's forms: the weights' quantization
     force: bool = False
     progress: bool = True
 
@@ -65,7 +66,8 @@ def run_config(c: NeedleConfig, haystack: Haystack) -> dict:
             "repeat_haystack": haystack.repeat, "lengths": [int(n) for n in c.lengths],
             "depths": [float(d) for d in c.depths], "samples": c.samples, "seed": c.seed,
             "multi_needle": c.multi_needle, "instruction": c.instruction, "max_new_tokens": c.max_new_tokens,
-            "dtype": c.dtype, "kv_cache_dtype": c.kv_cache_dtype, "needle": NEEDLE, "question": QUESTION}
+            "dtype": c.dtype, "kv_cache_dtype": c.kv_cache_dtype, "needle": NEEDLE, "question": QUESTION,
+            **({"quantize": c.quantize} if c.quantize else {})}         # runs before quantization resume
 
 
 def run(c: NeedleConfig) -> dict:

@@ -42,6 +42,7 @@ class RulerConfig:
     mesh: str | None = None
     prefill_chunk: int = options.PREFILL_CHUNK
     kv_cache_dtype: str | None = None
+    quantize: str | None = None       # options.Quantization's forms: the weights' quantization
     page_size: int = options.PAGE_SIZE
     kv_cache_tokens: int | None = None
     kv_cache_memory: float | None = None
@@ -99,7 +100,8 @@ def run_config(c: RulerConfig, names: Sequence[str], about: dict) -> dict:
     """What the results depend on (config.json): a rerun with the same resumes."""
     return {"model": str(pathlib.Path(c.model).resolve()), "tasks": list(names), "lengths": [int(n) for n in c.lengths],
             "samples": c.samples, "seed": c.seed, "max_new_tokens": c.max_new_tokens, "dtype": c.dtype,
-            "kv_cache_dtype": c.kv_cache_dtype, **about, "wonderwords": _version("wonderwords")}
+            "kv_cache_dtype": c.kv_cache_dtype, **about, "wonderwords": _version("wonderwords"),
+            **({"quantize": c.quantize} if c.quantize else {})}
 
 
 def run(c: RulerConfig) -> dict:
