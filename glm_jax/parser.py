@@ -80,6 +80,20 @@ def _generation_flags(p: argparse.ArgumentParser, system_help: str) -> None:
     _runtime_flags(p)
 
 
+def _eval_out_and_lengths(p: argparse.ArgumentParser, counted: str, short: bool = False) -> None:
+    """An evaluation's model, output folder and context lengths (listed, or evenly spaced);
+    short: also the old --min / --max / --num spellings."""
+    _model_flag(p)
+    p.add_argument("--out", type=pathlib.Path, required=True,
+                   help="output folder (new, or a run of the same arguments to resume)")
+    p.add_argument("--lengths", default=None, metavar="N,N,...", help=f"context lengths in tokens, {counted}")
+    alias = lambda name: (f"--{name}",) if short else ()
+    p.add_argument("--min-length", *alias("min"), type=int, default=None,
+                   help="with --max-length, --num-lengths: evenly spaced lengths from this")
+    p.add_argument("--max-length", *alias("max"), type=int, default=None, help="the longest of the evenly spaced lengths")
+    p.add_argument("--num-lengths", *alias("num"), type=int, default=None, help="how many evenly spaced lengths")
+
+
 def _steps_per_call_flag(p: argparse.ArgumentParser, default: int) -> None:
     p.add_argument("--steps-per-call", type=int, default=default,
                    help=f"tokens per decode burst on the device between host round trips (default {default})")
@@ -235,15 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "greedy answer, correct when it contains the number. OUT gets results.jsonl "
                                    "(a line per cell as it finishes: a rerun of the same command skips finished "
                                    "cells), summary.json and heatmap.png.")
-    _model_flag(p)
-    p.add_argument("--out", type=pathlib.Path, required=True,
-                   help="output folder (new, or a run of the same arguments to resume)")
-    p.add_argument("--lengths", default=None, metavar="N,N,...",
-                   help="context lengths in tokens, the whole prompt counted, e.g. 1000,8000,128000")
-    p.add_argument("--min-length", "--min", type=int, default=None, help="with --max-length, --num-lengths: "
-                                                                         "evenly spaced lengths from this")
-    p.add_argument("--max-length", "--max", type=int, default=None, help="the longest of the evenly spaced lengths")
-    p.add_argument("--num-lengths", "--num", type=int, default=None, help="how many evenly spaced lengths")
+    _eval_out_and_lengths(p, "the whole prompt counted, e.g. 1000,8000,128000", short=True)
     p.add_argument("--depths", default=None, metavar="D,D,...",
                    help="needle depths in percent of the haystack, 0 (start) to 100 (end) (default 0,25,50,75,100)")
     p.add_argument("--num-depths", type=int, default=None, help="this many depths spread from 0 to 100 instead")
@@ -280,16 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "string_match_part). OUT gets results.jsonl (a line per sample: a rerun of the "
                                    "same command skips finished ones), summary.json (task x length, the average "
                                    "per length, weighted averages, effective length) and heatmap.png.")
-    _model_flag(p)
-    p.add_argument("--out", type=pathlib.Path, required=True,
-                   help="output folder (new, or a run of the same arguments to resume)")
-    p.add_argument("--lengths", default=None, metavar="N,N,...",
-                   help="context lengths in tokens, prompt and generation budget counted, e.g. "
-                        "4096,8192,16384,32768,65536,131072")
-    p.add_argument("--min-length", type=int, default=None, help="with --max-length, --num-lengths: evenly spaced "
-                                                                "lengths from this")
-    p.add_argument("--max-length", type=int, default=None, help="the longest of the evenly spaced lengths")
-    p.add_argument("--num-lengths", type=int, default=None, help="how many evenly spaced lengths")
+    _eval_out_and_lengths(p, "prompt and generation budget counted, e.g. 4096,8192,16384,32768,65536,131072")
     p.add_argument("--tasks", default=None, metavar="T,T,...",
                    help="niah_single_1, niah_single_2, niah_single_3, niah_multikey_1, niah_multikey_2, "
                         "niah_multikey_3, niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_1, qa_2 (default: the "

@@ -105,6 +105,23 @@ def hf_random_model(folder: pathlib.Path, config, *, seed: int = 0, attn_impleme
 LONG_MODEL = {"layers": 2, "hidden": 512, "heads": 8, "kv_heads": 2, "head_dim": 128, "ffn": 1408, "vocab": 151552}
 
 
+def add_shape_args(parser) -> None:
+    """The benchmark model's shape flags (default: the 398M model of bench_generate.py)."""
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--ffn", type=int, default=2816)
+
+
+def shape_config(args, **fields):
+    """A random GLM-4 config of `add_shape_args`' flags (rope theta 1e8, 8,192 positions; `fields` override)."""
+    from glm_jax.testing import random_config
+
+    return random_config(hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=args.layers,
+                         num_heads=args.heads, num_kv_heads=args.kv_heads, rope_theta=1e8, max_seq_len=8192, **fields)
+
+
 def long_model_config(max_seq_len: int, *, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
                       ffn: int, vocab: int):
     """The config of the long-context benchmark model (fields as LONG_MODEL): random GLM-4, float32,

@@ -17,16 +17,12 @@ import pathlib
 import tempfile
 
 import numpy as np
-from _bench import best_time, decode_bytes, hf_random_model, memory_bandwidth
+from _bench import add_shape_args, best_time, decode_bytes, hf_random_model, memory_bandwidth, shape_config
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--ffn", type=int, default=2816)
+    add_shape_args(parser)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -36,10 +32,8 @@ def main() -> int:
     import torch
 
     import glm_jax
-    from glm_jax.testing import random_config
 
-    config = random_config(hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=args.layers,
-                           num_heads=args.heads, num_kv_heads=args.kv_heads, rope_theta=1e8, max_seq_len=8192)
+    config = shape_config(args)
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_random_model(pathlib.Path(tmp) / "model", config)
         model = glm_jax.load(pathlib.Path(tmp) / "model", prefill_chunk=args.prompt)

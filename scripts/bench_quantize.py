@@ -24,7 +24,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
-from _bench import rounds  # noqa: E402
+from _bench import add_shape_args, rounds, shape_config  # noqa: E402
 
 VARIANTS = {"float32": ("float32", None), "int8 (f32 compute)": ("float32", "int8"),
             "bfloat16": ("bfloat16", None), "int8 (bf16 compute)": ("bfloat16", "int8"),
@@ -33,11 +33,7 @@ VARIANTS = {"float32": ("float32", None), "int8 (f32 compute)": ("float32", "int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--ffn", type=int, default=2816)
+    add_shape_args(parser)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=65)
@@ -51,11 +47,9 @@ def main() -> int:
     from glm_jax.params import param_specs
     from glm_jax.quantize import stored_bytes, stored_specs
     from glm_jax.options import Quantization
-    from glm_jax.testing import random_config, write_random_model
+    from glm_jax.testing import write_random_model
 
-    config = random_config(hidden_size=args.hidden, intermediate_size=args.ffn, num_layers=args.layers,
-                           num_heads=args.heads, num_kv_heads=args.kv_heads, rope_theta=1e8, max_seq_len=8192,
-                           vocab_size=args.vocab, pad_token_id=0, eos_token_ids=(1,))
+    config = shape_config(args, vocab_size=args.vocab, pad_token_id=0, eos_token_ids=(1,))
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, args.prompt).tolist()
     models, results = {}, {"parameters": config.num_params, "prompt": args.prompt, "new_tokens": args.new}
     with tempfile.TemporaryDirectory() as tmp:

@@ -99,3 +99,14 @@ def append_result(path: pathlib.Path, row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_summary(out: pathlib.Path, rows: Sequence[dict], config: dict, summarize: Callable, plot: Callable,
+                  heatmap: str = "heatmap.png") -> dict:
+    """An evaluation's summary.json from its rows (`summarize(rows, config)`), with the heatmap
+    `plot(summary, png)` draws when there are rows; returns the summary."""
+    summary = summarize(rows, config)
+    summary["heatmap"] = plot(summary, out / heatmap) if rows else None
+    summary["results"] = str(out / RESULTS)
+    write_json(out / SUMMARY, summary)
+    return summary

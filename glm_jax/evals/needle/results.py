@@ -92,11 +92,7 @@ def plot_heatmap(summary: dict, png: pathlib.Path) -> str | None:
 
 
 def write_summary(out: pathlib.Path, rows: Sequence[dict], config: dict) -> dict:
-    summary = summarize(rows, config)
-    summary["heatmap"] = plot_heatmap(summary, out / HEATMAP) if rows else None
-    summary["results"] = str(out / RESULTS)
-    rundir.write_json(out / SUMMARY, summary)
-    return summary
+    return rundir.write_summary(out, rows, config, summarize, plot_heatmap, HEATMAP)
 
 
 def format_summary(summary: dict) -> str:
