@@ -19,7 +19,8 @@ from .generation import GenerationDefaults
 from .params import PARAMS_DIR, ParamSpec, load_params, param_specs, split_model, stored_arrays
 from .quantize import assemble, quantize_stream, stored_quantization, stored_specs
 from .engine import Engine, SamplingParams, cache_dtype, to_host
-from .options import DTYPES, MAX_BATCH, PAGE_SIZE, PREFILL_CHUNK, STEPS_PER_CALL, Quantization, check_choice
+from .options import (DTYPES, MAX_BATCH, PAGE_SIZE, PREFILL_BUDGET, PREFILL_CHUNK, STEPS_PER_CALL, Quantization,
+                      check_choice)
 from .runtime import select_platforms
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
@@ -103,16 +104,17 @@ class Model:
         return GenerationDefaults.from_folder(self.path) if self.path is not None else GenerationDefaults()
 
     def engine(self, *, max_batch: int = MAX_BATCH, max_model_len: int | None = None,
-               steps_per_call: int = STEPS_PER_CALL,
-               max_queue: int | None = None) -> Engine:
+               steps_per_call: int = STEPS_PER_CALL, max_queue: int | None = None,
+               prefill_budget: int = PREFILL_BUDGET) -> Engine:
         """A continuous-batching engine on this model's weights (for a server or a chat): up to
         `max_batch` requests at once of at most `max_model_len` tokens each (default: the config's
         context length), over a page pool sized by `load`'s kv_cache_tokens / kv_cache_memory (default:
         room for max_batch requests of max_model_len), allocated now. Call `start()` to run it on a
-        thread, then `submit` requests."""
+        thread, then `submit` requests. prefill_budget: prompt tokens a round prefills before its
+        decode burst (more: new requests start sooner, running ones wait longer between bursts)."""
         engine = Engine(self.config, self.graphdef, self.state, self._layout(), prefill_chunk=self.prefill_chunk,
                         kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype, steps_per_call=steps_per_call,
-                        max_queue=max_queue, **self.pool)
+                        max_queue=max_queue, prefill_budget=prefill_budget, **self.pool)
         with self._own_mesh():
             engine.reserve(max_batch, max_model_len or self.config.max_seq_len, fixed=True)
         return engine

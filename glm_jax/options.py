@@ -33,6 +33,7 @@ DEFAULT_KERNEL = "auto"
 
 # -- the engine ------------------------------------------------------------------------------------
 PREFILL_CHUNK = 512            # prompt tokens per prefill step (bounds prefill activations)
+PREFILL_BUDGET = 2048          # prompt tokens an engine round prefills (in chunks) before its decode burst
 STEPS_PER_CALL = 8             # decode tokens per device call between host round trips (generate, chat)
 SERVE_STEPS_PER_CALL = 4       # the server's: a new request waits at most one burst for its prefill
 MAX_BATCH = 8                  # requests decoded together by `Model.engine` and `serve` (running requests)

@@ -33,8 +33,8 @@ def test_staggered_requests_each_equal_the_original(f32, mesh):
     original PyTorch model's greedy tokens; on meshes whose batch axis splits the cache rows."""
     folder, ref = f32
     model = glm_jax.load(folder, mesh=mesh, prefill_chunk=8)
-    engine = model.engine(max_batch=4, max_model_len=64, steps_per_call=2)
-    prompt = ref["input_ids"][0].tolist()                                   # 24 tokens: 3 chunks
+    engine = model.engine(max_batch=4, max_model_len=64, steps_per_call=2, prefill_budget=8)
+    prompt = ref["input_ids"][0].tolist()                                   # 24 tokens: 3 chunks, one a round
     want = ref["greedy_ids"][0, len(prompt):].tolist()
     events = []
     log = lambda name: (lambda r, ids: events.append((name, len(ids))))
@@ -78,7 +78,7 @@ def test_kv_reuse_prefills_only_the_new_turn(f32):
 def test_cancel_frees_the_pages_and_lru_eviction(f32):
     folder, ref = f32
     model = glm_jax.load(folder, prefill_chunk=8, page_size=4, kv_cache_tokens=64)     # 16 pages
-    engine = model.engine(max_batch=2, max_model_len=64, steps_per_call=1)
+    engine = model.engine(max_batch=2, max_model_len=64, steps_per_call=1, prefill_budget=8)
     p = ref["input_ids"][0].tolist()
     seen = []
     long = engine.submit(p, greedy(40), lambda r, ids: seen.append(list(ids)))

@@ -172,13 +172,13 @@ def test_platform_kernels_are_refused_elsewhere():
     ("gpu", 1, 8, 1, 64, True, gpu_decode), ("gpu", 1, 1, 512, 64, False, gpu_prefill),
     ("gpu", 1, 1, 512, 64, True, paged_tiles), ("gpu", 1, 2, 512, 64, False, paged_tiles),
     ("gpu", 2, 8, 1, 64, False, paged_tiles),
-    ("tpu", 8, 64, 1, 1024, False, tpu_decode), ("tpu", 8, 64, 1, 1024, True, paged_tiles),
+    ("tpu", 8, 64, 1, 1024, False, tpu_decode), ("tpu", 8, 64, 1, 1024, True, tpu_decode),
     ("tpu", 8, 1, 512, 1024, False, paged_tiles), ("tpu", 1, 2, 1, TPU_TABLE_ENTRIES // 2, False, tpu_decode),
     ("tpu", 1, 2, 1, TPU_TABLE_ENTRIES // 2 + 1, False, paged_tiles), ("xla", 1, 1, 1, 64, False, paged_tiles),
 ])
 def test_local_kernel_choice(kernel, devices, rows, chunk, table_pages, int8, want):
-    """GPU: decode on one device, prefill of one row of a float pool on one device; TPU: decode of
-    a float pool whose tables fit its scalar memory, on any devices; the tiles otherwise."""
+    """GPU: decode on one device, prefill of one row of a float pool on one device; TPU: decode
+    (float or int8 pools) whose tables fit its scalar memory, on any devices; the tiles otherwise."""
     assert local_kernel(kernel, devices, rows, chunk, table_pages, int8) is want
 
 

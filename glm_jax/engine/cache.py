@@ -315,11 +315,13 @@ def local_kernel(kernel: str, devices: int, rows: int, chunk: int, table_pages: 
     """The per-device kernel of an attention call of `rows` rows of `chunk` queries on a pool over
     `devices` page devices, local tables of `table_pages` pages: for "gpu" on one device,
     `gpu_decode` for decode steps and `gpu_prefill` for one row's chunk of a float pool; for
-    "tpu", `tpu_decode` for decode steps of a float pool (int8 scales would be broadcast to a
-    float32 copy 4x the pool) within TPU_TABLE_ENTRIES; `paged_tiles` for everything else."""
+    "tpu", `tpu_decode` for decode steps within TPU_TABLE_ENTRIES (int8 pools too: the kernel
+    takes their scales broadcast to a float32 copy 4x a layer's local pool, where XLA's tiles in
+    the decode loop hold copies of the whole cache: 28 GiB of temporaries at 2M int8 tokens on
+    v5e-8); `paged_tiles` for everything else."""
     if kernel == "gpu" and devices == 1 and (chunk == 1 or (rows == 1 and not quantized)):
         return gpu_decode if chunk == 1 else gpu_prefill
-    if kernel == "tpu" and chunk == 1 and not quantized and rows * table_pages <= TPU_TABLE_ENTRIES:
+    if kernel == "tpu" and chunk == 1 and rows * table_pages <= TPU_TABLE_ENTRIES:
         return tpu_decode
     return paged_tiles
 

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..options import PREFILL_BUDGET
 from .buckets import decode_bucket, prefill_chunks
 from .multihost import Chunk, Plan
 from .pages import PagePool, PoolExhausted, page_hashes
@@ -52,8 +53,10 @@ class Running:
 
 
 class Planner:
-    def __init__(self, batch: int, pool: PagePool, *, prefill_chunk: int, steps_per_call: int, serving: bool):
+    def __init__(self, batch: int, pool: PagePool, *, prefill_chunk: int, steps_per_call: int, serving: bool,
+                 prefill_budget: int = PREFILL_BUDGET):
         self.pool, self.prefill_chunk, self.steps_per_call, self.serving = pool, prefill_chunk, steps_per_call, serving
+        self.prefill_budget = max(prefill_budget, prefill_chunk)
         self.rows: list[Running | None] = [None] * batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.preemptions = 0
@@ -71,7 +74,7 @@ class Planner:
 
     def plan(self, cancels: list[tuple[Request, str]], finish: Finish) -> Plan:
         """The round's plan: cancellations, page-table entries, prefill chunks (up to
-        `prefill_chunk` tokens, at least one chunk), a decode burst."""
+        `prefill_budget` tokens in chunks of `prefill_chunk`, at least one chunk), a decode burst."""
         plan = Plan(cancel=np.zeros(self.batch, bool), chunks=[], decode=np.zeros(0, np.int32))
         self._freed = set()           # rows cancelled on device this round (after its admissions): not reused
         updates: list[tuple[int, int, int]] = []
@@ -91,7 +94,7 @@ class Planner:
         return plan
 
     def _prefill(self, plan: Plan, updates) -> None:
-        budget = self.prefill_chunk
+        budget = self.prefill_budget
         while budget > 0 and len(plan.chunks) < self.batch:
             pending = sorted((r for r in self.rows if r is not None and r.held < r.target), key=lambda r: r.order)
             if pending:

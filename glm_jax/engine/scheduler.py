@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import jax
 
 from ..config import GLMConfig
-from ..options import DEFAULT_KERNEL, PAGE_SIZE, PREFILL_CHUNK, SHUTDOWN_TIMEOUT, STEPS_PER_CALL
+from ..options import DEFAULT_KERNEL, PAGE_SIZE, PREFILL_BUDGET, PREFILL_CHUNK, SHUTDOWN_TIMEOUT, STEPS_PER_CALL
 from ..progress import Progress
 from ..sharding import Layout
 from .buckets import cache_length, chunk_sizes, decode_buckets
@@ -66,7 +66,7 @@ class Engine:
                  kernel: str = DEFAULT_KERNEL, kv_cache_dtype: str | None = None,
                  steps_per_call: int = STEPS_PER_CALL, max_queue: int | None = None, serving: bool = True,
                  page_size: int = PAGE_SIZE, kv_cache_tokens: int | None = None,
-                 kv_cache_memory: float | None = None):
+                 kv_cache_memory: float | None = None, prefill_budget: int = PREFILL_BUDGET):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page size must be a power of two, got {page_size}")
         if kv_cache_tokens is not None and kv_cache_memory is not None:
@@ -77,7 +77,7 @@ class Engine:
             raise ValueError(f"--kv-cache-memory must lie in (0, 1], got {kv_cache_memory}")
         self.config, self.graphdef, self.state, self.layout = config, graphdef, state, layout
         self.prefill_chunk, self.steps_per_call, self.max_queue = prefill_chunk, steps_per_call, max_queue
-        self.serving, self.page_size = serving, page_size
+        self.serving, self.page_size, self.prefill_budget = serving, page_size, prefill_budget
         self.kv_cache_tokens, self.kv_cache_memory = kv_cache_tokens, kv_cache_memory
         self.dtype = jax.tree.leaves(state)[0].dtype
         self.cache_dtype = cache_dtype(kv_cache_dtype, self.dtype)
@@ -142,7 +142,8 @@ class Engine:
         self.rows = self._programs().init_rows()
         waiting = self.planner.waiting if self.planner is not None else ()
         self.planner = Planner(max_batch, PagePool(pages, self.page_size, n), prefill_chunk=self.prefill_chunk,
-                               steps_per_call=self.steps_per_call, serving=self.serving)
+                               steps_per_call=self.steps_per_call, serving=self.serving,
+                               prefill_budget=self.prefill_budget)
         self.planner.waiting.extend(waiting)
 
     # -- requests -----------------------------------------------------------------------------
@@ -203,8 +204,8 @@ class Engine:
     # -- the scheduler --------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """One round: admissions and cancellations, prefill up to `prefill_chunk` prompt tokens,
-        one decode burst. Returns whether requests remain. With several processes, every process
+        """One round: admissions and cancellations, prefill up to `prefill_budget` prompt tokens
+        (in chunks of `prefill_chunk`), one decode burst. Returns whether requests remain. With several processes, every process
         runs the round process 0 planned (see `follow`)."""
         with self._wake:
             self.planner.waiting.extend(self._inbox)
