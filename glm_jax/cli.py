@@ -67,16 +67,24 @@ def _sampling(args, model) -> dict:
                          max_new_tokens=args.max_new_tokens)
 
 
+def _speculation(args) -> dict:
+    """The speculative-decoding keywords of `generate`, `Model.engine` and the server."""
+    return {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens,
+            "ngram_max": args.ngram_max, "ngram_min": args.ngram_min}
+
+
 def _generate(args) -> int:
     model = _load(args)
-    repl.generate(model, args.prompt, _sampling(args, model), system=args.system, chat=args.chat, as_json=args.json)
+    repl.generate(model, args.prompt, _sampling(args, model), system=args.system, chat=args.chat, as_json=args.json,
+                  speculation=_speculation(args))
     return 0
 
 
 def _chat(args) -> int:
     model = _load(args)
     return repl.chat(model, _sampling(args, model), system=args.system, max_model_len=args.max_model_len,
-                     steps_per_call=args.steps_per_call, truncate_history=args.truncate_history)
+                     steps_per_call=args.steps_per_call, truncate_history=args.truncate_history,
+                     speculation=_speculation(args))
 
 
 def _serve(args) -> int:
@@ -89,7 +97,8 @@ def _serve(args) -> int:
         from glm_jax.serve import server
     except ImportError as e:
         raise ValueError(f"needs the serve extra ({e}); install it with: {install_command('serve')}") from None
-    engine = {"max_batch": args.max_batch, "max_model_len": args.max_model_len, "steps_per_call": args.steps_per_call}
+    engine = {"max_batch": args.max_batch, "max_model_len": args.max_model_len, "steps_per_call": args.steps_per_call,
+              "speculation": _speculation(args)}
     if (args.coordinator or args.distributed) and server.join_distributed(
             coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
             mesh=args.mesh) > 0:

@@ -2,6 +2,8 @@
 acceptance rule against the exact distribution, and the engine's output with and without
 speculation (greedy and seeded sampling alike: token for token)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import glm_jax
 from glm_jax.engine import Engine, SamplingParams
 from glm_jax.engine.speculative import NgramDrafter, accepted
+from glm_jax.cli import main
 from glm_jax.sampling import sample
 from glm_jax.testing import damp_blocks
 
@@ -134,3 +137,20 @@ def test_acceptance_rule_keeps_the_model_distribution():
     rest[0] = 0
     assert tv(hist(first[kept == 0]), rest / rest.sum()) < 0.015
     assert tv(hist(second[kept > 0]), p1) < 0.015
+
+
+def test_cli_generate_speculative_json(tiny_chat_model, capsys):
+    """`generate --speculative ngram --json`: the same ids as without, and the draft counts."""
+    args = ["generate", "--model", str(tiny_chat_model), "--prompt", "la la la la la la la la", "--max-new-tokens",
+            "12", "--temperature", "0", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--speculative", "ngram", "--num-speculative-tokens", "3", "--ngram-min", "1"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["ids"] == plain["ids"] and plain["speculative"] == {"proposed": 0, "accepted": 0, "method": None}
+    assert spec["speculative"]["method"] == "ngram" and spec["speculative"]["proposed"] >= spec["speculative"]["accepted"]
+    for flags, message in ((["--num-speculative-tokens", "0"], "--num-speculative-tokens must be >= 1"),
+                           (["--ngram-min", "5"], "n-gram sizes need 1 <= min <= max")):
+        assert main(args + ["--speculative", "ngram", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
