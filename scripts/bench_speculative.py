@@ -3,7 +3,7 @@
 162M long-context model of bench_long.py (random GLM-4, 2 layers, hidden 512, 8/2 heads of 128, ffn
 1408, vocab 151,552, float32; batch 1, greedy).
 
-  python scripts/bench_speculative.py [--prompt 16384 --new 64 --repeats 3 --k 4,8] [--adversarial] [--json]
+  python scripts/bench_speculative.py [--prompt 16384 --new 64 --repeats 3 --k 4,8] [--wrong] [--json]
 
 Workloads (decode tokens/s from per-token timestamps, first to last token of a call, medians of
 --repeats interleaved rounds; the prompt's K/V are reused from the first call, so calls time decode):
@@ -15,8 +15,9 @@ Workloads (decode tokens/s from per-token timestamps, first to last token of a c
   continuation is the passage, which the n-gram lookup finds in the prompt.
 - no match: the same model and random prompt without the passage: no n-gram of the output occurs
   earlier, no drafts, plain bursts.
-- adversarial (--adversarial): the undamped random model on a prompt that repeats a passage: drafts
-  are proposed from the repeat and rejected (the model does not follow it).
+- wrong drafts (--wrong): the copy prompt with every third token of the passage replaced by a random
+  one: the n-grams the model's output ends with are found and followed by the wrong token, so drafts
+  are proposed and rejected (a row whose drafts were all rejected drafts nothing the next round).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=64, help="new tokens per call")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", default="4,8", help="drafts per verification step, comma-separated")
-    parser.add_argument("--adversarial", action="store_true", help="also the undamped model on a repeated passage")
+    parser.add_argument("--wrong", action="store_true", help="also the workload whose drafts are all wrong")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ks = [int(k) for k in args.k.split(",")]
@@ -103,10 +104,9 @@ def main() -> int:
     results["copy"] = workload(copier, filler + chain + tail + chain[:1], args.new, ks, args.repeats)
     results["no_match"] = workload(copier, filler + rng.integers(0, VOCAB, PASSAGE + 9).tolist(), args.new, ks,
                                    args.repeats)
-    if args.adversarial:
-        passage = rng.integers(0, VOCAB, PASSAGE).tolist()
-        prompt = filler[:args.prompt - 2 * PASSAGE - 1] + passage + passage + passage[:1]
-        results["adversarial"] = workload(Model(config, graphdef, state), prompt, args.new, ks, args.repeats)
+    if args.wrong:
+        spoiled = [int(rng.integers(0, VOCAB)) if i % 3 == 2 else t for i, t in enumerate(chain)]
+        results["wrong_drafts"] = workload(copier, filler + spoiled + tail + chain[:1], args.new, ks, args.repeats)
     results["load_average_after"] = os.getloadavg()
     if args.json:
         print(json.dumps(results, indent=2))
@@ -115,7 +115,7 @@ def main() -> int:
     print(f"{config.num_params / 1e6:.0f}M parameters, prompt {args.prompt}, {args.new} new tokens, greedy, median of "
           f"{args.repeats}; load average before {results['load_average_before'][0]:.1f}, after "
           f"{results['load_average_after'][0]:.1f} ({results['cpu_count']} CPUs)")
-    for name in ("copy", "no_match", "adversarial"):
+    for name in ("copy", "no_match", "wrong_drafts"):
         for side, r in results.get(name, {}).items():
             extra = "" if side == "none" else (f"  {r['speedup']:.2f}x, accepted {r['accepted']}/{r['proposed']}, "
                                                f"same tokens: {r['same_tokens']}")

@@ -20,7 +20,9 @@ served, nothing is cut or lost.
 Speculation: with a drafter, a round whose decoding rows find drafts (speculative.py: looked up in
 each request's tokens and its pending token, which every burst hands back) runs one verification
 step instead of a burst, with pages for each row's pending token and drafts (positions held ..
-held+k); `collect` counts only the tokens the step emitted in `held`.
+held+k); `collect` counts only the tokens the step emitted in `held`. A row whose drafts were all
+rejected drafts nothing the next round (a plain burst when no other row drafts), so drafts that
+never match cost about one verification step per burst.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Running:
     pages: list[int] = dataclasses.field(default_factory=list)      # logical page -> pool page
     digests: list[bytes] = dataclasses.field(default_factory=list)  # of the full pages registered
     pending: int | None = None  # the drawn, not yet emitted token at position held (once a burst told it)
+    rejected: bool = False      # its last verification kept no draft: the next round drafts nothing for it
 
     def token(self, a: int, b: int) -> list[int]:
         """Tokens at positions a..b-1 (prompt, then output)."""
@@ -166,7 +169,7 @@ class Planner:
         for run in decoding:
             r = run.request
             k = min(r.draft_tokens, self.draft_tokens, r.params.max_tokens - len(r.output) - 2)
-            if k > 0 and run.pending is not None and run.pending not in r.params.stop_ids:
+            if k > 0 and run.pending is not None and run.pending not in r.params.stop_ids and not run.rejected:
                 if drafts := self.drafter.propose(r.prompt + r.output + [run.pending], k)[:k]:
                     out[run.order] = drafts
         return out
@@ -277,7 +280,9 @@ class Planner:
             if not new:
                 continue
             request = run.request
-            if drafts is not None and (proposed := int((drafts[j] >= 0).sum())):
+            proposed = 0 if drafts is None else int((drafts[j] >= 0).sum())
+            run.rejected = proposed > 0 and len(new) == 1
+            if proposed:
                 request.proposed += proposed
                 request.accepted += len(new) - 1
                 self.proposed += proposed
