@@ -5,8 +5,10 @@
 
   python scripts/bench_speculative.py [--prompt 16384 --new 64 --repeats 3 --k 4,8] [--wrong] [--json]
 
-Workloads (decode tokens/s from per-token timestamps, first to last token of a call, medians of
---repeats interleaved rounds; the prompt's K/V are reused from the first call, so calls time decode):
+Decode tokens/s from per-token timestamps, first to last token of a call, medians of --repeats
+interleaved rounds; the prompt's K/V are reused from the first call, so calls time decode. Speedups:
+the ratio of medians, and `paired_speedup` the median of each round's ratio (the sides of a round run
+back to back: a load that changes during the run falls on both). Workloads:
 - copy: a model that quotes its prompt by construction: the random model with every block's output
   projections (o_proj, down_proj) zeroed (`glm_jax.testing.damp_blocks`), so the next token is a
   function of the current one and greedy decoding walks a fixed chain of tokens, at the full model's
@@ -17,7 +19,7 @@ Workloads (decode tokens/s from per-token timestamps, first to last token of a c
   earlier, no drafts, plain bursts.
 - wrong drafts (--wrong): the copy prompt with every third token of the passage replaced by a random
   one: the n-grams the model's output ends with are found and followed by the wrong token, so drafts
-  are proposed and rejected (a row whose drafts were all rejected drafts nothing the next round).
+  are proposed and rejected (a row whose drafts keep missing drafts less and less often).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def workload(model, prompt: list[int], new: int, ks: list[int], repeats: int) ->
                               **stats, "acceptance_rate": stats["accepted"] / stats["proposed"] if stats["proposed"]
                               else None, "same_tokens": all(r[1] == base[0][1] for r in runs)}
         row[f"ngram_k{k}"]["speedup"] = row[f"ngram_k{k}"]["tokens_per_s"] / row["none"]["tokens_per_s"]
+        row[f"ngram_k{k}"]["paired_speedup"] = statistics.median(r[0] / b[0] for r, b in zip(runs, base))
     return row
 
 
@@ -117,7 +120,8 @@ def main() -> int:
           f"{results['load_average_after'][0]:.1f} ({results['cpu_count']} CPUs)")
     for name in ("copy", "no_match", "wrong_drafts"):
         for side, r in results.get(name, {}).items():
-            extra = "" if side == "none" else (f"  {r['speedup']:.2f}x, accepted {r['accepted']}/{r['proposed']}, "
+            extra = "" if side == "none" else (f"  {r['speedup']:.2f}x (paired {r['paired_speedup']:.2f}x), "
+                                               f"accepted {r['accepted']}/{r['proposed']}, "
                                                f"same tokens: {r['same_tokens']}")
             print(f"{name:<12} {side:<10} {r['tokens_per_s']:8.1f} tok/s{extra}")
     return 0

@@ -148,7 +148,8 @@ def test_cli_generate_speculative_json(tiny_chat_model, capsys):
     assert main(args + ["--speculative", "ngram", "--num-speculative-tokens", "3", "--ngram-min", "1"]) == 0
     spec = json.loads(capsys.readouterr().out)
     assert spec["ids"] == plain["ids"] and plain["speculative"] == {"proposed": 0, "accepted": 0, "method": None}
-    assert spec["speculative"]["method"] == "ngram" and spec["speculative"]["proposed"] >= spec["speculative"]["accepted"]
+    drafts = spec["speculative"]
+    assert drafts["method"] == "ngram" and drafts["proposed"] >= drafts["accepted"]
     for flags, message in ((["--num-speculative-tokens", "0"], "--num-speculative-tokens must be >= 1"),
                            (["--ngram-min", "5"], "n-gram sizes need 1 <= min <= max")):
         assert main(args + ["--speculative", "ngram", *flags]) == 2

@@ -62,7 +62,7 @@ def pack(plan: Plan, batch: int, prefill_chunk: int, draft_tokens: int = 0) -> d
     i32 = lambda *shape: np.zeros(shape, np.int32)
     out = {"round": np.array([plan.stop, plan.steps, len(plan.chunks), len(plan.decode), len(plan.pages),
                               plan.drafts is not None], np.int32),
-           "drafts": np.full((batch, draft_tokens), -1, np.int32),
+           "drafts": np.full((batch, max(draft_tokens, 1)), -1, np.int32),        # never empty: broadcast
            "cancel": plan.cancel.astype(np.int32), "decode": i32(batch), "tokens": i32(batch, prefill_chunk),
            "seed": np.zeros(batch, np.uint32), "temperature": np.zeros(batch, np.float32),
            "top_p": np.zeros(batch, np.float32), "stop_ids": np.full((batch, MAX_STOP_IDS), -1, np.int32),

@@ -21,8 +21,8 @@ Speculation: with a drafter, a round whose decoding rows find drafts (speculativ
 each request's tokens and its pending token, which every burst hands back) runs one verification
 step instead of a burst, with pages for each row's pending token and drafts (positions held ..
 held+k); `collect` counts only the tokens the step emitted in `held`. A row whose drafts were all
-rejected drafts nothing the next round (a plain burst when no other row drafts), so drafts that
-never match cost about one verification step per burst.
+rejected m times in a row drafts nothing for the next 2**m rounds (at most 2**MAX_MISSES; plain
+bursts when no other row drafts), so drafts that never match cost little.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .speculative import Drafter
 
 Finish = Callable[[Request, str], None]
+MAX_MISSES = 4     # a row whose drafts keep missing drafts again after at most 2**MAX_MISSES rounds
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,7 +56,8 @@ class Running:
     pages: list[int] = dataclasses.field(default_factory=list)      # logical page -> pool page
     digests: list[bytes] = dataclasses.field(default_factory=list)  # of the full pages registered
     pending: int | None = None  # the drawn, not yet emitted token at position held (once a burst told it)
-    rejected: bool = False      # its last verification kept no draft: the next round drafts nothing for it
+    misses: int = 0             # verifications in a row that kept no draft
+    quiet: int = 0              # rounds left before it drafts again (2**misses after a miss)
 
     def token(self, a: int, b: int) -> list[int]:
         """Tokens at positions a..b-1 (prompt, then output)."""
@@ -169,7 +171,7 @@ class Planner:
         for run in decoding:
             r = run.request
             k = min(r.draft_tokens, self.draft_tokens, r.params.max_tokens - len(r.output) - 2)
-            if k > 0 and run.pending is not None and run.pending not in r.params.stop_ids and not run.rejected:
+            if k > 0 and run.pending is not None and run.pending not in r.params.stop_ids and not run.quiet:
                 if drafts := self.drafter.propose(r.prompt + r.output + [run.pending], k)[:k]:
                     out[run.order] = drafts
         return out
@@ -281,7 +283,11 @@ class Planner:
                 continue
             request = run.request
             proposed = 0 if drafts is None else int((drafts[j] >= 0).sum())
-            run.rejected = proposed > 0 and len(new) == 1
+            if proposed:
+                run.misses = run.misses + 1 if len(new) == 1 else 0
+                run.quiet = 1 << min(run.misses, MAX_MISSES) if run.misses else 0
+            else:
+                run.quiet = max(run.quiet - 1, 0)
             if proposed:
                 request.proposed += proposed
                 request.accepted += len(new) - 1

@@ -270,8 +270,8 @@ class Engine:
     def warm_up(self) -> None:
         """Compiles every program a request can need (each prefill chunk size, each decode bucket
         for one and for `steps_per_call` steps, and its verification step) by running them on
-        nothing: no slot is written and no row changes. A server calls it before it listens (every process alike), so no request
-        waits for a compile."""
+        nothing: no slot is written and no row changes. A server calls it before it listens (every
+        process alike), so no request waits for a compile."""
         if self.planner.running():
             raise RuntimeError("warm_up() runs before any request")
         batch = self.planner.batch
