@@ -68,23 +68,29 @@ def _sampling(args, model) -> dict:
 
 
 def _speculation(args) -> dict:
-    """The speculative-decoding keywords of `generate`, `Model.engine` and the server."""
+    """The speculative-decoding keywords of `generate`, `Model.engine` and the server (checked
+    before the model loads)."""
+    from glm_jax.engine.speculative import make_drafter
+
+    make_drafter(args.speculative, args.num_speculative_tokens, args.ngram_max, args.ngram_min)
     return {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens,
             "ngram_max": args.ngram_max, "ngram_min": args.ngram_min}
 
 
 def _generate(args) -> int:
+    speculation = _speculation(args)
     model = _load(args)
     repl.generate(model, args.prompt, _sampling(args, model), system=args.system, chat=args.chat, as_json=args.json,
-                  speculation=_speculation(args))
+                  speculation=speculation)
     return 0
 
 
 def _chat(args) -> int:
+    speculation = _speculation(args)
     model = _load(args)
     return repl.chat(model, _sampling(args, model), system=args.system, max_model_len=args.max_model_len,
                      steps_per_call=args.steps_per_call, truncate_history=args.truncate_history,
-                     speculation=_speculation(args))
+                     speculation=speculation)
 
 
 def _serve(args) -> int:
@@ -140,6 +146,7 @@ def _compile_report(args) -> int:
 def _needle(args) -> int:
     from glm_jax.evals import needle
 
+    _speculation(args)
     config = needle.NeedleConfig(**_fields(
         args, needle.NeedleConfig,
         lengths=needle.parse_lengths(args.lengths, args.min_length, args.max_length, args.num_lengths),

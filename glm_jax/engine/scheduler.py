@@ -102,11 +102,9 @@ class Engine:
                   ngram_min: int = NGRAM_MIN) -> None:
         """Speculative decoding for the requests submitted from now on: drafts of method `kind`
         (None: off), at most `num_tokens` a verification step (a request's own number may be lower)."""
-        if kind is not None and num_tokens < 1:
-            raise ValueError(f"--num-speculative-tokens must be >= 1, got {num_tokens}")
         if self.planner is not None and self.planner.running():
             raise RuntimeError("cannot change speculation while requests run")
-        self.drafter = make_drafter(kind, ngram_max, ngram_min)
+        self.drafter = make_drafter(kind, num_tokens, ngram_max, ngram_min)
         self.draft_tokens = num_tokens if kind is not None else 0
         if self.planner is not None:
             self.planner.drafter, self.planner.draft_tokens = self.drafter, self.draft_tokens

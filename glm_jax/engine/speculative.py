@@ -53,11 +53,14 @@ class NgramDrafter:
         return []
 
 
-def make_drafter(kind: str | None, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN) -> Drafter | None:
-    """The drafter named `kind` (options.SPECULATIVE), None for None."""
+def make_drafter(kind: str | None, num_tokens: int, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN) -> Drafter | None:
+    """The drafter named `kind` (options.SPECULATIVE) for `num_tokens` drafts a step, None for None.
+    Raises ValueError naming a bad setting."""
     if kind is None:
         return None
     check_choice("speculative method", kind, SPECULATIVE)
+    if num_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {num_tokens}")
     return NgramDrafter(max_n, min_n)
 
 
