@@ -19,8 +19,8 @@ from .generation import GenerationDefaults
 from .params import PARAMS_DIR, ParamSpec, load_params, param_specs, split_model, stored_arrays
 from .quantize import assemble, quantize_stream, stored_quantization, stored_specs
 from .engine import Engine, SamplingParams, cache_dtype, to_host
-from .options import (DTYPES, MAX_BATCH, PAGE_SIZE, PREFILL_BUDGET, PREFILL_CHUNK, STEPS_PER_CALL, Quantization,
-                      check_choice)
+from .options import (DTYPES, MAX_BATCH, NGRAM_MAX, NGRAM_MIN, NUM_SPECULATIVE_TOKENS, PAGE_SIZE, PREFILL_BUDGET,
+                      PREFILL_CHUNK, STEPS_PER_CALL, Quantization, check_choice)
 from .runtime import select_platforms
 from .sharding import Layout, make_mesh
 from .tokenizer import Tokenizer
@@ -105,16 +105,22 @@ class Model:
 
     def engine(self, *, max_batch: int = MAX_BATCH, max_model_len: int | None = None,
                steps_per_call: int = STEPS_PER_CALL, max_queue: int | None = None,
-               prefill_budget: int = PREFILL_BUDGET) -> Engine:
+               prefill_budget: int = PREFILL_BUDGET, speculative: str | None = None,
+               num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS, ngram_max: int = NGRAM_MAX,
+               ngram_min: int = NGRAM_MIN) -> Engine:
         """A continuous-batching engine on this model's weights (for a server or a chat): up to
         `max_batch` requests at once of at most `max_model_len` tokens each (default: the config's
         context length), over a page pool sized by `load`'s kv_cache_tokens / kv_cache_memory (default:
         room for max_batch requests of max_model_len), allocated now. Call `start()` to run it on a
         thread, then `submit` requests. prefill_budget: prompt tokens a round prefills before its
-        decode burst (more: new requests start sooner, running ones wait longer between bursts)."""
+        decode burst (more: new requests start sooner, running ones wait longer between bursts).
+        speculative, num_speculative_tokens, ngram_max, ngram_min: the requests' default
+        speculative decoding (see `generate`)."""
         engine = Engine(self.config, self.graphdef, self.state, self._layout(), prefill_chunk=self.prefill_chunk,
                         kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype, steps_per_call=steps_per_call,
-                        max_queue=max_queue, prefill_budget=prefill_budget, **self.pool)
+                        max_queue=max_queue, prefill_budget=prefill_budget, speculative=speculative,
+                        num_speculative_tokens=num_speculative_tokens, ngram_max=ngram_max, ngram_min=ngram_min,
+                        **self.pool)
         with self._own_mesh():
             engine.reserve(max_batch, max_model_len or self.config.max_seq_len, fixed=True)
         return engine
@@ -130,7 +136,9 @@ class Model:
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int = 0, stop_ids=None, on_token=None, progress: bool = False,
-                 reuse: bool = True):
+                 reuse: bool = True, speculative: str | None = None,
+                 num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS, ngram_max: int = NGRAM_MAX,
+                 ngram_min: int = NGRAM_MIN):
         """Samples continuations; returns one list of new token ids per prompt (ending with the
         stop id when one was produced).
 
@@ -140,7 +148,10 @@ class Model:
         the folder's generation_config.json (do_sample false there: greedy), else glm-4-9b-chat-1m's
         published 0.8, 0.8, 50, (151329, 151336, 151338). on_token(row, id) is called for every new
         token as it is produced (streaming). reuse: a prompt that extends one of an earlier call
-        (whose pages the engine's cache still holds) prefills only the rest; False prefills it whole."""
+        (whose pages the engine's cache still holds) prefills only the rest; False prefills it whole.
+        speculative: "ngram" drafts up to `num_speculative_tokens` tokens by looking the last
+        ngram_max..ngram_min tokens up in the prompt and output, verified in one model step (the
+        same output, greedy or seeded; `speculative_stats` counts the drafts)."""
         sampling = self.generation_defaults.sampling(temperature, top_p, top_k, stop_ids)
         SamplingParams(max_new_tokens, sampling["temperature"], sampling["top_p"], sampling["top_k"], seed,
                        tuple(sampling["stop_ids"]))                      # raises ValueError for a bad one
@@ -162,6 +173,7 @@ class Model:
                              f"context length {self.config.max_seq_len}")
         if max_new_tokens == 0:
             return [[] for _ in prompts]
+        self._engine.speculate(speculative, num_speculative_tokens, ngram_max, ngram_min)
         with self._own_mesh():
             return self._engine.generate(prompts, max_new_tokens=max_new_tokens, seed=seed, on_token=on_token,
                                          progress=progress, reuse=reuse, **sampling)
@@ -173,6 +185,10 @@ class Model:
         return {k: stats[k] for k in ("page_size", "kv_cache_tokens", "pages_total", "pages_used", "pages_cached",
                                       "pages_free", "prefix_queries", "prefix_hits", "prefix_hit_rate", "evictions",
                                       "preemptions")}
+
+    def speculative_stats(self) -> dict:
+        """The last `generate` call's speculative drafts: proposed and accepted."""
+        return dict(self._engine.speculated)
 
     def final_norm(self, hidden) -> np.ndarray:
         """The final RMSNorm applied to a hidden state [..., H] (as the model does before the head)."""

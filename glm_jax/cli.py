@@ -70,16 +70,30 @@ def _sampling(args, model) -> dict:
                          max_new_tokens=args.max_new_tokens)
 
 
+def _speculation(args) -> dict:
+    """The speculative-decoding keywords of `generate`, `Model.engine` and the server (checked
+    before the model loads)."""
+    from glm_jax.engine.speculative import make_drafter
+
+    make_drafter(args.speculative, args.num_speculative_tokens, args.ngram_max, args.ngram_min)
+    return {"speculative": args.speculative, "num_speculative_tokens": args.num_speculative_tokens,
+            "ngram_max": args.ngram_max, "ngram_min": args.ngram_min}
+
+
 def _generate(args) -> int:
+    speculation = _speculation(args)
     model = _load(args)
-    repl.generate(model, args.prompt, _sampling(args, model), system=args.system, chat=args.chat, as_json=args.json)
+    repl.generate(model, args.prompt, _sampling(args, model), system=args.system, chat=args.chat, as_json=args.json,
+                  speculation=speculation)
     return 0
 
 
 def _chat(args) -> int:
+    speculation = _speculation(args)
     model = _load(args)
     return repl.chat(model, _sampling(args, model), system=args.system, max_model_len=args.max_model_len,
-                     steps_per_call=args.steps_per_call, truncate_history=args.truncate_history)
+                     steps_per_call=args.steps_per_call, truncate_history=args.truncate_history,
+                     speculation=speculation)
 
 
 def _serve(args) -> int:
@@ -92,7 +106,8 @@ def _serve(args) -> int:
         from glm_jax.serve import server
     except ImportError as e:
         raise ValueError(f"needs the serve extra ({e}); install it with: {install_command('serve')}") from None
-    engine = {"max_batch": args.max_batch, "max_model_len": args.max_model_len, "steps_per_call": args.steps_per_call}
+    engine = {"max_batch": args.max_batch, "max_model_len": args.max_model_len, "steps_per_call": args.steps_per_call,
+              "speculation": _speculation(args)}
     if (args.coordinator or args.distributed) and server.join_distributed(
             coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
             mesh=args.mesh) > 0:
@@ -136,6 +151,7 @@ def _compile_report(args) -> int:
 def _needle(args) -> int:
     from glm_jax.evals import needle
 
+    _speculation(args)
     config = needle.NeedleConfig(**_fields(
         args, needle.NeedleConfig,
         lengths=needle.parse_lengths(args.lengths, args.min_length, args.max_length, args.num_lengths),

@@ -43,6 +43,12 @@ SERVE_MAX_MODEL_LEN = 8192     # `serve`'s default context per request (at most 
 CHAT_MAX_MODEL_LEN = 32768     # `chat`'s default context for the whole conversation (at most the model's)
 SHUTDOWN_TIMEOUT = 30.0        # seconds a draining engine / server waits for requests in flight
 
+# -- speculative decoding --------------------------------------------------------------------------
+SPECULATIVE = ("ngram",)       # draft methods ("ngram": prompt lookup over the request's own tokens); off: None
+NUM_SPECULATIVE_TOKENS = 4     # drafts verified per step (a verification step runs k+1 queries a row)
+NGRAM_MAX = 4                  # the longest n-gram looked up first
+NGRAM_MIN = 2                  # the shortest one tried
+
 # -- evaluations -----------------------------------------------------------------------------------
 RULER_SAMPLES = 25             # samples per task and length (RULER's own runs use 500)
 RULER_BATCH = 8                # rows per engine call in `ruler` (lower it for long lengths: the KV cache per row)

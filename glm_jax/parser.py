@@ -9,9 +9,10 @@ import argparse
 import pathlib
 
 from glm_jax.options import (CHAT_MAX_MODEL_LEN, COMPILE_CACHE_ENV, DEFAULT_KERNEL, DEFAULT_REMAT, DTYPES,
-                             HF_LAYOUTS, KERNELS, KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, OPTIMIZERS,
-                             PAGE_SIZE, PREFILL_CHUNK, QUANTIZE_HELP, REMAT_HELP, REMATS, RULER_BATCH, RULER_SAMPLES,
-                             SCHEDULES, SERVE_MAX_MODEL_LEN, SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT, STEPS_PER_CALL)
+                             HF_LAYOUTS, KERNELS, KV_CACHE_DTYPES, LOSS_CHUNK, MAX_BATCH, MAX_QUEUE, NGRAM_MAX,
+                             NGRAM_MIN, NUM_SPECULATIVE_TOKENS, OPTIMIZERS, PAGE_SIZE, PREFILL_CHUNK, QUANTIZE_HELP,
+                             REMAT_HELP, REMATS, RULER_BATCH, RULER_SAMPLES, SCHEDULES, SERVE_MAX_MODEL_LEN,
+                             SERVE_STEPS_PER_CALL, SHUTDOWN_TIMEOUT, SPECULATIVE, STEPS_PER_CALL)
 
 FENCE_HELP = ("let XLA schedule each block's weight gradients freely; by default they are computed with the "
               "block's input gradient (one optimization barrier): v5p-8 LoRA at 524,288 tokens fits only with the "
@@ -65,6 +66,18 @@ def _runtime_flags(p: argparse.ArgumentParser) -> None:
     _compile_cache_flag(p)
 
 
+def _speculative_flags(p: argparse.ArgumentParser, default_help: str = "off") -> None:
+    g = p.add_argument_group("speculative decoding (the same output, fewer model steps when drafts match)")
+    g.add_argument("--speculative", choices=SPECULATIVE, default=None,
+                   help="draft tokens by looking the latest n-gram up in the prompt and output so far (ngram), "
+                        f"verify them in one model step (default: {default_help})")
+    g.add_argument("--num-speculative-tokens", type=int, default=NUM_SPECULATIVE_TOKENS, metavar="K",
+                   help=f"drafts verified per step (default {NUM_SPECULATIVE_TOKENS})")
+    g.add_argument("--ngram-max", type=int, default=NGRAM_MAX, help=f"longest n-gram looked up (default {NGRAM_MAX})")
+    g.add_argument("--ngram-min", type=int, default=NGRAM_MIN,
+                   help=f"shortest n-gram looked up (default {NGRAM_MIN})")
+
+
 def _generation_flags(p: argparse.ArgumentParser, system_help: str) -> None:
     """The model, the prompt's system turn and the sampling of `generate` and `chat`, then the runtime flags."""
     _model_flag(p)
@@ -78,6 +91,7 @@ def _generation_flags(p: argparse.ArgumentParser, system_help: str) -> None:
                    help="keep the k best tokens, 0 = off (default: generation_config.json's, else 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     _runtime_flags(p)
+    _speculative_flags(p)
 
 
 def _eval_out_and_lengths(p: argparse.ArgumentParser, counted: str, short: bool = False) -> None:
@@ -199,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds SIGTERM waits for the requests in flight before aborting them "
                         f"(default {SHUTDOWN_TIMEOUT:g})")
     _runtime_flags(p)
+    _speculative_flags(p, "off; a request may ask for up to K drafts, or none, with the extra body field "
+                          "num_speculative_tokens")
     dist = p.add_argument_group("several hosts (process 0 serves HTTP; the others run its engine rounds)")
     dist.add_argument("--distributed", action="store_true",
                       help="join a multi-host JAX run found from the environment (TPU pods: jax.distributed)")
@@ -271,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "scripts/bench_finetune.py expects \"Answer with the number only.\")")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget in tokens (default 32)")
     _runtime_flags(p)
+    _speculative_flags(p)
     p.add_argument("--force", action="store_true", help="start afresh in an OUT that holds another run")
     _quiet_flag(p, "no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")

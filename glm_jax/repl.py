@@ -32,9 +32,11 @@ def stream(model, prompt_ids: list[int], sampling: dict[str, Any], engine=None) 
 
 
 def generate(model, prompt: str, sampling: dict[str, Any], *, system: str | None = None, chat: bool = False,
-             as_json: bool = False) -> None:
+             as_json: bool = False, speculation: dict[str, Any] | None = None) -> None:
     """Generates a continuation of `prompt` (a user turn of the chat format with `chat` or `system`;
-    special-token strings in it stay text), streamed to stdout, or printed as one JSON object."""
+    special-token strings in it stay text), streamed to stdout, or printed as one JSON object (with
+    the speculative drafts proposed and accepted). speculation: `Model.generate`'s keywords."""
+    sampling = {**sampling, **(speculation or {})}
     tok = model.tokenizer
     if chat or system:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -50,23 +52,25 @@ def generate(model, prompt: str, sampling: dict[str, Any], *, system: str | None
     print(json.dumps({"prompt_tokens": len(prompt_ids), "ids": ids,
                       "text": tok.decode(ids, skip_special_tokens=True),
                       "stopped": bool(ids) and ids[-1] in sampling["stop_ids"],
-                      "seconds": time.perf_counter() - start, **sampling, "kv_cache": model.cache_stats()}))
+                      "seconds": time.perf_counter() - start, **sampling, "kv_cache": model.cache_stats(),
+                      "speculative": {**model.speculative_stats(), "method": sampling.get("speculative")}}))
 
 
 def chat(model, sampling: dict[str, Any], *, system: str | None = None, max_model_len: int | None = None,
-         steps_per_call: int = STEPS_PER_CALL, truncate_history: bool = False) -> int:
+         steps_per_call: int = STEPS_PER_CALL, truncate_history: bool = False,
+         speculation: dict[str, Any] | None = None) -> int:
     """The interactive chat on stdin/stdout: an empty line or end of input quits, /reset forgets the
     conversation. One cache row is kept across turns, so each turn prefills only what follows the
     kept conversation. `max_model_len` (default: the model's context, at most CHAT_MAX_MODEL_LEN)
     bounds the whole conversation: a message that does not fit is refused (the conversation is
     kept), or with `truncate_history` the oldest turns are dropped until it fits; a reply stops
-    where the conversation fills it."""
+    where the conversation fills it. speculation: `Model.engine`'s speculative keywords."""
     tok = model.tokenizer
     context = model.config.max_seq_len
     if max_model_len is not None and not 1 <= max_model_len <= context:
         raise ValueError(f"--max-model-len must be in 1-{context} (the model's context length), got {max_model_len}")
     limit = max_model_len or min(context, CHAT_MAX_MODEL_LEN)
-    engine = model.engine(max_batch=1, steps_per_call=steps_per_call, max_model_len=limit)
+    engine = model.engine(max_batch=1, steps_per_call=steps_per_call, max_model_len=limit, **(speculation or {}))
     start = [{"role": "system", "content": system}] if system else []
     messages, sampling = list(start), dict(sampling)
     print("glm-jax chat: empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)

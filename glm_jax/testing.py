@@ -142,3 +142,15 @@ def rounded_float64(hf, kind: str, group: int | None):
             if name.endswith("_proj") and ".layers." in f".{name}":
                 module.weight.copy_(torch.from_numpy(absmax_rounding(module.weight.numpy(), 1, kind, group)[0]))
     return model
+
+
+def damp_blocks(model, scale: float) -> None:
+    """Scales every block's output projections (attention's o_proj, the MLP's down_proj) of a loaded
+    `glm_jax.Model` by `scale`, in place (before its first `generate`): with a small scale the
+    residual stream is mostly the token's embedding, so the next token depends mostly on the
+    current one, and greedy decoding walks a fixed chain of tokens (quotes any stretch of it the
+    prompt holds) at the full model's cost."""
+    import jax
+
+    damped = lambda path, x: x * scale if any(getattr(k, "key", None) in ("o_proj", "down_proj") for k in path) else x
+    model.state = jax.tree.map_with_path(damped, model.state)

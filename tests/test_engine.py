@@ -1,6 +1,7 @@
 """The decode engine: continuous batching, per-request prefill on sharded page pools, prefix reuse,
 cancel, LRU eviction of cached pages."""
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -191,8 +192,8 @@ def test_plan_survives_pack_and_unpack():
     """A round's plan as processes share it: packed into fixed-shape arrays (the same shapes for any
     plan of the engine's batch and prefill chunk) and unpacked exactly: chunks with and without an
     admission (every sampling field, seeds past 2**31, floats exact in float32, the precision the
-    device programs take), cancels and a decode selection."""
-    batch, chunk = 4, 16
+    device programs take), cancels, a decode selection and its speculative drafts."""
+    batch, chunk, k = 4, 16, 3
     admit = SamplingParams(max_tokens=77, temperature=0.71875, top_p=0.9375, top_k=40, seed=2**32 - 5,
                            stop_ids=tuple(range(151329, 151329 + MAX_STOP_IDS)))
     plan = Plan(cancel=np.array([False, True, False, True]),
@@ -200,13 +201,16 @@ def test_plan_survives_pack_and_unpack():
                         Chunk(0, np.array([0] * 5 + [7, 8, 9], np.int32), start=3, real=3, admit=admit, drawn=5),
                         Chunk(3, np.array([151551] * 16, np.int32), start=0, real=16,
                               admit=SamplingParams(1, temperature=0.0, seed=2**31 + 1))],
-                decode=np.array([1, 3, 4, 4], np.int32), steps=8,
-                pages=np.array([[0, 0, 17], [3, 5, 2], [2, 1, 0]], np.int32))
-    packed = pack(plan, batch, chunk)
-    empty = pack(Plan.stopping(batch), batch, chunk)
+                decode=np.array([1, 3, 4, 4], np.int32), steps=1,
+                pages=np.array([[0, 0, 17], [3, 5, 2], [2, 1, 0]], np.int32),
+                drafts=np.array([[5, 151551, -1], [-1, -1, -1], [7, 8, 9], [-1, -1, -1]], np.int32))
+    packed = pack(plan, batch, chunk, k)
+    empty = pack(Plan.stopping(batch), batch, chunk, k)
     assert {k: (v.shape, v.dtype) for k, v in packed.items()} == {k: (v.shape, v.dtype) for k, v in empty.items()}
     back = unpack(packed, np.pad(plan.pages, ((0, 1), (0, 0))))            # a bucket larger than its 3
-    assert (back.steps, back.stop) == (8, False) and unpack(empty).stop
+    assert (back.steps, back.stop) == (1, False) and unpack(empty).stop and unpack(empty).drafts is None
+    np.testing.assert_array_equal(back.drafts, plan.drafts)
+    assert unpack(pack(dataclasses.replace(plan, drafts=None), batch, chunk, k)).drafts is None
     np.testing.assert_array_equal(back.pages, plan.pages)
     np.testing.assert_array_equal(back.cancel, plan.cancel)
     np.testing.assert_array_equal(back.decode, plan.decode)

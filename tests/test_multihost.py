@@ -72,8 +72,9 @@ def test_a_dead_peer_makes_the_other_fail_in_bounded_time(reference, converted):
 
 def test_two_process_server_answers_as_one_process(tiny_chat_model):  # noqa: F811
     """`glm-jax serve` on 2 processes (4 CPU devices each, one 8-device mesh): process 0 serves
-    HTTP and broadcasts every engine round; concurrent greedy requests answer as one process
-    does; SIGTERM to process 0 ends both with exit code 0."""
+    HTTP and broadcasts every engine round (with n-gram drafts: verification steps on both);
+    concurrent greedy requests answer as one process does; SIGTERM to process 0 ends both with exit
+    code 0."""
     import queue
     import signal
     import threading
@@ -89,7 +90,8 @@ def test_two_process_server_answers_as_one_process(tiny_chat_model):  # noqa: F8
     procs = [subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "serve", "--model", str(tiny_chat_model),
                                "--port", "0", "--mesh", "tensor=2,sequence=4", "--max-batch", "4", "--prefill-chunk", "32",
                                "--max-model-len", "256", "--coordinator", coordinator, "--num-processes", "2",
-                               "--process-id", str(i)], stderr=subprocess.PIPE, text=True, env=env)
+                               "--process-id", str(i), "--speculative", "ngram", "--ngram-min", "1"],
+                              stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]
     try:
         lines = queue.Queue()

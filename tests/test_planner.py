@@ -2,7 +2,8 @@
 pool's slots and "attends" by reading a row's context back through its page table: a wrong page,
 a page shared too early or overwritten while shared changes the fake's output. Every request of a
 random over-subscribed workload (shared prefixes, preemptions, cancellations) must finish whole
-with the output it has alone."""
+with the output it has alone; with random drafts (some true for a while, then wrong) verified in
+steps that write every draft's slot, the same output."""
 
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ class FakeDevice:
         if not len(plan.decode):
             return None
         self.active &= ~plan.cancel
-        out = np.full((len(plan.decode), plan.steps), -1, np.int64)
+        if plan.drafts is not None:
+            return self.verify(plan)
+        out = np.full((len(plan.decode), plan.steps + 1), -1, np.int64)
         for i, row in enumerate(plan.decode):
             for step in range(plan.steps):
                 if row >= len(self.table) or not self.active[row]:
@@ -71,6 +74,56 @@ class FakeDevice:
                 self.slots[self.slot(row, int(self.position[row]))] = token
                 self.position[row] += 1
                 self.pending[row] = next_token(self.context(row, int(self.position[row])))
+        return self.with_pending(plan, out)
+
+    def with_pending(self, plan: Plan, out):
+        for i, row in enumerate(plan.decode):
+            if row < len(self.table) and self.active[row]:
+                out[i, -1] = self.pending[row]
+        return out
+
+    def verify(self, plan: Plan):
+        """A verification step: the pending token and the drafts written at the next slots; the
+        drafts the model agrees with kept (up to a stop id), the model's next token pending."""
+        out = np.full((len(plan.decode), plan.drafts.shape[1] + 2), -1, np.int64)
+        for i, row in enumerate(plan.decode):
+            if row >= len(self.table) or not self.active[row]:
+                continue
+            token, pos = int(self.pending[row]), int(self.position[row])
+            out[i, 0] = token
+            if token in self.stops[row] or self.remaining[row] <= 1:
+                self.active[row], self.remaining[row] = False, self.remaining[row] - 1
+                continue
+            drafts = [int(d) for d in plan.drafts[i] if d >= 0][:max(int(self.remaining[row]) - 2, 0)]
+            for k, t in enumerate([token] + drafts):
+                self.slots[self.slot(row, pos + k)] = t
+            kept = 0
+            while kept < len(drafts) and drafts[kept] == next_token(self.context(row, pos + 1 + kept)):
+                kept += 1
+                if drafts[kept - 1] in self.stops[row]:
+                    break
+            out[i, 1:1 + kept] = drafts[:kept]
+            self.remaining[row] -= 1 + kept
+            self.position[row] = pos + 1 + kept
+            if kept and drafts[kept - 1] in self.stops[row]:
+                self.active[row] = False
+            else:
+                self.pending[row] = next_token(self.context(row, pos + 1 + kept))
+        return self.with_pending(plan, out)
+
+
+class RandomDrafter:
+    """Drafts the fake model's own continuation for a random number of tokens, then random ones."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, context, k):
+        context, out = list(context), []
+        right = int(self.rng.integers(0, k + 1))
+        for j in range(int(self.rng.integers(0, k + 1))):
+            out.append(next_token(context) if j < right else int(self.rng.integers(0, VOCAB)))
+            context.append(out[-1])
         return out
 
 
@@ -88,14 +141,15 @@ def alone(prompt: list[int], params: SamplingParams) -> list[int]:
 class Harness:
     """A planner, its pool and the fake device; `run` plays rounds until every request finished."""
 
-    def __init__(self, *, batch, pages, page, chunk, steps, serving=True, width=64):
+    def __init__(self, *, batch, pages, page, chunk, steps, serving=True, width=64, drafts=0, seed=0):
         self.pool = PagePool(pages, page)
-        self.planner = Planner(batch, self.pool, prefill_chunk=chunk, steps_per_call=steps, serving=serving)
+        self.planner = Planner(batch, self.pool, prefill_chunk=chunk, steps_per_call=steps, serving=serving,
+                               drafter=RandomDrafter(seed) if drafts else None, draft_tokens=drafts)
         self.device = FakeDevice(batch, self.pool, width)
         self.finished, self.rounds, self.most_used = [], 0, 0
 
     def submit(self, requests) -> list[Request]:
-        reqs = [Request(list(p), s) for p, s in requests]
+        reqs = [Request(list(p), s, draft_tokens=self.planner.draft_tokens) for p, s in requests]
         self.planner.waiting.extend(reqs)
         return reqs
 
@@ -111,7 +165,7 @@ class Harness:
             tokens = self.device.run(plan)
             self.planner.commit()
             if tokens is not None:
-                self.planner.collect(plan.decode, tokens, float(self.rounds), finish)
+                self.planner.collect(plan.decode, tokens, float(self.rounds), finish, plan.drafts)
             self.pool.check()
             most = max(most, len(self.planner.running()))
             self.most_used = max(self.most_used, self.pool.stats()["pages_used"])
@@ -119,7 +173,7 @@ class Harness:
 
 
 def run_workload(requests, *, cancel=None, **kw):
-    h = Harness(width=max(len(p) + s.max_tokens for p, s in requests) // kw["page"] + 2, **kw)
+    h = Harness(width=max(len(p) + s.max_tokens for p, s in requests) // kw["page"] + 3, **kw)
     reqs = h.submit(requests)
     cancel_after = {k: [reqs[i] for i in v] for k, v in (cancel or {}).items()}
     most = h.run(cancel_after)
@@ -165,6 +219,21 @@ def test_over_subscribed_pool_finishes_every_request_whole(serving):
     assert planner.pool.stats()["pages_used"] == 0
 
 
+@pytest.mark.parametrize("serving", [True, False])
+def test_verification_steps_with_random_drafts_keep_every_answer(serving):
+    """The over-subscribed workload with up to 3 random drafts a step (the model's own tokens for a
+    while, then wrong ones): accepted runs of every length, preemptions, and each answer as alone."""
+    rng = np.random.default_rng(1)
+    requests = [(rng.integers(0, 39, int(rng.integers(3, 30))).tolist(), greedy(int(rng.integers(5, 30)),
+                                                                                  (STOP,) if i % 2 else ()))
+                for i in range(10)]
+    reqs, planner, _, _ = run_workload(requests, batch=4, pages=14, page=4, chunk=8, steps=4, serving=serving,
+                                       drafts=3)
+    assert [r.output for r in reqs] == [alone(p, s) for p, s in requests]
+    assert planner.proposed > planner.accepted > 0 and planner.preemptions > 0
+    assert sum(r.accepted for r in reqs) == planner.accepted and planner.pool.stats()["pages_used"] == 0
+
+
 def test_preemption_takes_the_newest_and_the_oldest_always_progresses():
     """Two long requests on a pool that holds one and a bit: the second is preempted, never the
     first; the first finishes first; then the second, whole."""
@@ -186,8 +255,9 @@ def test_a_cancelled_request_frees_its_pages_and_others_finish():
 @given(st.data())
 def test_random_workloads_finish_whole_with_their_own_answers(data):
     """Random prompts (some sharing a document), budgets, stop ids, batch, page and pool sizes
-    (down to one request's worth), prefill chunks, burst lengths and cancellations: every request
-    ends, with its answer alone (a cancelled one: a beginning of it), and no page stays used."""
+    (down to one request's worth), prefill chunks, burst lengths, cancellations and speculative
+    drafts: every request ends, with its answer alone (a cancelled one: a beginning of it), and no
+    page stays used."""
     page = data.draw(st.sampled_from([2, 4, 8]))
     doc = data.draw(st.lists(st.integers(0, 38), min_size=0, max_size=30))
     n = data.draw(st.integers(1, 8))
@@ -202,7 +272,8 @@ def test_random_workloads_finish_whole_with_their_own_answers(data):
     reqs, planner, _, finished = run_workload(requests, batch=data.draw(st.integers(1, 5)), pages=pages, page=page,
                                               chunk=data.draw(st.sampled_from([4, 8, 16])),
                                               steps=data.draw(st.integers(1, 5)), serving=data.draw(st.booleans()),
-                                              cancel=cancel)
+                                              cancel=cancel, drafts=data.draw(st.sampled_from([0, 1, 3])),
+                                              seed=data.draw(st.integers(0, 9)))
     for r, (prompt, params) in zip(reqs, requests):
         want = alone(prompt, params)
         assert r.output == want if r.finish_reason != "abort" else r.output == want[:len(r.output)]

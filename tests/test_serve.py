@@ -62,7 +62,7 @@ class ScriptedEngine:
     def __init__(self, reply, finish_reason="stop"):
         self.reply, self.finish_reason, self.prompts = reply, finish_reason, []
 
-    def submit(self, prompt, params, on_tokens=None):
+    def submit(self, prompt, params, on_tokens=None, draft_tokens=None):
         self.prompts.append(list(prompt))
         request = Request(list(prompt), params, on_tokens)
 
@@ -134,7 +134,8 @@ def model(tiny_chat_model):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def engine(model):
-    engine = RecordingEngine(model.engine(max_batch=8, max_model_len=MAX_MODEL_LEN, steps_per_call=4, max_queue=32))
+    engine = RecordingEngine(model.engine(max_batch=8, max_model_len=MAX_MODEL_LEN, steps_per_call=4, max_queue=32,
+                                          speculative="ngram", num_speculative_tokens=3))
     engine.start()
     yield engine
     engine.shutdown(timeout=10)
@@ -365,6 +366,19 @@ def test_metrics_and_log(url, caplog):
     assert counts["glm_jax_kv_pages_used"] == 0 and counts["glm_jax_kv_pages_cached"] >= 0
     assert counts["glm_jax_prefix_queries_total"] >= counts["glm_jax_prefix_hits_total"] >= 0
     assert counts["glm_jax_preemptions_total"] == 0 and 0 <= counts["glm_jax_prefix_cache_hit_rate"] <= 1
+    assert counts["glm_jax_speculative_proposed_total"] >= counts["glm_jax_speculative_accepted_total"] >= 0
+    assert 0 <= counts["glm_jax_speculative_acceptance_rate"] <= 1
+
+
+def test_a_request_sets_or_turns_off_its_speculative_tokens(url):
+    """The extra body field num_speculative_tokens: 0 turns drafts off, up to the server's K takes
+    that many (the same answer either way), more is refused."""
+    body = {"model": NAME, "prompt": "one two one two one two one two", "max_tokens": 8, "temperature": 0}
+    answers = [request(url, "/v1/completions", {**body, "num_speculative_tokens": k}) for k in (0, 2, 3)]
+    assert [status for status, _ in answers] == [200] * 3
+    assert len({a["choices"][0]["text"] for _, a in answers}) == 1
+    status, error = request(url, "/v1/completions", {**body, "num_speculative_tokens": 4})
+    assert status == 400 and "speculative tokens must lie in [0, 3]" in error["error"]["message"]
 
 
 def test_an_over_subscribed_pool_answers_every_request_whole(tiny_chat_model, model):
@@ -499,7 +513,7 @@ def test_request_aborted_by_the_server_is_503(model):
 class ClosedEngine(ScriptedEngine):
     """An engine double that is shutting down."""
 
-    def submit(self, prompt, params, on_tokens=None):
+    def submit(self, prompt, params, on_tokens=None, draft_tokens=None):
         raise EngineClosed("the engine is shutting down")
 
 

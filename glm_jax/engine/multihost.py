@@ -38,13 +38,15 @@ class Chunk:
 class Plan:
     """One scheduler round, as every process runs it: page-table entries to set [U, 3] (row,
     logical page, page), rows to cancel [B], prefill chunks (at most B, one a row), then a burst of
-    `steps` tokens for the rows in `decode` (cache rows [b <= B], padded with B), if any."""
+    `steps` tokens for the rows in `decode` (cache rows [b <= B], padded with B), if any; or, when
+    `drafts` (int32 [b, K], -1 after a row's last) is set, one verification step of those drafts."""
     cancel: np.ndarray
     chunks: list[Chunk]
     decode: np.ndarray
     steps: int = 0
     stop: bool = False
     pages: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 3), np.int32))
+    drafts: np.ndarray | None = None
 
     @classmethod
     def stopping(cls, batch: int) -> "Plan":
@@ -54,15 +56,20 @@ class Plan:
 _CHUNK_FIELDS = ("row", "size", "start", "real", "admit", "max_tokens", "top_k", "drawn")   # int32 [B] each
 
 
-def pack(plan: Plan, batch: int, prefill_chunk: int) -> dict[str, np.ndarray]:
-    """The plan as arrays whose shapes depend only on `batch` and `prefill_chunk`."""
+def pack(plan: Plan, batch: int, prefill_chunk: int, draft_tokens: int = 0) -> dict[str, np.ndarray]:
+    """The plan as arrays whose shapes depend only on `batch`, `prefill_chunk` and `draft_tokens`
+    (the engine's drafts per row)."""
     i32 = lambda *shape: np.zeros(shape, np.int32)
-    out = {"round": np.array([plan.stop, plan.steps, len(plan.chunks), len(plan.decode), len(plan.pages)], np.int32),
+    out = {"round": np.array([plan.stop, plan.steps, len(plan.chunks), len(plan.decode), len(plan.pages),
+                              plan.drafts is not None], np.int32),
+           "drafts": np.full((batch, max(draft_tokens, 1)), -1, np.int32),        # never empty: broadcast
            "cancel": plan.cancel.astype(np.int32), "decode": i32(batch), "tokens": i32(batch, prefill_chunk),
            "seed": np.zeros(batch, np.uint32), "temperature": np.zeros(batch, np.float32),
            "top_p": np.zeros(batch, np.float32), "stop_ids": np.full((batch, MAX_STOP_IDS), -1, np.int32),
            **{name: i32(batch) for name in _CHUNK_FIELDS}}
     out["decode"][:len(plan.decode)] = plan.decode
+    if plan.drafts is not None:
+        out["drafts"][:len(plan.drafts)] = plan.drafts
     for i, c in enumerate(plan.chunks):
         p = c.admit or SamplingParams(0)
         values = {"row": c.row, "size": len(c.tokens), "start": c.start, "real": c.real, "admit": c.admit is not None,
@@ -79,9 +86,10 @@ def pack(plan: Plan, batch: int, prefill_chunk: int) -> dict[str, np.ndarray]:
 def unpack(arrays: dict[str, np.ndarray], pages: np.ndarray | None = None) -> Plan:
     """The plan `pack` packed (with its page-table entries: `pages`, rows beyond its count ignored)."""
     a = {name: np.asarray(x) for name, x in arrays.items()}
-    stop, steps, chunks, decode, updates = map(int, a["round"])
+    stop, steps, chunks, decode, updates, drafted = map(int, a["round"])
     plan = Plan(a["cancel"].astype(bool), [], a["decode"][:decode].copy(), steps=steps, stop=bool(stop),
-                pages=np.zeros((0, 3), np.int32) if pages is None else np.asarray(pages)[:updates].copy())
+                pages=np.zeros((0, 3), np.int32) if pages is None else np.asarray(pages)[:updates].copy(),
+                drafts=a["drafts"][:decode].copy() if drafted else None)
     for i in range(chunks):
         params = None
         if a["admit"][i]:
@@ -93,7 +101,7 @@ def unpack(arrays: dict[str, np.ndarray], pages: np.ndarray | None = None) -> Pl
     return plan
 
 
-def share(plan: Plan | None, batch: int, prefill_chunk: int) -> Plan:
+def share(plan: Plan | None, batch: int, prefill_chunk: int, draft_tokens: int = 0) -> Plan:
     """Process 0's plan, on every process; `plan` itself when there is one process."""
     if jax.process_count() == 1:
         return plan
@@ -101,7 +109,7 @@ def share(plan: Plan | None, batch: int, prefill_chunk: int) -> Plan:
 
     empty = Plan(np.zeros(batch, bool), [], np.zeros(0, np.int32))
     mine = plan if plan is not None and jax.process_index() == 0 else empty
-    arrays = multihost_utils.broadcast_one_to_all(pack(mine, batch, prefill_chunk))
+    arrays = multihost_utils.broadcast_one_to_all(pack(mine, batch, prefill_chunk, draft_tokens))
     updates = int(np.asarray(arrays["round"])[4])
     if not updates:
         return unpack(arrays)
@@ -110,9 +118,9 @@ def share(plan: Plan | None, batch: int, prefill_chunk: int) -> Plan:
     return unpack(arrays, multihost_utils.broadcast_one_to_all(bucket))
 
 
-def follow(execute: Callable[[Plan], object], batch: int, prefill_chunk: int) -> None:
+def follow(execute: Callable[[Plan], object], batch: int, prefill_chunk: int, draft_tokens: int = 0) -> None:
     """On processes other than 0: runs every round process 0 plans until it stops."""
-    while not (plan := share(None, batch, prefill_chunk)).stop:
+    while not (plan := share(None, batch, prefill_chunk, draft_tokens)).stop:
         execute(plan)
 
 

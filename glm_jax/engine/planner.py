@@ -16,6 +16,13 @@ preempting the most recently admitted request (its pages released, back to the f
 queue; it resumes later by prefilling its prompt and what it emitted, mostly from the cache, and
 draws its next token with the same key). The oldest request always progresses: first come, first
 served, nothing is cut or lost.
+
+Speculation: with a drafter, a round whose decoding rows find drafts (speculative.py: looked up in
+each request's tokens and its pending token, which every burst hands back) runs one verification
+step instead of a burst, with pages for each row's pending token and drafts (positions held ..
+held+k); `collect` counts only the tokens the step emitted in `held`. A row whose drafts were all
+rejected m times in a row drafts nothing for the next 2**m rounds (at most 2**MAX_MISSES; plain
+bursts when no other row drafts), so drafts that never match cost little.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -33,7 +40,11 @@ from .multihost import Chunk, Plan
 from .pages import PagePool, PoolExhausted, page_hashes
 from .requests import Request
 
+if TYPE_CHECKING:
+    from .speculative import Drafter
+
 Finish = Callable[[Request, str], None]
+MAX_MISSES = 4     # a row whose drafts keep missing drafts again after at most 2**MAX_MISSES rounds
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,6 +56,9 @@ class Running:
     order: int                  # admission number (preemption takes the highest)
     pages: list[int] = dataclasses.field(default_factory=list)      # logical page -> pool page
     digests: list[bytes] = dataclasses.field(default_factory=list)  # of the full pages registered
+    pending: int | None = None  # the drawn, not yet emitted token at position held (once a burst told it)
+    misses: int = 0             # verifications in a row that kept no draft
+    quiet: int = 0              # rounds left before it drafts again (2**misses after a miss)
 
     def token(self, a: int, b: int) -> list[int]:
         """Tokens at positions a..b-1 (prompt, then output)."""
@@ -54,9 +68,11 @@ class Running:
 
 class Planner:
     def __init__(self, batch: int, pool: PagePool, *, prefill_chunk: int, steps_per_call: int, serving: bool,
-                 prefill_budget: int = PREFILL_BUDGET):
+                 prefill_budget: int = PREFILL_BUDGET, drafter: Drafter | None = None, draft_tokens: int = 0):
         self.pool, self.prefill_chunk, self.steps_per_call, self.serving = pool, prefill_chunk, steps_per_call, serving
         self.prefill_budget = max(prefill_budget, prefill_chunk)
+        self.drafter, self.draft_tokens = drafter, draft_tokens          # draft_tokens: a plan's drafts per row
+        self.proposed = self.accepted = 0
         self.rows: list[Running | None] = [None] * batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.preemptions = 0
@@ -112,17 +128,19 @@ class Planner:
             budget -= len(chunk.tokens)
 
     def _decode(self, plan: Plan, updates) -> None:
-        """The burst: rows done prefilling; pages for the tokens it feeds (a shorter burst, then
-        preemptions, when they run short)."""
+        """The burst, or a verification step when rows have drafts: rows done prefilling; pages for
+        the tokens it feeds (drafts dropped, a shorter burst, then preemptions, when they run short)."""
         while True:
             decoding = sorted((r for r in self.rows if r is not None and r.held >= r.target), key=lambda r: r.order)
             fresh = any(not r.request.output for r in decoding)
             steps = 1 if fresh and self.serving else self.steps_per_call
-            short = next((r for r in decoding if not self._room(r, steps, updates)), None)
+            drafts = self._drafts(decoding)
+            fed = lambda r: 1 + len(drafts.get(r.order, ())) if drafts else steps
+            short = next((r for r in decoding if not self._room(r, fed(r), updates)), None)
             if short is None:
                 break
-            if steps > 1 and all(self._room(r, 1, updates) for r in decoding):
-                steps = 1
+            if (steps > 1 or drafts) and all(self._room(r, 1, updates) for r in decoding):
+                steps, drafts = 1, {}
                 break
             self._preempt(plan)
         if not decoding and not plan.cancel.any():
@@ -137,7 +155,28 @@ class Planner:
             plan.decode = np.array(range(bucket) if bucket == self.batch else sorted(rows) + pad, np.int32)
         else:  # a batch: every row, whole bursts (fewer programs to compile)
             plan.decode = np.arange(self.batch, dtype=np.int32)
-        plan.steps = steps
+        plan.steps = 1 if drafts else steps
+        if drafts:
+            plan.drafts = np.full((len(plan.decode), self.draft_tokens), -1, np.int32)
+            for j, i in enumerate(plan.decode):
+                run = self.rows[i] if i < self.batch else None
+                if run is not None and run.order in drafts:
+                    plan.drafts[j, :len(drafts[run.order])] = drafts[run.order]
+
+    def _drafts(self, decoding: list[Running]) -> dict[int, list[int]]:
+        """Drafts of the rows that have some (by admission number): at most the request's and the
+        plan's number, and two fewer than the draws it has left (every token the step feeds
+        needs a slot; the last draw is never fed)."""
+        out = {}
+        if self.drafter is None or not self.draft_tokens:
+            return out
+        for run in decoding:
+            r = run.request
+            k = min(r.draft_tokens, self.draft_tokens, r.params.max_tokens - len(r.output) - 2)
+            if k > 0 and run.pending is not None and run.pending not in r.params.stop_ids and not run.quiet:
+                if drafts := self.drafter.propose(r.prompt + r.output + [run.pending], k)[:k]:
+                    out[run.order] = drafts
+        return out
 
     def _room(self, run: Running, steps: int, updates) -> bool:
         """Pages for the tokens a burst of `steps` may feed (positions held .. held+fed-1)."""
@@ -231,17 +270,31 @@ class Planner:
             self.pool.register(run.pages[j], digest)
             run.digests.append(digest)
 
-    def collect(self, selected: np.ndarray, tokens: np.ndarray, now: float, finish: Finish) -> None:
-        """Hands a burst's tokens [b, steps] (-1: none) of rows `selected` [b] to their requests;
+    def collect(self, selected: np.ndarray, tokens: np.ndarray, now: float, finish: Finish,
+                drafts: np.ndarray | None = None) -> None:
+        """Hands a round's tokens [b, S+1] (emitted ones, then the pending token; -1: none) of rows
+        `selected` [b] to their requests, counting the `drafts` [b, K] the step verified and kept;
         ends finished ones (their full pages registered, then released)."""
-        for i, row_tokens in zip(selected, tokens):
+        for j, (i, row_tokens) in enumerate(zip(selected, tokens)):
             run = self.rows[i] if i < self.batch else None
             if run is None:
                 continue
-            new = [int(t) for t in row_tokens if t >= 0]
+            run.pending = int(row_tokens[-1]) if row_tokens[-1] >= 0 else None
+            new = [int(t) for t in row_tokens[:-1] if t >= 0]
             if not new:
                 continue
             request = run.request
+            proposed = 0 if drafts is None else int((drafts[j] >= 0).sum())
+            if proposed:
+                run.misses = run.misses + 1 if len(new) == 1 else 0
+                run.quiet = 1 << min(run.misses, MAX_MISSES) if run.misses else 0
+            else:
+                run.quiet = max(run.quiet - 1, 0)
+            if proposed:
+                request.proposed += proposed
+                request.accepted += len(new) - 1
+                self.proposed += proposed
+                self.accepted += len(new) - 1
             if request.ttft is None:
                 request.ttft = now - request.submitted
             request.output += new

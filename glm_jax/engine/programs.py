@@ -1,5 +1,6 @@
 """The engine's device programs: the model step on the cache, a row's prefill chunk, a row's
-admission, a decode burst, and the one cached set of their jitted forms (`programs_for`).
+admission, a decode burst, a speculative verification step, and the one cached set of their jitted
+forms (`programs_for`).
 
 A decode step, top to bottom: `decode_burst` -> `model_step` (writes the step's K/V into the
 cache and attends over it with `cache.cache_ops`) -> the model (model.py), which calls
@@ -23,6 +24,7 @@ from ..sampling import MAX_STOP_IDS, sample
 from ..sharding import Layout
 from .cache import KVCache, cache_ops, cache_shardings, page_slots, quantize
 from .multihost import Plan
+from .speculative import accepted
 
 
 def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
@@ -103,18 +105,36 @@ def set_pages(cache: KVCache, rows, columns, pages) -> KVCache:
     return dataclasses.replace(cache, pages=cache.pages.at[rows, columns].set(pages, mode="drop"))
 
 
-def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected, *, steps: int, layout: Layout,
-                 kernel: str = "auto") -> tuple[KVCache, Rows, jax.Array]:
-    """Up to `steps` tokens for each active row among `selected` (int32 [b], cache rows; entries
-    >= B pad the bucket), all on device; fewer once none is active. Only those b rows are computed. cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens
-    [b, steps] (-1 where a row drew nothing). A row stops after a stop id or its last allowed
-    token; those final tokens are not fed back (their K/V are never needed). Each step emits the
-    rows' drawn tokens, feeds them and draws the next from their logits: only tokens [b] carry
-    over between steps and bursts, never the [b, V] logits."""
+def _select(rows: Rows, cancel, selected) -> tuple[Rows, Rows]:
+    """(rows with `cancel` [B] stopped, the rows `selected` [b] as a Rows of b; entries >= B inactive)."""
     batch = rows.active.shape[0]
     rows = dataclasses.replace(rows, active=rows.active & ~cancel)
     sub = jax.tree.map(lambda x: x[jnp.minimum(selected, batch - 1)], rows)           # [b] of each field
-    sub = dataclasses.replace(sub, active=sub.active & (selected < batch))
+    return rows, dataclasses.replace(sub, active=sub.active & (selected < batch))
+
+
+def _store(rows: Rows, sub: Rows, selected, out) -> tuple[Rows, jax.Array]:
+    """(rows with the selected ones set back, tokens `out` [b, S] with the pending token column
+    appended: [b, S+1], -1 where a row no longer decodes)."""
+    rows = jax.tree.map(lambda full, part: full.at[selected].set(part, mode="drop"), rows, sub)
+    return rows, jnp.concatenate([out, jnp.where(sub.active, sub.token, -1)[:, None]], axis=1)
+
+
+def _stopping(sub: Rows) -> jax.Array:
+    """[b]: the pending token ends its row (a stop id, or the last it may draw): emitted, not fed."""
+    return jnp.any(sub.token[:, None] == sub.stop_ids, axis=-1) | (sub.remaining <= 1)
+
+
+def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected, *, steps: int, layout: Layout,
+                 kernel: str = "auto") -> tuple[KVCache, Rows, jax.Array]:
+    """Up to `steps` tokens for each active row among `selected` (int32 [b], cache rows; entries
+    >= B pad the bucket), all on device; fewer once none is active. Only those b rows are computed.
+    cancel [B] bool: rows to stop first. Returns the cache, the rows and tokens [b, steps + 1]: the
+    emitted ones (-1 where a row drew nothing), then each row's pending token (-1: none). A row stops
+    after a stop id or its last allowed token; those final tokens are not fed back (their K/V are
+    never needed). Each step emits the rows' drawn tokens, feeds them and draws the next from their
+    logits: only tokens [b] carry over between steps and bursts, never the [b, V] logits."""
+    rows, sub = _select(rows, cancel, selected)
     out = jnp.full((selected.shape[0], steps), -1, jnp.int32)
 
     def cond(carry):
@@ -124,8 +144,7 @@ def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected,
     def body(carry):
         i, cache, sub, out = carry
         token, drawn = sub.token, sub.active                                             # [b] each
-        stop = jnp.any(token[:, None] == sub.stop_ids, axis=-1) | (sub.remaining <= 1)
-        feed = drawn & ~stop
+        feed = drawn & ~_stopping(sub)
         logits, cache = model_step(graphdef, params, cache, token[:, None], sub.position[:, None], feed[:, None],
                                    selected, layout=layout, kernel=kernel)
         count = sub.count + drawn
@@ -136,8 +155,40 @@ def decode_burst(graphdef, params, cache: KVCache, rows: Rows, cancel, selected,
         return i + 1, cache, sub, out.at[:, i].set(jnp.where(drawn, token, -1))
 
     _, cache, sub, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, sub, out))
-    rows = jax.tree.map(lambda full, part: full.at[selected].set(part, mode="drop"), rows, sub)
-    return cache, rows, out
+    return (cache, *_store(rows, sub, selected, out))
+
+
+def verify_step(graphdef, params, cache: KVCache, rows: Rows, cancel, selected, drafts, *, layout: Layout,
+                kernel: str = "auto") -> tuple[KVCache, Rows, jax.Array]:
+    """One step for each active row among `selected` (as `decode_burst`) that feeds its pending
+    token and its drafts (int32 [b, K]; a row's first n >= 0 count, at most `remaining` - 2) as
+    K+1 queries at the next positions; emits the pending token and the drafts the model agrees with
+    (speculative.accepted: its draws keyed by draw number, as plain decoding draws them), then holds
+    the model's draw after the last of them as the pending token. Returns as `decode_burst`, tokens
+    [b, K + 2]. Rejected drafts' K/V lie past the row's position: unseen, overwritten later."""
+    rows, sub = _select(rows, cancel, selected)
+    b, k = drafts.shape
+    feed = sub.active & ~_stopping(sub)
+    n = jnp.cumprod(drafts >= 0, axis=1).sum(axis=1)
+    n = jnp.where(feed, jnp.clip(jnp.minimum(n, sub.remaining - 2), 0, k), 0)             # [b]
+    fed = jnp.concatenate([sub.token[:, None], jnp.maximum(drafts, 0)], axis=1)            # [b, K+1]
+    offsets = jnp.arange(k + 1)
+    valid = feed[:, None] & (offsets <= n[:, None])
+    logits, cache = model_step(graphdef, params, cache, fed, sub.position[:, None] + offsets, valid, selected,
+                               layout=layout, kernel=kernel, last_only=False)              # [b, K+1, V]
+    keys = jax.vmap(lambda key, c: jax.vmap(lambda i: jax.random.fold_in(key, i))(c + 1 + offsets))(sub.key, sub.count)
+    repeat = lambda x: jnp.repeat(x, k + 1)
+    targets = sample(logits.reshape(b * (k + 1), -1), keys.reshape(-1), repeat(sub.temperature), repeat(sub.top_k),
+                     repeat(sub.top_p)).reshape(b, k + 1)
+    kept = jnp.where(feed, accepted(drafts, n, targets, sub.stop_ids), 0)                 # [b]
+    emitted = jnp.where(sub.active, 1 + kept, 0)
+    last = jnp.take_along_axis(fed, kept[:, None], axis=1)[:, 0]
+    alive = feed & ~((kept > 0) & jnp.any(last[:, None] == sub.stop_ids, axis=-1))
+    out = jnp.where(offsets[None] < emitted[:, None], fed, -1)
+    following = jnp.take_along_axis(targets, kept[:, None], axis=1)[:, 0]
+    sub = dataclasses.replace(sub, token=jnp.where(alive, following, sub.token), position=sub.position + emitted,
+                              active=alive, count=sub.count + emitted, remaining=sub.remaining - emitted)
+    return (cache, *_store(rows, sub, selected, out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +198,7 @@ class Programs:
     prefill: Callable
     admit: Callable
     decode: Callable
+    verify: Callable
 
 
 PAGE_UPDATES = 256   # page-table entries a `set_pages` call sets (one compiled shape; more take more calls)
@@ -169,7 +221,9 @@ def programs_for(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch
                         donate_argnums=(1,), out_shardings=(rep, cache_sh)),
         admit=jax.jit(admit, donate_argnums=(0,), out_shardings=rows_sh),
         decode=jax.jit(functools.partial(decode_burst, graphdef, layout=layout, kernel=kernel),
-                       static_argnames=("steps",), donate_argnums=(1, 2), out_shardings=(cache_sh, rows_sh, rep)))
+                       static_argnames=("steps",), donate_argnums=(1, 2), out_shardings=(cache_sh, rows_sh, rep)),
+        verify=jax.jit(functools.partial(verify_step, graphdef, layout=layout, kernel=kernel),
+                       donate_argnums=(1, 2), out_shardings=(cache_sh, rows_sh, rep)))
 
 
 def update_pages(programs: Programs, cache: KVCache, updates: np.ndarray) -> KVCache:
@@ -186,8 +240,9 @@ def update_pages(programs: Programs, cache: KVCache, updates: np.ndarray) -> KVC
 
 def run_plan(programs: Programs, state, cache: KVCache, rows: Rows, plan: Plan) -> tuple[KVCache, Rows, jax.Array | None]:
     """A scheduler round on device: the plan's page-table entries, its prefill chunks in order
-    (admitting a row after its prompt's last chunk), then its decode burst. Returns the cache, the
-    rows and the burst's tokens [b, steps] (None without a burst)."""
+    (admitting a row after its prompt's last chunk), then its decode burst, or its verification
+    step when it carries drafts. Returns the cache, the rows and the tokens (`decode_burst`; None
+    without either)."""
     cache = update_pages(programs, cache, plan.pages)
     for chunk in plan.chunks:
         size = len(chunk.tokens)
@@ -204,15 +259,18 @@ def run_plan(programs: Programs, state, cache: KVCache, rows: Rows, plan: Plan) 
                                   jnp.int32(chunk.drawn))
     if not len(plan.decode):
         return cache, rows, None
+    if plan.drafts is not None:
+        return programs.verify(state, cache, rows, plan.cancel, plan.decode, plan.drafts)
     return programs.decode(state, cache, rows, plan.cancel, plan.decode, steps=plan.steps)
 
 
 def run_all(programs: Programs, state, cache: KVCache, rows: Rows, chunk_sizes, buckets,
-            steps) -> tuple[KVCache, Rows, jax.Array]:
+            steps, draft_tokens: int = 0) -> tuple[KVCache, Rows, jax.Array]:
     """Runs every program on nothing (row B, which does not exist; no slot or page-table entry is
     written, no row changes), so that each compiles: a page-table update, a prefill of each chunk
     size, an admission, a decode burst of each row bucket (b < B: padding rows only; b = B: every
-    row, none active) for each of `steps`. Returns the cache, the rows and the last burst's tokens."""
+    row, none active) for each of `steps`, and a verification step of `draft_tokens` drafts per
+    bucket when that is > 0. Returns the cache, the rows and the last burst's tokens."""
     batch = rows.active.shape[0]
     cache = update_pages(programs, cache, np.array([[batch, 0, 0]], np.int32))
     for size in chunk_sizes:
@@ -224,4 +282,7 @@ def run_all(programs: Programs, state, cache: KVCache, rows: Rows, chunk_sizes, 
         for n in steps:
             selected = np.arange(b, dtype=np.int32) if b == batch else np.full(b, batch, np.int32)
             cache, rows, tokens = programs.decode(state, cache, rows, np.zeros(batch, bool), selected, steps=n)
+        if draft_tokens:
+            cache, rows, tokens = programs.verify(state, cache, rows, np.zeros(batch, bool), selected,
+                                                  np.full((b, draft_tokens), -1, np.int32))
     return cache, rows, tokens

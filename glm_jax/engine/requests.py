@@ -59,6 +59,9 @@ class Request:
     ttft: float | None = None                # seconds from submit to the first token
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     prefilled: int = 0                       # prompt tokens in the row so far
+    draft_tokens: int = 0                    # speculative drafts a verification step may take (0: none)
+    proposed: int = 0                        # drafts verified so far
+    accepted: int = 0                        # of which the model kept
 
     @property
     def prompt_len(self) -> int:

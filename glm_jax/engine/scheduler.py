@@ -10,8 +10,13 @@ one host round trip, with per-row sampling parameters, keys, stop ids and token 
 arrays: mixed requests share one compiled step. A burst right after an admission runs one step,
 so the new request's first token comes back at once.
 
+With speculation (`speculate`: a drafter and k), a round whose rows find drafts runs one
+verification step instead (speculative.py): each row's pending token and up to k drafts in one
+model step, the agreeing drafts emitted at once.
+
 Compiled programs per cache shape: one page-table update, one prefill per chunk size, one
-admission, and a decode burst per (row bucket, 1 or `steps_per_call` steps).
+admission, a decode burst per (row bucket, 1 or `steps_per_call` steps), and with speculation a
+verification step per row bucket.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Callable, Sequence
 import jax
 
 from ..config import GLMConfig
-from ..options import DEFAULT_KERNEL, PAGE_SIZE, PREFILL_BUDGET, PREFILL_CHUNK, SHUTDOWN_TIMEOUT, STEPS_PER_CALL
+from ..options import DEFAULT_KERNEL, NGRAM_MAX, NGRAM_MIN, NUM_SPECULATIVE_TOKENS, PAGE_SIZE, PREFILL_BUDGET, \
+    PREFILL_CHUNK, SHUTDOWN_TIMEOUT, STEPS_PER_CALL
 from ..progress import Progress
 from ..sharding import Layout
 from .buckets import cache_length, chunk_sizes, decode_buckets
@@ -36,6 +42,7 @@ from .pages import PagePool
 from .planner import Planner
 from .programs import Programs, Rows, programs_for, run_all, run_plan
 from .requests import EngineClosed, QueueFull, Request, SamplingParams
+from .speculative import make_drafter
 
 def free_device_memory(devices) -> int | None:
     """Bytes the fullest of `devices` has left (its limit less what is in use: the weights, once
@@ -60,13 +67,16 @@ class Engine:
     `warm_up` compiles them); False: every row, whole bursts (a batch's throughput, fewer programs).
     The pool: `kv_cache_tokens` slots, or `kv_cache_memory` (a fraction of the device memory left
     after the weights), else room for `max_batch` requests of `max_model_len` (see `reserve`), in
-    pages of `page_size` slots."""
+    pages of `page_size` slots. speculative: a draft method (options.SPECULATIVE) or None, with
+    `num_speculative_tokens` drafts per verification step (see `speculate`)."""
 
     def __init__(self, config: GLMConfig, graphdef, state, layout: Layout, *, prefill_chunk: int = PREFILL_CHUNK,
                  kernel: str = DEFAULT_KERNEL, kv_cache_dtype: str | None = None,
                  steps_per_call: int = STEPS_PER_CALL, max_queue: int | None = None, serving: bool = True,
                  page_size: int = PAGE_SIZE, kv_cache_tokens: int | None = None,
-                 kv_cache_memory: float | None = None, prefill_budget: int = PREFILL_BUDGET):
+                 kv_cache_memory: float | None = None, prefill_budget: int = PREFILL_BUDGET,
+                 speculative: str | None = None, num_speculative_tokens: int = NUM_SPECULATIVE_TOKENS,
+                 ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page size must be a power of two, got {page_size}")
         if kv_cache_tokens is not None and kv_cache_memory is not None:
@@ -94,6 +104,20 @@ class Engine:
         self.fixed = False
         self.max_model_len = 0                  # tokens a request may span (prompt + output)
         self.error: BaseException | None = None
+        self.drafter, self.draft_tokens = None, 0
+        self.speculated = {"proposed": 0, "accepted": 0}       # by the last `generate` call
+        self.speculate(speculative, num_speculative_tokens, ngram_max, ngram_min)
+
+    def speculate(self, kind: str | None, num_tokens: int = NUM_SPECULATIVE_TOKENS, ngram_max: int = NGRAM_MAX,
+                  ngram_min: int = NGRAM_MIN) -> None:
+        """Speculative decoding for the requests submitted from now on: drafts of method `kind`
+        (None: off), at most `num_tokens` a verification step (a request's own number may be lower)."""
+        if self.planner is not None and self.planner.running():
+            raise RuntimeError("cannot change speculation while requests run")
+        self.drafter = make_drafter(kind, num_tokens, ngram_max, ngram_min)
+        self.draft_tokens = num_tokens if kind is not None else 0
+        if self.planner is not None:
+            self.planner.drafter, self.planner.draft_tokens = self.drafter, self.draft_tokens
 
     # -- compiled programs and the cache --------------------------------------------------------
 
@@ -143,7 +167,8 @@ class Engine:
         waiting = self.planner.waiting if self.planner is not None else ()
         self.planner = Planner(max_batch, PagePool(pages, self.page_size, n), prefill_chunk=self.prefill_chunk,
                                steps_per_call=self.steps_per_call, serving=self.serving,
-                               prefill_budget=self.prefill_budget)
+                               prefill_budget=self.prefill_budget, drafter=self.drafter,
+                               draft_tokens=self.draft_tokens)
         self.planner.waiting.extend(waiting)
 
     # -- requests -----------------------------------------------------------------------------
@@ -163,14 +188,20 @@ class Engine:
                              f"the maximum model length {self.max_model_len}")
 
     def submit(self, prompt: Sequence[int], params: SamplingParams,
-               on_tokens: Callable[[Request, list[int]], None] | None = None) -> Request:
+               on_tokens: Callable[[Request, list[int]], None] | None = None,
+               draft_tokens: int | None = None) -> Request:
         """Queues a request (thread-safe). on_tokens(request, ids) is called on the engine's
         thread with each run of new tokens (a stop id included), and with [] when it ends.
+        draft_tokens: its speculative drafts per step, 0 (off) to the engine's (the default).
         Raises ValueError for a bad request, QueueFull when `max_queue` requests wait,
         EngineClosed once `shutdown` began."""
         prompt = [int(t) for t in prompt]
         self.check(prompt, params)
-        request = Request(prompt, params, on_tokens)
+        if draft_tokens is not None and not 0 <= draft_tokens <= self.draft_tokens:
+            raise ValueError(f"a request's speculative tokens must lie in [0, {self.draft_tokens}] (the server's "
+                             f"--num-speculative-tokens, 0 without --speculative), got {draft_tokens}")
+        request = Request(prompt, params, on_tokens, draft_tokens=self.draft_tokens if draft_tokens is None
+                          else draft_tokens)
         with self._wake:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
@@ -192,14 +223,18 @@ class Engine:
 
     def stats(self) -> dict:
         """Requests running and waiting, the pool's pages (total, used, cached, free), prefix-cache
-        lookups and hits (pages) and their rate, preemptions."""
+        lookups and hits (pages) and their rate, preemptions, speculative drafts proposed and
+        accepted and their rate."""
         pool = self.planner.pool.stats()
         queried = pool["prefix_queries"]
         return {"running": len(self.planner.running()), "waiting": len(self.planner.waiting) + len(self._inbox),
                 "max_batch": self.planner.batch, "max_model_len": self.max_model_len, "page_size": self.page_size,
                 "kv_cache_tokens": self.cache.num_pages * self.page_size, **pool,
                 "prefix_hit_rate": pool["prefix_hits"] / queried if queried else 0.0,
-                "preemptions": self.planner.preemptions}
+                "preemptions": self.planner.preemptions, "speculative_proposed": self.planner.proposed,
+                "speculative_accepted": self.planner.accepted,
+                "speculative_acceptance_rate": self.planner.accepted / self.planner.proposed if self.planner.proposed
+                else 0.0}
 
     # -- the scheduler --------------------------------------------------------------------------
 
@@ -211,22 +246,23 @@ class Engine:
             self.planner.waiting.extend(self._inbox)
             self._inbox.clear()
             cancels, self._cancels = list(self._cancels.values()), {}
-        plan = share(self.planner.plan(cancels, self._finish), self.planner.batch, self.prefill_chunk)
+        plan = share(self.planner.plan(cancels, self._finish), self.planner.batch, self.prefill_chunk,
+                     self.draft_tokens)
         tokens = self._execute(plan)
         self.planner.commit()
         if tokens is not None:
-            self.planner.collect(plan.decode, tokens, time.perf_counter(), self._finish)
+            self.planner.collect(plan.decode, tokens, time.perf_counter(), self._finish, plan.drafts)
         return bool(self.planner.waiting) or bool(self.planner.running())
 
     def _execute(self, plan: Plan):
-        """Runs a plan's device programs (on every process alike); the burst's tokens [b, steps]."""
+        """Runs a plan's device programs (on every process alike); the round's tokens [b, steps + 1]."""
         self.cache, self.rows, tokens = run_plan(self._programs(), self.state, self.cache, self.rows, plan)
         return None if tokens is None else to_host(tokens)              # the round's one sync
 
     def follow(self) -> None:
         """On processes other than 0 of a multi-process server: runs every round process 0 plans
         (same programs, same order) until it shuts down. They take no requests themselves."""
-        follow(self._execute, self.planner.batch, self.prefill_chunk)
+        follow(self._execute, self.planner.batch, self.prefill_chunk, self.draft_tokens)
 
     @staticmethod
     def _finish(request: Request, reason: str) -> None:
@@ -242,16 +278,17 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compiles every program a request can need (each prefill chunk size, each decode bucket
-        for one and for `steps_per_call` steps) by running them on nothing: no slot is written and
-        no row changes. A server calls it before it listens (every process alike), so no request
-        waits for a compile."""
+        for one and for `steps_per_call` steps, and its verification step) by running them on
+        nothing: no slot is written and no row changes. A server calls it before it listens (every
+        process alike), so no request waits for a compile."""
         if self.planner.running():
             raise RuntimeError("warm_up() runs before any request")
         batch = self.planner.batch
         buckets = decode_buckets(batch) if self.serving else [batch]
         steps = sorted({1, self.steps_per_call}) if self.serving else [self.steps_per_call]
         self.cache, self.rows, tokens = run_all(self._programs(), self.state, self.cache,
-                                                self.rows, chunk_sizes(self.prefill_chunk), buckets, steps)
+                                                self.rows, chunk_sizes(self.prefill_chunk), buckets, steps,
+                                                self.draft_tokens)
         to_host(tokens)
 
     def start(self) -> None:
@@ -269,7 +306,7 @@ class Engine:
                         if not self._inbox and not self._cancels and not self._stopping:
                             self._wake.wait(IDLE_WAIT)
             if jax.process_count() > 1:
-                share(Plan.stopping(self.planner.batch), self.planner.batch, self.prefill_chunk)
+                share(Plan.stopping(self.planner.batch), self.planner.batch, self.prefill_chunk, self.draft_tokens)
         except BaseException as e:  # noqa: BLE001 - ends every request, then surfaces in `error`
             self.error = e
             for request in self._outstanding():
@@ -301,7 +338,8 @@ class Engine:
         """New tokens of each prompt (ending with the stop id when one was produced), run to
         completion here. Prompt i samples with seed `seed + i`. on_token(i, id) streams. reuse:
         False prefills every prompt whole (see `forget`; benchmarks of prefill want that). The
-        cache is sized to the call unless `reserve(fixed=True)` fixed it."""
+        cache is sized to the call unless `reserve(fixed=True)` fixed it. `speculated` then holds the
+        call's speculative drafts proposed and accepted."""
         if not self.fixed:
             self.reserve(1 << (len(prompts) - 1).bit_length(), cache_length(max(map(len, prompts)) + max_new_tokens))
         if not reuse:
@@ -317,4 +355,5 @@ class Engine:
         with Progress("prefill", total, unit="tok", scale=1, enabled=progress) as bar:
             while self.step():
                 bar.update(sum(r.prefilled for r in requests) - bar.done)
+        self.speculated = {"proposed": sum(r.proposed for r in requests), "accepted": sum(r.accepted for r in requests)}
         return [r.output for r in requests]

@@ -102,14 +102,16 @@ class Metrics:
 
 
 class _EngineCollector:
-    """The engine's KV page pool and prefix cache, read from `Engine.stats` at each scrape."""
+    """The engine's KV page pool, prefix cache and speculative drafts, read from `Engine.stats` at each scrape."""
 
     GAUGES = {"pages_total": "pages in the KV cache's pool", "pages_used": "pages held by running requests",
               "pages_cached": "full pages holding a cached prefix (held or not)",
               "pages_free": "pages a request can take now (free or cached unreferenced)"}
     COUNTERS = {"prefix_queries": "pages looked up in the prefix cache", "prefix_hits": "pages found there",
                 "preemptions": "running requests preempted for pages (recomputed later)",
-                "evictions": "cached pages reused for others"}
+                "evictions": "cached pages reused for others",
+                "speculative_proposed": "speculative draft tokens verified",
+                "speculative_accepted": "speculative draft tokens the model agreed with (emitted)"}
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -120,6 +122,8 @@ class _EngineCollector:
             yield GaugeMetricFamily(f"glm_jax_kv_{name}", doc, value=stats[name])
         yield GaugeMetricFamily("glm_jax_prefix_cache_hit_rate", "prefix-cache hits / pages looked up",
                                 value=stats["prefix_hit_rate"])
+        yield GaugeMetricFamily("glm_jax_speculative_acceptance_rate", "speculative drafts accepted / proposed",
+                                value=stats["speculative_acceptance_rate"])
         for name, doc in self.COUNTERS.items():
             yield CounterMetricFamily(f"glm_jax_{name}", doc, value=stats[name])
 
@@ -162,14 +166,14 @@ class _Run:
     """
 
     def __init__(self, engine: Engine, metrics: Metrics, request: Request, stop_text: StopText,
-                 prompt_ids: list[int], params: SamplingParams, kind: str) -> None:
+                 prompt_ids: list[int], params: SamplingParams, kind: str, draft_tokens: int | None = None) -> None:
         self.id, self.created = f"{kind}-{uuid.uuid4().hex}", int(time.time())
         self._engine, self._metrics, self._state = engine, metrics, request.state
         self._loop = asyncio.get_running_loop()
         self._batches: asyncio.Queue[list[int]] = asyncio.Queue()
         self._text = stop_text
         self.prompt_tokens, self.completion_tokens = len(prompt_ids), 0
-        self.req = engine.submit(prompt_ids, params, on_tokens=self._on_tokens)
+        self.req = engine.submit(prompt_ids, params, on_tokens=self._on_tokens, draft_tokens=draft_tokens)
         self._state.prompt_tokens = self.prompt_tokens
         metrics.prompt_tokens.inc(self.prompt_tokens)
 
@@ -285,7 +289,7 @@ class _Service:
         params = self._sampling(body, len(prompt_ids), param)
         try:
             return _Run(self.engine, self.metrics, request, StopText(self.tokenizer, body.stop), prompt_ids,
-                        params, kind)
+                        params, kind, body.num_speculative_tokens)
         except QueueFull:
             raise APIError(429, f"the server is busy ({self.engine.stats()['waiting']} requests waiting); "
                                 "retry later", type="rate_limit_error", code="rate_limit_exceeded") from None

@@ -77,6 +77,7 @@ class _Sampling(_Request):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     seed: Annotated[int, Field(**INT64)] | None = None
+    num_speculative_tokens: Annotated[int, Field(ge=0)] | None = None    # an extra field: drafts a step, 0 = off
     stop: Annotated[str | list[str] | None, Field(validate_default=True)] = None   # a list once validated
     n: int = 1
     stream: bool = False

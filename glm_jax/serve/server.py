@@ -58,9 +58,9 @@ def _log_to_stderr() -> None:
 
 
 def _start_engine(load: Callable, *, max_batch: int, max_model_len: int | None, steps_per_call: int,
-                  max_queue: int | None = None):
+                  max_queue: int | None = None, speculation: dict | None = None):
     """Loads the model (`load()`) and compiles its engine's programs, saying so on the log; (model,
-    engine, max_model_len)."""
+    engine, max_model_len). speculation: `Model.engine`'s speculative keywords (the requests' default)."""
     log.info("loading the model")
     start = time.perf_counter()
     model = load()
@@ -73,7 +73,7 @@ def _start_engine(load: Callable, *, max_batch: int, max_model_len: int | None, 
              + (f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB") + f" ({model.dtype})")
     max_model_len = serve_length(model, max_model_len)
     engine = model.engine(max_batch=max_batch, max_model_len=max_model_len, steps_per_call=steps_per_call,
-                          max_queue=max_queue)
+                          max_queue=max_queue, **(speculation or {}))
     log.info(f"compiling the engine's programs (max_batch {max_batch}, max_model_len {max_model_len})")
     with count_compiles() as compiled:
         engine.warm_up()
@@ -82,13 +82,13 @@ def _start_engine(load: Callable, *, max_batch: int, max_model_len: int | None, 
 
 
 def follow(load: Callable, *, max_batch: int = MAX_BATCH, max_model_len: int | None = None,
-           steps_per_call: int = SERVE_STEPS_PER_CALL) -> int:
+           steps_per_call: int = SERVE_STEPS_PER_CALL, speculation: dict | None = None) -> int:
     """A process other than 0 of a multi-host server: runs the engine rounds process 0 plans until
     it stops; serves nothing. `load()` returns the model."""
     _log_to_stderr()
     signal.signal(signal.SIGTERM, lambda signum, frame: None)   # process 0 decides when to stop
     _, engine, _ = _start_engine(load, max_batch=max_batch, max_model_len=max_model_len,
-                                 steps_per_call=steps_per_call)
+                                 steps_per_call=steps_per_call, speculation=speculation)
     engine.follow()
     log.info("stopped")
     return 0
@@ -111,7 +111,8 @@ class _Server(uvicorn.Server):
 
 def serve(load: Callable, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           max_batch: int = MAX_BATCH, max_model_len: int | None = None, max_queue: int = MAX_QUEUE,
-          steps_per_call: int = SERVE_STEPS_PER_CALL, shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> int:
+          steps_per_call: int = SERVE_STEPS_PER_CALL, shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+          speculation: dict | None = None) -> int:
     """Serves the model `load()` returns on host:port until SIGTERM or Ctrl-C, then lets the requests
     in flight finish (up to `shutdown_timeout` seconds). The port is taken before the model loads,
     so a taken port fails at once; every program is compiled before the first request."""
@@ -123,7 +124,8 @@ def serve(load: Callable, *, host: str = "127.0.0.1", port: int = 8000, served_m
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     _log_to_stderr()
     model, engine, max_model_len = _start_engine(load, max_batch=max_batch, max_model_len=max_model_len,
-                                                 steps_per_call=steps_per_call, max_queue=max_queue)
+                                                 steps_per_call=steps_per_call, max_queue=max_queue,
+                                                 speculation=speculation)
     name = served_model_name or model.path.resolve().name
     app = create_app(model, engine, served_model_name=name, max_model_len=max_model_len)
     server = _Server(uvicorn.Config(app, log_level="warning", access_log=False,

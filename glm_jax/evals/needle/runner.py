@@ -41,6 +41,10 @@ class NeedleConfig:
     kv_cache_tokens: int | None = None
     kv_cache_memory: float | None = None
     quantize: str | None = None       # options.Quantization's forms: the weights' quantization
+    speculative: str | None = None
+    num_speculative_tokens: int = options.NUM_SPECULATIVE_TOKENS
+    ngram_max: int = options.NGRAM_MAX
+    ngram_min: int = options.NGRAM_MIN
     force: bool = False
     progress: bool = True
 
@@ -115,7 +119,9 @@ def _run_prompts(c: NeedleConfig, model, out: pathlib.Path, haystack: Haystack, 
         prompt = build_prompt(tokenizer, haystack, case.context_length, case.needles, question, case.offset)
         first: list[float] = []
         start = time.perf_counter()
-        ids = model.generate([prompt.ids], max_new_tokens=c.max_new_tokens, temperature=0,
+        ids = model.generate([prompt.ids], max_new_tokens=c.max_new_tokens, temperature=0, speculative=c.speculative,
+                             num_speculative_tokens=c.num_speculative_tokens, ngram_max=c.ngram_max,
+                             ngram_min=c.ngram_min,
                              on_token=lambda row, token: first or first.append(time.perf_counter()),
                              progress=c.progress and len(prompt.ids) >= PREFILL_BAR_TOKENS)[0]
         seconds = time.perf_counter() - start
