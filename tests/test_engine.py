@@ -232,6 +232,7 @@ def test_sampling_params_validate_themselves(field, value, message):
         SamplingParams(**{"max_tokens": 4, field: value})
 
 
+@pytest.mark.slow
 def test_preempted_requests_resume_with_the_same_tokens(f32):
     """Six requests on a pool with room for about two: the newest running ones are preempted and
     resumed (prompt and what they emitted prefilled again, mostly from cached pages; the next draw

@@ -176,7 +176,7 @@ def test_cli_generate_int8_cache(tiny_chat_model, capsys):
     assert exit_.value.code == 2
     for flags, message in ((["--page-size", "12"], "page size must be a power of two, got 12"),
                            (["--kv-cache-memory", "0.5"], "--kv-cache-memory needs the devices' memory statistics"),
-                           (["--kv-cache-tokens", "100"], "cannot hold one request of 256 tokens"),
+                           (["--kv-cache-tokens", "100"], "cannot hold one request of"),
                            (["--kv-cache-tokens", "100", "--kv-cache-memory", "0.5"], "not both")):
         capsys.readouterr()
         assert main(["generate", "--model", str(tiny_chat_model), "--prompt", "hi", *flags]) == 2

@@ -217,8 +217,9 @@ class Oracle:
         self.tokenizer = Tokenizer.from_file(folder)
         self.calls = []
 
-    def generate(self, prompts, *, max_new_tokens, temperature, on_token=None, progress=False):
+    def generate(self, prompts, *, max_new_tokens, temperature, on_token=None, progress=False, **speculative):
         assert temperature == 0 and len(prompts) == 1 and on_token is not None
+        assert speculative.get("speculative") is None                     # the runner's default: off
         text = self.tokenizer.decode(prompts[0])
         city = re.search(r"What is the special magic (\w+) number\?", text).group(1)
         found = re.search(rf"The special magic {city} number is: (\d+)\.", text)

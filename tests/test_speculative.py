@@ -64,7 +64,8 @@ def answers(model, prompts, params, drafter=None):
     return [r.output for r in requests], engine.stats()
 
 
-@pytest.mark.parametrize("load", [{}, {"mesh": "sequence=4"}, {"kv_cache_dtype": "int8"}],
+@pytest.mark.parametrize("load", [{}, pytest.param({"mesh": "sequence=4"}, marks=pytest.mark.slow),
+                                  pytest.param({"kv_cache_dtype": "int8"}, marks=pytest.mark.slow)],
                          ids=["one-device", "sequence=4", "int8"])
 def test_verified_drafts_give_the_same_tokens(folder, reference, load):
     """Four rows at once, greedy and seeded sampling (top-k, top-p), with drafts right for a random
