@@ -6,6 +6,9 @@ import pathlib
 # CPU only (an installed libtpu is used just for ahead-of-time TPU compiles), and eight simulated
 # CPU devices for the sharding tests; set before anything imports jax (subprocesses inherit both).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the two test workers (and subprocesses) may each compile for TPU at once: without this libtpu's
+# lockfile refuses the second ("Internal error when accessing libtpu multi-process lockfile")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # In-process `glm-jax generate` runs write no persistent compilation cache (tests/test_cli.py turns
 # it on in subprocesses, in a temporary folder).
 os.environ["GLM_JAX_COMPILE_CACHE"] = "off"
