@@ -217,6 +217,7 @@ def block_pages(page_size: int, queries: int, budget: int) -> int:
 #    pool k/v [G,P,page,D], table [b,M] (local page ids of each row's local pages), scales or None
 
 REST_TILES = 8   # the pages past a row's whole tiles go in tiles this many times smaller
+ONE_TILE_SLOTS = 1024   # a table of at most this many slots, within one tile, is read as one masked tile
 
 
 def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
@@ -225,7 +226,8 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     slots, then the rest in tiles REST_TILES times smaller (a short row reads little past its
     end). A tile every query sees whole skips the mask. Several rows compute in the gathered tiles' [G, b] order (no
     transposed copy of them); one row in [b, G] order (XLA's CPU products of a [G, 1] batch are
-    2x slower)."""
+    2x slower). A short table (one tile of at most ONE_TILE_SLOTS slots) is one masked tile: no
+    loop, one tile to compile instead of four (short requests, the tests)."""
     b, c = lengths.shape
     g, _, page, d = k.shape
     swap = b > 1
@@ -233,38 +235,42 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     order, tile_order = (flip, lambda x: x) if swap else (lambda x: x, flip)  # queries/state; tiles ([G, b, ...])
     q_layout, kv_layout = ("gbrtd", "gbsd") if swap else ("bgrtd", "bgsd")
     qg = order(heads_major(group_queries(q, g)))                            # [G, b, R, C, D] or [b, G, R, C, D]
-    tile_pages = min(tile_pages, table.shape[1])
+    columns = table.shape[1]
+    tile_pages = min(tile_pages, columns)
     rest_pages = max(1, tile_pages // REST_TILES)
-    width = table.shape[1] + tile_pages
-    table = jnp.pad(jnp.clip(table, 0, k.shape[1] - 1), ((0, 0), (0, width - table.shape[1])))
+    table = jnp.pad(jnp.clip(table, 0, k.shape[1] - 1), ((0, 0), (0, tile_pages)))
     shortest = lengths.min()      # a query seeing nothing here may see pages on other devices: it counts
 
-    def fold(state, first, tiles, pages):  # `tiles` tiles of `pages` pages from page `first` on
+    def tile(start, pages):  # the tile of `pages` pages from page `start` on: K, V, scales, mask
         span = pages * page
 
         def gather(x, ids):  # [G, P, page(, D)] -> [G, b, span(, D)] (or [b, G, ...] for one row)
             t = x[:, ids]                                                   # [G, b, T, page(, D)]
             return tile_order(t.reshape(t.shape[:2] + (span,) + t.shape[4:]))
 
+        ids = jax.lax.dynamic_slice_in_dim(table, start, pages, 1)
+        scales = [None if x is None else gather(x, ids) for x in (k_scale, v_scale)]
+        mask = start * page + jnp.arange(span, dtype=jnp.int32) < lengths[:, :, None]     # [b, C, span]
+        return gather(k, ids), gather(v, ids), scales, (mask[None, :, None] if swap else mask)
+
+    def fold(state, first, tiles, pages):  # `tiles` tiles of `pages` pages from page `first` on
         def step(i, st):
             start = first + i * pages
-            ids = jax.lax.dynamic_slice_in_dim(table, start, pages, 1)
-            k_t, v_t = gather(k, ids), gather(v, ids)
-            scales = [None if x is None else gather(x, ids) for x in (k_scale, v_scale)]
-            slot = start * page + jnp.arange(span, dtype=jnp.int32)
-            whole = (start + pages) * page <= shortest
-            mask = slot < lengths[:, :, None]                               # [b, C, span]
-            mask = mask[None, :, None] if swap else mask
+            k_t, v_t, scales, mask = tile(start, pages)
             # under lax.cond the products run as plain matmuls on the gathered tiles (fused with the
             # gather outside one, XLA's CPU backend is 2-3x slower)
-            return jax.lax.cond(whole, lambda st: update(st, qg, k_t, v_t, None, kv_layout, *scales, q_layout=q_layout),
+            return jax.lax.cond((start + pages) * page <= shortest,
+                                lambda st: update(st, qg, k_t, v_t, None, kv_layout, *scales, q_layout=q_layout),
                                 lambda st: update(st, qg, k_t, v_t, mask, kv_layout, *scales, q_layout=q_layout), st)
 
         return jax.lax.fori_loop(0, tiles, step, state)
 
+    state = init_state(b, c, g, q.shape[2] // g, d).map(order)
+    if columns == tile_pages and columns * page <= ONE_TILE_SLOTS:
+        k_t, v_t, scales, mask = tile(0, columns)
+        return update(state, qg, k_t, v_t, mask, kv_layout, *scales, q_layout=q_layout).map(order)
     needed = -(-lengths.max() // page)                                      # pages the longest row sees
     whole_tiles = needed // tile_pages
-    state = init_state(b, c, g, q.shape[2] // g, d).map(order)
     state = fold(state, 0, whole_tiles, tile_pages)
     rest = -(-(needed - whole_tiles * tile_pages) // rest_pages)
     return fold(state, whole_tiles * tile_pages, rest, rest_pages).map(order)
