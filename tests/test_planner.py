@@ -234,6 +234,33 @@ def test_verification_steps_with_random_drafts_keep_every_answer(serving):
     assert sum(r.accepted for r in reqs) == planner.accepted and planner.pool.stats()["pages_used"] == 0
 
 
+@pytest.mark.parametrize("serving", [True, False])
+def test_serving_bursts_one_step_while_prompts_wait_for_prefill(serving):
+    """Serving: while a prompt is still to prefill (a long one, one chunk a round), the running
+    rows' bursts are one step, so its chunks come one step apart; then whole bursts. A batch
+    (`generate`) always takes whole bursts. Answers as alone either way."""
+    h = Harness(batch=2, pages=40, page=8, chunk=8, steps=4, serving=serving, width=16)
+    long_prompt = list(range(9, 39)) + [1, 2]                       # 32 tokens, no page shared with the first
+    h.planner.prefill_budget = 8                                    # one chunk a round
+    first = h.submit([(list(range(1, 9)), greedy(30, ()))])          # one chunk: decodes from round 0
+    finish = lambda r, reason: setattr(r, "finish_reason", reason)
+    steps = []
+    for round_ in range(8):
+        if round_ == 2:
+            second = h.submit([(long_prompt, greedy(4, ()))])           # 4 chunks: rounds 2-5
+        plan = h.planner.plan([], finish)
+        tokens = h.device.run(plan)
+        h.planner.commit()
+        if tokens is not None:
+            h.planner.collect(plan.decode, tokens, float(round_), finish)
+        steps.append(plan.steps)
+    # serving: round 0 admits the first (one step), 1 is whole, 2-5 prefill the second (admitted in 5)
+    assert steps == ([1, 4, 1, 1, 1, 1, 4, 4] if serving else [4] * 8)
+    h.run()
+    assert first[0].output == alone(list(range(1, 9)), greedy(30, ()))
+    assert second[0].output == alone(long_prompt, greedy(4, ()))
+
+
 def test_preemption_takes_the_newest_and_the_oldest_always_progresses():
     """Two long requests on a pool that holds one and a bit: the second is preempted, never the
     first; the first finishes first; then the second, whole."""

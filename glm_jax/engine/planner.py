@@ -78,6 +78,7 @@ class Planner:
         self.preemptions = 0
         self._order = itertools.count()
         self._freed: set[int] = set()
+        self._prefill_left = False    # prompts wait for prefill after this round's (serving: one-step bursts)
 
     @property
     def batch(self) -> int:
@@ -126,14 +127,19 @@ class Planner:
                 continue
             plan.chunks.append(chunk)
             budget -= len(chunk.tokens)
+        free = any(r is None and i not in self._freed for i, r in enumerate(self.rows))
+        self._prefill_left = any(r is not None and r.held < r.target for r in self.rows) or (free and bool(self.waiting))
 
     def _decode(self, plan: Plan, updates) -> None:
         """The burst, or a verification step when rows have drafts: rows done prefilling; pages for
-        the tokens it feeds (drafts dropped, a shorter burst, then preemptions, when they run short)."""
+        the tokens it feeds (drafts dropped, a shorter burst, then preemptions, when they run short).
+        Serving, a burst is one step while a request waits for its first token (admitted this
+        round, or prompts still to prefill): the next round's prefill comes after one step, not
+        `steps_per_call` (as vLLM's chunked prefill interleaves one decode step per chunk batch)."""
         while True:
             decoding = sorted((r for r in self.rows if r is not None and r.held >= r.target), key=lambda r: r.order)
             fresh = any(not r.request.output for r in decoding)
-            steps = 1 if fresh and self.serving else self.steps_per_call
+            steps = 1 if (fresh or self._prefill_left) and self.serving else self.steps_per_call
             drafts = self._drafts(decoding)
             fed = lambda r: 1 + len(drafts.get(r.order, ())) if drafts else steps
             short = next((r for r in decoding if not self._room(r, fed(r), updates)), None)

@@ -7,8 +7,9 @@ prompt is prefilled chunk by chunk between decode bursts, so a long prompt holds
 requests up by one chunk at a time; then its row joins the batch. A decode burst runs up to
 `steps_per_call` tokens of the active rows only (gathered into a power-of-two bucket) on device,
 one host round trip, with per-row sampling parameters, keys, stop ids and token budgets as
-arrays: mixed requests share one compiled step. A burst right after an admission runs one step,
-so the new request's first token comes back at once.
+arrays: mixed requests share one compiled step. A burst right after an admission, or while prompts
+wait for their prefill, runs one step, so a new request's first token comes back at once and the
+next prefill chunks wait one step, not a whole burst.
 
 With speculation (`speculate`: a drafter and k), a round whose rows find drafts runs one
 verification step instead (speculative.py): each row's pending token and up to k drafts in one
