@@ -261,6 +261,25 @@ def test_serving_bursts_one_step_while_prompts_wait_for_prefill(serving):
     assert second[0].output == alone(long_prompt, greedy(4, ()))
 
 
+def test_serving_bursts_stay_whole_while_the_queue_waits_for_pages():
+    """A request waiting for pages (the pool holds one request) is not prefill work: the running
+    request decodes whole bursts, ending sooner, which is what frees its pages."""
+    h = Harness(batch=2, pages=5, page=8, chunk=8, steps=4, width=8)
+    first, second = h.submit([(list(range(1, 9)), greedy(30, ())), (list(range(9, 33)), greedy(4, ()))])
+    finish = lambda r, reason: setattr(r, "finish_reason", reason)
+    steps = []
+    for round_ in range(4):
+        plan = h.planner.plan([], finish)
+        tokens = h.device.run(plan)
+        h.planner.commit()
+        h.planner.collect(plan.decode, tokens, float(round_), finish)
+        steps.append(plan.steps)
+    assert steps == [1, 4, 4, 4] and h.planner.waiting[0] is second
+    h.run()
+    assert first.output == alone(list(range(1, 9)), greedy(30, ()))
+    assert second.output == alone(list(range(9, 33)), greedy(4, ()))
+
+
 def test_preemption_takes_the_newest_and_the_oldest_always_progresses():
     """Two long requests on a pool that holds one and a bit: the second is preempted, never the
     first; the first finishes first; then the second, whole."""

@@ -78,7 +78,7 @@ class Planner:
         self.preemptions = 0
         self._order = itertools.count()
         self._freed: set[int] = set()
-        self._prefill_left = False    # prompts wait for prefill after this round's (serving: one-step bursts)
+        self._prefill_left = False    # prompts to prefill after this round's, not held up by rows or pages
 
     @property
     def batch(self) -> int:
@@ -111,7 +111,7 @@ class Planner:
         return plan
 
     def _prefill(self, plan: Plan, updates) -> None:
-        budget = self.prefill_budget
+        budget, stalled = self.prefill_budget, False
         while budget > 0 and len(plan.chunks) < self.batch:
             pending = sorted((r for r in self.rows if r is not None and r.held < r.target), key=lambda r: r.order)
             if pending:
@@ -119,6 +119,7 @@ class Planner:
             elif self.waiting and (i := self._admit(self.waiting[0], updates)) is not None:
                 self.waiting.popleft()
             else:
+                stalled = bool(self.waiting)           # no row or no pages for the next: running requests must end
                 break
             chunk = self._next_chunk(i, updates)
             if chunk is None:                          # no pages: preempt a newer request, else wait
@@ -127,15 +128,17 @@ class Planner:
                 continue
             plan.chunks.append(chunk)
             budget -= len(chunk.tokens)
-        free = any(r is None and i not in self._freed for i, r in enumerate(self.rows))
-        self._prefill_left = any(r is not None and r.held < r.target for r in self.rows) or (free and bool(self.waiting))
+        self._prefill_left = any(r is not None and r.held < r.target for r in self.rows) or (
+            bool(self.waiting) and not stalled)
 
     def _decode(self, plan: Plan, updates) -> None:
         """The burst, or a verification step when rows have drafts: rows done prefilling; pages for
         the tokens it feeds (drafts dropped, a shorter burst, then preemptions, when they run short).
         Serving, a burst is one step while a request waits for its first token (admitted this
         round, or prompts still to prefill): the next round's prefill comes after one step, not
-        `steps_per_call` (as vLLM's chunked prefill interleaves one decode step per chunk batch)."""
+        `steps_per_call` (as vLLM's chunked prefill interleaves one decode step per chunk batch).
+        Not while the waiting requests wait for rows or pages: only running requests ending frees
+        those, so they decode whole bursts."""
         while True:
             decoding = sorted((r for r in self.rows if r is not None and r.held >= r.target), key=lambda r: r.order)
             fresh = any(not r.request.output for r in decoding)
