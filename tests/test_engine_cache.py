@@ -66,12 +66,14 @@ def test_paged_attend_matches_reference(mesh, page, lengths, chunk, int8):
     check_attend(mesh, page, lengths, chunk, int8)
 
 
-def test_tpu_decode_merges_across_page_devices(monkeypatch):
-    """Kernel "tpu" on pages striped over 4 devices, its kernel in Pallas' TPU interpreter: each
-    device's running max and sum merge by log-sum-exp to the float64 answer."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_tpu_decode_merges_across_page_devices(monkeypatch, int8):
+    """Kernel "tpu" on pages striped over 4 devices, its kernels in Pallas' TPU interpreter (JAX's
+    for float pools, `tpu_int8_paged_decode` for int8 ones): each device's running max and sum
+    merge by log-sum-exp to the float64 answer."""
     monkeypatch.setattr(engine_cache, "resolve_kernel", lambda kernel, platform: "tpu")
     monkeypatch.setattr(paged_tpu, "tpu_paged_decode", functools.partial(paged_tpu.tpu_paged_decode, interpret=True))
-    check_attend("sequence=4", 16, [301, 9, 130], 1, False, kernel="tpu")
+    check_attend("sequence=4", 16, [301, 9, 130], 1, int8, kernel="tpu")
 
 
 def check_attend(mesh, page, lengths, chunk, int8, kernel="auto"):

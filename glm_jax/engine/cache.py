@@ -321,10 +321,9 @@ def local_kernel(kernel: str, devices: int, rows: int, chunk: int, table_pages: 
     """The per-device kernel of an attention call of `rows` rows of `chunk` queries on a pool over
     `devices` page devices, local tables of `table_pages` pages: for "gpu" on one device,
     `gpu_decode` for decode steps and `gpu_prefill` for one row's chunk of a float pool; for
-    "tpu", `tpu_decode` for decode steps within TPU_TABLE_ENTRIES (int8 pools too: the kernel
-    takes their scales broadcast to a float32 copy 4x a layer's local pool, where XLA's tiles in
-    the decode loop hold copies of the whole cache: 28 GiB of temporaries at 2M int8 tokens on
-    v5e-8); `paged_tiles` for everything else."""
+    "tpu", `tpu_decode` for decode steps within TPU_TABLE_ENTRIES (int8 pools too, by their own
+    kernel: XLA's tiles in the decode loop hold copies of the whole cache, 28 GiB of temporaries
+    at 2M int8 tokens on v5e-8); `paged_tiles` for everything else."""
     if kernel == "gpu" and devices == 1 and (chunk == 1 or (rows == 1 and not quantized)):
         return gpu_decode if chunk == 1 else gpu_prefill
     if kernel == "tpu" and chunk == 1 and rows * table_pages <= TPU_TABLE_ENTRIES:
@@ -360,12 +359,15 @@ def cache_ops(layout: Layout, *, budget: int | None = None, kernel: str = "auto"
             g, pages, page = part.shape[:3]
             first = (jax.lax.axis_index(axes) if axes else 0) * pages * page
             mine = (slots >= first) & (slots < first + pages * page)
-            at = jnp.where(mine, slots - first, pages * page)                  # [b, C]; out of range: dropped
-            # through a [G, P*page, D] view: indexed by (page, offset) instead, XLA's TPU decode loop
-            # holds two copies of the whole pool (22 GiB of temporaries at 1M tokens on v5e-8)
-            flat = part.reshape((g, pages * page) + part.shape[3:])
-            flat = flat.at[:, at].set(jnp.moveaxis(vals, 2, 0).astype(part.dtype), mode="drop")
-            return flat.reshape(part.shape)
+            size = pages * page
+            # rows of a [G*P*page, D] view (the pool's own layout): scattered along [G, P*page, D]'s
+            # middle dim, XLA's TPU compiler copied each layer's pool to a slot-major layout and back
+            # (int8 at 2M tokens on v5e-8: 22 GiB of decode temporaries); by (page, offset), too
+            at = jnp.where(mine, slots - first, -1).reshape(-1)                 # [n]
+            rows = jnp.where(at >= 0, jnp.arange(g)[:, None] * size + at, g * size).reshape(-1)   # [G*n]; dropped
+            flat = part.reshape((g * size,) + part.shape[3:])
+            new = jnp.moveaxis(vals, 2, 0).reshape((g * at.shape[0],) + part.shape[3:]).astype(part.dtype)
+            return flat.at[rows].set(new, mode="drop").reshape(part.shape)
 
         return jax.shard_map(local, mesh=layout.mesh, in_specs=(spec, value_spec, P()), out_specs=spec,
                              check_vma=False)(part, values, slots)

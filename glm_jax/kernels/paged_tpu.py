@@ -21,7 +21,7 @@ from ..attention import State, group_queries
 
 PAGES_PER_BLOCK = 8        # pages a decode program fetches at a time (double-buffered DMA), at most
 QUERIES_PER_BLOCK = 32     # ragged kernel: query tokens per block (its untuned default)
-INT8_SCALE = 127.5         # the TPU kernel's int8 convention: value = int8 * scale / 127.5
+SCALE_ROWS = 8             # int8 kernel: pages whose scales one (8, 128) tile brings (the page's is used)
 MIN_Q_PER_KV = 8           # R below this: q travels as [b,Hq,1,D] (the kernel's own layout hint)
 
 
@@ -36,13 +36,16 @@ def tpu_paged_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, pag
     Row i sees slots [0, lengths[i,0]) through table[i]. The kernel DMAs whole compute blocks of
     pages_per_compute_block pages (default `compute_block`, must divide M): EVERY table entry must
     be a valid page id (pad with any, e.g. 0) and pages must hold finite values (masking adds a
-    finite -0.7 * float32 max). int8 pools: the kernel wants scales of K's full shape, so
-    [G,P,page] scales are broadcast over D (a float32 copy 4x the int8 pool, per call).
+    finite -0.7 * float32 max). int8 pools (with [G,P,page] scales) go to `tpu_int8_paged_decode`:
+    JAX's kernel wants scales of K's full shape, a float32 copy 4x the int8 pool per call, which
+    XLA's TPU compiler kept alive across the layers (23.57 GiB of temporaries at 2M tokens on v5e-8).
     megacore_mode None, "kv_head" or "batch" (chips with two TensorCores: v4, v5p)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention_kernel as pa
 
+    if k_scale is not None:
+        return tpu_int8_paged_decode(q, lengths, k, v, table, k_scale, v_scale, interpret=interpret)
     b, _, hq, d = q.shape
     g, _, page, _ = k.shape
     r, pages = hq // g, table.shape[1]
@@ -60,11 +63,6 @@ def tpu_paged_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, pag
     q_spec = pl.BlockSpec((None, r, *squeeze, d), at)
     buffer = lambda dtype: pltpu.VMEM((2, block, page, d), dtype)   # double-buffered pages
     anywhere = pl.BlockSpec(memory_space=pl.ANY)
-    if k_scale is not None:
-        k_scale, v_scale = (jnp.broadcast_to((s * INT8_SCALE)[..., None], k.shape) for s in (k_scale, v_scale))
-        scale_spec, scale_buffer = anywhere, buffer(jnp.float32)
-    else:
-        scale_spec = scale_buffer = None
     grid = (cores, b // cores if megacore_mode == "batch" else b, g // cores if megacore_mode == "kv_head" else g)
     out, m, l = pl.pallas_call(
         functools.partial(pa.paged_flash_attention_kernel_inline_seq_dim, batch_size=b, pages_per_compute_block=block,
@@ -72,17 +70,92 @@ def tpu_paged_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, pag
                           megacore_mode=megacore_mode),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4, grid=grid, out_specs=[q_spec] * 3,
-            in_specs=[q_spec, anywhere, scale_spec, anywhere, scale_spec],
-            scratch_shapes=(buffer(k.dtype), scale_buffer, buffer(v.dtype), scale_buffer,
+            in_specs=[q_spec, anywhere, None, anywhere, None],
+            scratch_shapes=(buffer(k.dtype), None, buffer(v.dtype), None,
                             pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((2,)))),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32)] * 3,   # m, l broadcast over D, as the kernel writes them
         interpret=pltpu.InterpretParams() if interpret else False, name="tpu_paged_decode",
     )(lengths[:, 0].astype(jnp.int32), table.reshape(-1).astype(jnp.int32), jnp.zeros((1,), jnp.int32),
-      jnp.ones((1,), jnp.int32), qf.reshape(shape), k, k_scale, v, v_scale)
+      jnp.ones((1,), jnp.int32), qf.reshape(shape), k, None, v, None)
     grouped = lambda x: x.reshape(b, g, r, 1, d)
     m, l = grouped(m)[..., 0], grouped(l)[..., 0]
     return State(m=m, l=l, acc=grouped(out) * l[..., None])
+
+
+def tpu_int8_paged_decode(q, lengths, k, v, table, k_scale, v_scale, *, interpret: bool = False) -> State:
+    """`tpu_paged_decode` on an int8 pool [G,P,page,D] with float32 scales [G,P,page] (value =
+    int8 * scale), no copy of the pool or its scales: the scales fold into the scores (q.k = s_k
+    q.k8) and the probabilities (sum p v = sum (p s_v) v8), both along the slot (lane) axis.
+    Grid (row, KV head, table page): each step brings one page of K and V by its table entry
+    (scalar-prefetched; steps past the row's last visible page keep the same block, so Pallas
+    fetches nothing and the step is skipped) and the (8, page) tile of scales holding that page's,
+    accumulating m, l, acc in VMEM. One page a step: simple, not tuned (JAX's multi-page DMA
+    kernel serves float pools)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, _, hq, d = q.shape
+    g, num_pages, page, _ = k.shape
+    r, pages = hq // g, table.shape[1]
+    qg = (q[:, 0].astype(jnp.float32) * (1.0 / np.sqrt(d))).reshape(b, g, r, d)
+    rows = min(SCALE_ROWS, num_pages)                      # a pool of fewer pages: its whole scales
+
+    def page_at(i, j, lengths_ref, table_ref):  # the pool page of row i's table page j (its last one past it)
+        last = jnp.maximum((lengths_ref[i] + page - 1) // page - 1, 0)
+        return table_ref[i * pages + jnp.minimum(j, last)]
+
+    kv_spec = pl.BlockSpec((None, None, page, d), lambda i, h, j, n, t: (h, page_at(i, j, n, t), 0, 0))
+    scale_spec = pl.BlockSpec((None, rows, page), lambda i, h, j, n, t: (h, page_at(i, j, n, t) // rows, 0))
+    row_spec = lambda width: pl.BlockSpec((None, None, r, width), lambda i, h, j, n, t: (i, h, 0, 0))
+
+    def kernel(lengths_ref, table_ref, q_ref, k_ref, ks_ref, v_ref, vs_ref, acc_ref, m_ref, l_ref, acc_sc, m_sc, l_sc):
+        i, j = pl.program_id(0), pl.program_id(2)
+        length = lengths_ref[i]
+
+        @pl.when(j == 0)
+        def init():
+            m_sc[...] = jnp.full_like(m_sc, -jnp.inf)
+            l_sc[...] = jnp.zeros_like(l_sc)
+            acc_sc[...] = jnp.zeros_like(acc_sc)
+
+        @pl.when(j * page < length)
+        def step():
+            at = page_at(i, j, lengths_ref, table_ref) % rows
+            k_scale_row = ks_ref[pl.ds(at, 1), :]                                       # [1, page]
+            v_scale_row = vs_ref[pl.ds(at, 1), :]
+            s = jax.lax.dot_general(q_ref[...], k_ref[...].astype(jnp.float32), (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32) * k_scale_row   # [R, page]
+            slot = j * page + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where(slot < length, s, -jnp.inf)
+            m_prev = m_sc[...]
+            m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))                    # finite: slot j*page is seen
+            p = jnp.exp(s - m_new)
+            alpha = jnp.exp(m_prev - m_new)
+            l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
+            acc_sc[...] = alpha * acc_sc[...] + jax.lax.dot_general(
+                p * v_scale_row, v_ref[...].astype(jnp.float32), (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32)
+            m_sc[...] = m_new
+
+        @pl.when(j == pages - 1)
+        def done():
+            acc_ref[...], m_ref[...], l_ref[...] = acc_sc[...], m_sc[...], l_sc[...]
+
+    acc, m, l = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(b, g, pages),
+            in_specs=[row_spec(d), kv_spec, scale_spec, kv_spec, scale_spec],
+            out_specs=[row_spec(d), row_spec(1), row_spec(1)],
+            scratch_shapes=[pltpu.VMEM((r, d), jnp.float32), pltpu.VMEM((r, 1), jnp.float32),
+                            pltpu.VMEM((r, 1), jnp.float32)]),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        out_shape=[jax.ShapeDtypeStruct((b, g, r, d), jnp.float32), jax.ShapeDtypeStruct((b, g, r, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((b, g, r, 1), jnp.float32)],
+        interpret=pltpu.InterpretParams() if interpret else False, name="tpu_int8_paged_decode",
+    )(lengths[:, 0].astype(jnp.int32), table.reshape(-1).astype(jnp.int32), qg, k, k_scale, v, v_scale)
+    return State(m=m, l=l, acc=acc[..., None, :])
 
 
 def tpu_ragged_paged(q, lengths, k, v, table, k_scale=None, v_scale=None, *, pages_per_block=PAGES_PER_BLOCK,
