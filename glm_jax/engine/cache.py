@@ -227,9 +227,13 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     end). A tile every query sees whole skips the mask. Several rows compute in the gathered tiles' [G, b] order (no
     transposed copy of them); one row in [b, G] order (XLA's CPU products of a [G, 1] batch are
     2x slower). A short table (one tile of at most ONE_TILE_SLOTS slots) is one masked tile: no
-    loop, one tile to compile instead of four (short requests, the tests)."""
+    loop, one tile to compile instead of four (short requests, the tests). Several rows past one
+    tile go to `ragged_tiles` (faster for several rows, slower for one: docs/benchmarks.md)."""
     b, c = lengths.shape
     g, _, page, d = k.shape
+    one_tile = table.shape[1] <= tile_pages and table.shape[1] * page <= ONE_TILE_SLOTS
+    if b > 1 and not one_tile:
+        return ragged_tiles(q, lengths, k, v, table, k_scale, v_scale, tile_pages=tile_pages)
     swap = b > 1
     flip = lambda x: x.swapaxes(0, 1)
     order, tile_order = (flip, lambda x: x) if swap else (lambda x: x, flip)  # queries/state; tiles ([G, b, ...])
@@ -266,7 +270,7 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
         return jax.lax.fori_loop(0, tiles, step, state)
 
     state = init_state(b, c, g, q.shape[2] // g, d).map(order)
-    if columns == tile_pages and columns * page <= ONE_TILE_SLOTS:
+    if one_tile:
         k_t, v_t, scales, mask = tile(0, columns)
         return update(state, qg, k_t, v_t, mask, kv_layout, *scales, q_layout=q_layout).map(order)
     needed = -(-lengths.max() // page)                                      # pages the longest row sees
@@ -274,6 +278,42 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     state = fold(state, 0, whole_tiles, tile_pages)
     rest = -(-(needed - whole_tiles * tile_pages) // rest_pages)
     return fold(state, whole_tiles * tile_pages, rest, rest_pages).map(order)
+
+
+def ragged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
+    """Several rows of mixed lengths: the pages each row sees, of every row, as one list of (row,
+    page) items taken `tile_pages` at a time (each item with its row's queries), so the work
+    follows the pages the rows see, not rows x the longest row's (`paged_tiles` computes every row
+    over the longest row's tiles: one 16K row among short ones made each a 16K row). Each tile's
+    per-item states merge into their rows' by log-sum-exp (segment max and sums)."""
+    b, c = lengths.shape
+    g, _, page, d = k.shape
+    qg = heads_major(group_queries(q, g))                                   # [b, G, R, C, D]
+    r = qg.shape[2]
+    seen = -(-lengths.max(axis=1) // page)                                  # [b] pages each row sees
+    ends = jnp.cumsum(seen)
+    starts, total = ends - seen, ends[-1]
+    table = jnp.clip(table, 0, k.shape[1] - 1)
+
+    def step(i, state):
+        item = i * tile_pages + jnp.arange(tile_pages)                     # [T]
+        live = item < total
+        row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), b - 1)
+        j = jnp.clip(item - starts[row], 0, table.shape[1] - 1)
+        ids = table[row, j]
+        gather = lambda x: x[:, ids].swapaxes(0, 1)                          # [T, G, page(, D)]
+        scales = [None if x is None else gather(x) for x in (k_scale, v_scale)]
+        slot = j[:, None] * page + jnp.arange(page)                         # [T, page]
+        mask = (slot[:, None, :] < lengths[row][:, :, None]) & live[:, None, None]      # [T, C, page]
+        part = update(init_state(tile_pages, c, g, r, d), qg[row], gather(k), gather(v), mask, "bgsd", *scales)
+        into = jnp.where(live, row, b)                                      # dead items: no row
+        m = jnp.maximum(state.m, jax.ops.segment_max(part.m, into, b))
+        m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+        own, theirs = jnp.exp(state.m - m_safe), jnp.exp(part.m - m_safe[row])
+        return State(m=m, l=state.l * own + jax.ops.segment_sum(part.l * theirs, into, b),
+                     acc=state.acc * own[..., None] + jax.ops.segment_sum(part.acc * theirs[..., None], into, b))
+
+    return jax.lax.fori_loop(0, -(-total // tile_pages), step, init_state(b, c, g, r, d))
 
 
 def gpu_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:

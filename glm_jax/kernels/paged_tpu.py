@@ -37,8 +37,7 @@ def tpu_paged_decode(q, lengths, k, v, table, k_scale=None, v_scale=None, *, pag
     pages_per_compute_block pages (default `compute_block`, must divide M): EVERY table entry must
     be a valid page id (pad with any, e.g. 0) and pages must hold finite values (masking adds a
     finite -0.7 * float32 max). int8 pools (with [G,P,page] scales) go to `tpu_int8_paged_decode`:
-    JAX's kernel wants scales of K's full shape, a float32 copy 4x the int8 pool per call, which
-    XLA's TPU compiler kept alive across the layers (23.57 GiB of temporaries at 2M tokens on v5e-8).
+    JAX's kernel wants scales of K's full shape, a float32 copy 4x the int8 pool per call.
     megacore_mode None, "kv_head" or "batch" (chips with two TensorCores: v4, v5p)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import tpu as pltpu
