@@ -115,17 +115,21 @@ def check_attend(mesh, page, lengths, chunk, int8, kernel="auto"):
         np.testing.assert_allclose(got[i], want, rtol=0, atol=2e-5, err_msg=f"row {i}")
 
 
-def test_paged_tiles_read_only_visible_pages():
+@pytest.mark.parametrize("ragged", [True, False])
+def test_paged_tiles_read_only_visible_pages(ragged):
     """Pages past a row's visible slots, and table entries past them, do not count: huge values
-    there (what other requests left) leave the answer exact; an empty query gets zeros."""
+    there (what other requests left) leave the answer exact; an empty query gets zeros. Both ways
+    of computing several rows: one list of the pages they see (`ragged_tiles`), and every row over
+    the longest row's tiles."""
     page, rng = 16, np.random.default_rng(3)
     k, v = (rng.standard_normal((G, 12, page, D)).astype(np.float32) for _ in range(2))
     k[:, 5:], v[:, 5:] = 3e4, -3e4                                          # pages 5.. are someone else's
     table = np.array([[3, 1, 4, 9, 10, 11], [0, 2, 7, 8, 6, 5]], np.int32)
     lengths = np.array([[40, 41], [20, 0]], np.int32)                      # row 1 sees pages 0 and 2 only
     q = rng.standard_normal((2, 2, HQ, D)).astype(np.float32)
-    state = jax.jit(paged_tiles, static_argnames="tile_pages")(jnp.asarray(q), jnp.asarray(lengths), jnp.asarray(k),
-                                                                jnp.asarray(v), jnp.asarray(table), tile_pages=2)
+    state = jax.jit(paged_tiles, static_argnames=("tile_pages", "ragged"))(
+        jnp.asarray(q), jnp.asarray(lengths), jnp.asarray(k), jnp.asarray(v), jnp.asarray(table), tile_pages=2,
+        ragged=ragged)
     out = np.asarray(state.acc / np.maximum(np.asarray(state.l), 1e-30)[..., None])      # [b, G, R, C, D]
     assert np.isfinite(out).all() and not out[1, :, :, 1].any()
     rows = [(k[:, [3, 1, 4]], v[:, [3, 1, 4]]), (k[:, [0, 2]], v[:, [0, 2]])]

@@ -220,7 +220,8 @@ REST_TILES = 8   # the pages past a row's whole tiles go in tiles this many time
 ONE_TILE_SLOTS = 1024   # a table of at most this many slots, within one tile, is read as one masked tile
 
 
-def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int) -> State:
+def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pages: int,
+                ragged: bool = True) -> State:
     """The portable kernel: every query of the chunk at once over tiles of its rows' pages
     (gathered from the pool): whole tiles of `tile_pages` pages up to the longest row's visible
     slots, then the rest in tiles REST_TILES times smaller (a short row reads little past its
@@ -228,11 +229,12 @@ def paged_tiles(q, lengths, k, v, table, k_scale=None, v_scale=None, *, tile_pag
     transposed copy of them); one row in [b, G] order (XLA's CPU products of a [G, 1] batch are
     2x slower). A short table (one tile of at most ONE_TILE_SLOTS slots) is one masked tile: no
     loop, one tile to compile instead of four (short requests, the tests). Several rows past one
-    tile go to `ragged_tiles` (faster for several rows, slower for one: docs/benchmarks.md)."""
+    tile go to `ragged_tiles` (faster for several rows, slower for one: docs/benchmarks.md), unless
+    `ragged` is False (scripts/bench_tiles.py compares the two)."""
     b, c = lengths.shape
     g, _, page, d = k.shape
     one_tile = table.shape[1] <= tile_pages and table.shape[1] * page <= ONE_TILE_SLOTS
-    if b > 1 and not one_tile:
+    if ragged and b > 1 and not one_tile:
         return ragged_tiles(q, lengths, k, v, table, k_scale, v_scale, tile_pages=tile_pages)
     swap = b > 1
     flip = lambda x: x.swapaxes(0, 1)
