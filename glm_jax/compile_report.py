@@ -23,7 +23,8 @@ from .model import abstract_model
 from .options import DEFAULT_KERNEL, DEFAULT_REMAT, LOSS_CHUNK, PAGE_SIZE, Quantization
 from .params import param_specs
 from .quantize import assemble, stored_specs
-from .engine.cache import abstract_cache, cache_dtype, page_devices, pool_pages, resolve_kernel, table_width
+from .engine.cache import abstract_cache, cache_dtype, page_devices, pool_pages, table_width
+from .engine.paged_attention import resolve_kernel
 from .engine.programs import programs_for
 from .sharding import Layout, make_mesh
 

@@ -27,7 +27,7 @@ STRATEGIES = ("ring", "allgather")           # context-parallel attention over t
 # The engine's attention kernels: "auto" picks "gpu" on a GPU, "tpu" on a TPU and "xla" elsewhere;
 # "xla" is the portable tile loop; "gpu" is cuDNN flash attention for one request's prefill chunks
 # and the Pallas decode kernel for decode steps (a cache held by one device); "tpu" is JAX's
-# Pallas paged-attention kernel for decode steps (see engine.cache.local_kernel).
+# Pallas paged-attention kernel for decode steps (see engine.paged_attention.local_kernel).
 KERNELS = ("auto", "xla", "gpu", "tpu")
 DEFAULT_KERNEL = "auto"
 

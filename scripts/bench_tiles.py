@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
 
-    from glm_jax.engine.cache import paged_tiles, ragged_tiles
+    from glm_jax.engine.paged_attention import paged_tiles, ragged_tiles
 
     results = {}
     for name, lengths in CASES.items():

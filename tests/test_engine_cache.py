@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from glm_jax.engine import cache as engine_cache
-from glm_jax.engine.cache import (DROP, TPU_TABLE_ENTRIES, block_pages, cache_ops, gpu_decode, gpu_prefill,
-                                  local_kernel, local_lengths, page_devices, page_slots, paged_tiles, quantize,
-                                  resolve_kernel, score_budget, tpu_decode)
+from glm_jax.engine.cache import DROP, cache_ops, local_lengths, page_devices, page_slots, quantize
+from glm_jax.engine.paged_attention import (TPU_TABLE_ENTRIES, block_pages, gpu_decode, gpu_prefill, local_kernel,
+                                            paged_tiles, resolve_kernel, score_budget, tpu_decode)
 from glm_jax.kernels import paged_tpu
 from glm_jax.sharding import Layout, make_mesh
 

@@ -12,7 +12,8 @@ import pytest
 from jax import export
 
 from glm_jax.attention import PAD, normalized, ungroup
-from glm_jax.engine.cache import cache_ops, gpu_prefill, quantize
+from glm_jax.engine.cache import cache_ops, quantize
+from glm_jax.engine.paged_attention import gpu_prefill
 from glm_jax.kernels import decode_pallas
 from glm_jax.kernels.cudnn import cudnn_chunk
 from glm_jax.sharding import Layout, make_mesh

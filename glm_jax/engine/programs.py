@@ -208,7 +208,7 @@ PAGE_UPDATES = 256   # page-table entries a `set_pages` call sets (one compiled 
 def programs_for(config: GLMConfig, graphdef, layout: Layout, kernel: str, batch: int, width: int, num_pages: int,
                  page_size: int, dtype) -> Programs:
     """The engine's programs for one cache shape (`batch` page tables of `width` pages over a pool
-    of `num_pages` pages of `page_size`; `kernel` resolved, see `cache.resolve_kernel`), jitted
+    of `num_pages` pages of `page_size`; `kernel` resolved, see `paged_attention.resolve_kernel`), jitted
     once: the cache and rows keep fixed shardings (replicated rows) and are donated, so every call
     after the first reuses the same executable. compile_report compiles these."""
     cache_sh = cache_shardings(config, layout, batch, width, num_pages, page_size, jnp.dtype(dtype) == jnp.int8)

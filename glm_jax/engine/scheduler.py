@@ -37,9 +37,10 @@ from ..progress import Progress
 from ..sharding import Layout
 from .buckets import cache_length, chunk_sizes, decode_buckets
 from .cache import KVCache, cache_bytes_per_token, cache_dtype, cache_heads, init_cache, page_devices, pool_pages, \
-    resolve_kernel, table_width
+    table_width
 from .multihost import Plan, follow, share, to_host
 from .pages import PagePool
+from .paged_attention import resolve_kernel
 from .planner import Planner
 from .programs import Programs, Rows, programs_for, run_all, run_plan
 from .requests import EngineClosed, QueueFull, Request, SamplingParams
