@@ -23,6 +23,8 @@ Parts (--parts):
   Bound: b = the paged runs' mean concurrency (rounded); a decode step at b rows and at one row (an
   engine of max_batch b: driven step by step once every row decodes, time / tokens) and every prompt's
   prefill alone (P, to its first token); at best P + 64 x 63 / b steps of b rows: bound tokens/s.
+  FCFS floor: the prefill-alone times of the prompts up to the median one, summed: no first-come-
+  first-served engine gives the median request its first token sooner.
 - prefix: 32 users, a shared 4,096-token system prompt + 32 distinct tokens each, 16 new tokens
   (paged only, max_batch 32). User 0 runs alone to its first token; each next user is submitted when
   the previous one got its first token (earlier ones keep decoding). TTFT of each against user 0's;
@@ -269,6 +271,10 @@ def part_concurrency(paged, row, cfg: dict, rounds: int) -> dict:
              "decode_only_gain": b * step1["step_s"] / stepb["step_s"], "bound_s": bound_s,
              "bound_output_tokens_per_s": n * new / bound_s}
     bound["paged_fraction_of_bound"] = means["paged"]["output_tokens_per_s"] / bound["bound_output_tokens_per_s"]
+    # first come, first served: the request at the median cannot see its first token before every prompt
+    # up to it is prefilled (prefill is compute-bound), whatever the engine
+    bound["fcfs_ttft_p50_floor_s"] = float(np.cumsum(alone)[(n + 1) // 2 - 1])
+    bound["fcfs_floor_over_row_ttft_p50"] = bound["fcfs_ttft_p50_floor_s"] / means["row"]["ttft_p50_s"]
     same = [sum(u == v for u, v in zip(x, y)) for x, y in zip(outputs["row"], outputs["paged"])]
     return {"workload": {"requests": n, "new_tokens": new, "arrivals": "all submitted at t=0",
                          "prompt_tokens": [len(p) for p in prompts]},
@@ -392,6 +398,8 @@ def table(results: dict) -> list[str]:
                      f"{b['step_1']['step_s'] * 1e3:.1f} ms at one row (decode gain {b['decode_only_gain']:.1f}x), "
                      f"prefill alone {b['prefill_alone_s']:.1f} s: {b['bound_output_tokens_per_s']:.1f} tok/s; paged "
                      f"reaches {100 * b['paged_fraction_of_bound']:.0f}% (>= 80%)")
+        lines.append(f"  FCFS floor of TTFT p50: {b['fcfs_ttft_p50_floor_s']:.1f} s "
+                     f"= {b['fcfs_floor_over_row_ttft_p50']:.2f}x the row engine's p50")
     if p := results.get("prefix"):
         lines.append(f"prefix: {len(p['ttft_s'])} users, first TTFT {p['ttft_s'][0]:.3f} s, others median "
                      f"{p['ttft_ratio_median']:.3f}x, max {p['ttft_ratio_max']:.3f}x (<= 0.2); cached tokens "
