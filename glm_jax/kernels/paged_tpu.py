@@ -87,8 +87,9 @@ def tpu_int8_paged_decode(q, lengths, k, v, table, k_scale, v_scale, *, interpre
     int8 * scale), no copy of the pool or its scales: the scales fold into the scores (q.k = s_k
     q.k8) and the probabilities (sum p v = sum (p s_v) v8), both along the slot (lane) axis.
     Grid (row, KV head, table page): each step brings one page of K and V by its table entry
-    (scalar-prefetched; steps past the row's last visible page keep the same block, so Pallas
-    fetches nothing and the step is skipped) and the (8, page) tile of scales holding that page's,
+    (scalar-prefetched; steps past the row's last visible page keep the same block index, which
+    Pallas' pipeline does not fetch again, and skip their compute) and the (8, page) tile of scales
+    holding that page's,
     accumulating m, l, acc in VMEM. One page a step: simple, not tuned (JAX's multi-page DMA
     kernel serves float pools)."""
     from jax.experimental import pallas as pl
