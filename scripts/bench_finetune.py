@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A tiny GLM-4 learns needle retrieval on this CPU: the fine-tuning path end to end.
 
-  python scripts/bench_finetune.py                      # the benchmark (about 50 minutes on one core)
+  python scripts/bench_finetune.py                      # the benchmark (about 15 minutes here)
   python scripts/bench_finetune.py --quick --out /tmp/needle-quick --results /tmp/quick.json
 
 1. A random GLM-4 model folder (glm-jax format: config.json, params/, the real GLM-4 tokenizer and
@@ -12,6 +12,8 @@
    `The special magic {city} number is: {7-digit number}.` at a random depth, the question and
    INSTRUCTION below), prompts of `--min-len`..`--max-len` tokens, and an assistant turn holding the
    number. The loss counts only the assistant turn (its "\\n", the digits and `<|endoftext|>`).
+   With `--ruler-share F`, that share of the examples are RULER's needle tasks as `glm-jax ruler`
+   builds them (another seed than its default), answered after the task's answer prefix.
 3. `glm_jax.train.run.finetune` (what `glm-jax finetune` runs) trains every weight into `--out`.
 4. Held-out cases (numbers never trained on, cities from all 50 of needle.CITIES, ten of which never
    appear in training), answered greedily through `glm_jax.load(...).generate`, scored as the needle
@@ -61,31 +63,20 @@ def default_results(quick: bool) -> pathlib.Path:
 
 # Defaults of the full run, and of --quick (each flag given explicitly wins over both).
 #
-# Design decisions (why these numbers):
-# - 2 layers: copying a number out of the context is an induction-style task (a previous-token head
-#   in layer 1, then a head in layer 2 that attends from the answer's last token to the needle token
-#   after it); one layer cannot compose the two.
-# - hidden 64, 4 heads of 16 with 4 KV heads (no GQA: the copied token's identity travels through
-#   the values, and 2 KV heads would leave it 32 dimensions). The loss counts only the answer, so
-#   the step runs the 151,552-token output layer on the answer positions alone (train/loss.py's
-#   counted budget); the embedding table's gradient and AdamW over its 9.7M entries (and the output
-#   layer's) remain the main cost: about 2,700 tokens/s on one core (median of the 2,000-step run),
-#   300 before the budget.
-# - prompts of 64-192 tokens, packed into 512-token rows, 8 rows a step (~30 answers a step).
-# - rope_theta 10,000 (GLM-4-9B-Chat-1M uses 1e8): the prompts are at most a few hundred tokens, and
-#   a smaller base gives the previous-token head a sharper positional signal.
-# - packing (examples attend only to themselves): no step time spent on padding.
-# - AdamW, lr 3e-3, warmup 5%, cosine to 10%, clipping at 1: a high rate suits a model this small and
-#   a budget of minutes.
-# - remat none: the activations of 2 small layers fit easily; recomputing them would only cost time.
-# Measured (one core each): the loss (per answer token) falls from 11.93 to ~3 within 100 steps (the
-# answer's shape: "\n", digit tokens, <|endoftext|>), then slowly as copying starts: 0.93 at step 2000
-# (48 minutes), when the held-out answers start with the needle's first digit group in 7 of 40 cases
-# and no whole number is right (1,000 steps: loss 1.97, 1 of 40). `--init` continues from such a run.
+# Why these numbers:
+# - 2 layers: copying a number out of the context is an induction-style task (a previous-token head,
+#   then a head attending from the answer to the token after the matching one); one layer cannot.
+# - hidden 64, 4 heads of 16, 4 KV heads (no GQA: the copied token's identity travels through the
+#   values). The loss counts only the answer: the output layer runs on the answer positions alone.
+# - prompts of 64-192 tokens packed into 512-token rows (examples attend only to themselves), 8 rows a
+#   step (~30 answers); rope_theta 10,000: a sharper positional signal for the previous-token head.
+# - AdamW, lr 3e-3, warmup 5%, cosine to 10%, clipping at 1 (a small model, a budget of minutes);
+#   remat none (2 small layers' activations fit).
+# Loss curves and held-out scores of earlier runs: docs/benchmarks.md. `--init` continues a run.
 FULL = dict(steps=2000, batch_size=8, seq_len=512, min_len=64, max_len=192, train_examples=32000, lr=3e-3,
-            layers=2, hidden=64, eval_cases=40)
+            layers=2, hidden=64, eval_cases=40, ruler_share=0.0, ruler_min_len=224, ruler_max_len=384)
 QUICK = dict(steps=3, batch_size=1, seq_len=256, min_len=64, max_len=96, train_examples=12, lr=3e-3,
-             layers=2, hidden=32, eval_cases=2)
+             layers=2, hidden=32, eval_cases=2, ruler_share=0.0, ruler_min_len=224, ruler_max_len=384)
 
 
 def model_config(layers: int, hidden: int, max_seq_len: int):
@@ -138,25 +129,57 @@ def build(tokenizer, haystack, needle, length: int, offset: int):
     return prompt, content
 
 
-def write_data(path: pathlib.Path, tokenizer, haystack, needles) -> list[int]:
-    """The JSONL training file (chat form); returns each example's prompt length in tokens."""
+def write_data(path: pathlib.Path, tokenizer, haystack, needles, ruler=()) -> list[int]:
+    """The JSONL training file (chat form): the needles, then `ruler_examples`; returns each
+    example's prompt length in tokens."""
     lengths = []
     with path.open("w", encoding="utf-8") as f:
+        def write(content: str, answer: str, prompt_tokens: int) -> None:
+            lengths.append(prompt_tokens)
+            f.write(json.dumps({"messages": [{"role": "user", "content": content},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+
         for needle, length, offset in needles:
             prompt, content = build(tokenizer, haystack, needle, length, offset)
-            lengths.append(len(prompt.ids))
-            f.write(json.dumps({"messages": [{"role": "user", "content": content},
-                                             {"role": "assistant", "content": needle.answer}]}) + "\n")
+            write(content, needle.answer, len(prompt.ids))
+        for content, answer, ids in ruler:
+            write(content, answer, len(ids))
     return lengths
 
 
-def check_data(path: pathlib.Path, tokenizer, first_prompt_ids: list[int], seq_len: int) -> None:
-    """The first example, as `glm-jax finetune` reads it: the prompt's ids, then counted answer tokens only."""
+RULER_SEED = 1000   # + --seed: the RULER draws trained on; `glm-jax ruler` evaluates seed 0 (held out)
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery")
+
+
+def ruler_examples(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[tuple[str, str, list[int]]]:
+    """n (user turn, assistant turn, the prompt `glm-jax ruler` gives) of RULER's needle tasks in turn
+    (the essay ones on the noise lines, as `glm-jax ruler` without --haystack), of lo..hi tokens: the
+    assistant turn is the task's answer prefix, then the values."""
+    import numpy as np
+
+    from glm_jax.evals.ruler import Inputs, make_sample
+    from glm_jax.evals.ruler.niah import NOISE, essay_words
+
+    inputs, rng, out = Inputs(essay_words(NOISE)), np.random.default_rng([seed, 3]), []
+    for i in range(n):
+        s = make_sample(tokenizer, RULER_TASKS[i % len(RULER_TASKS)], int(rng.integers(lo, hi + 1)), i, inputs,
+                        RULER_SEED + seed, 0)
+        answer = s.rendered.prefix.lstrip(" ") + " " + ", ".join(s.rendered.answers) + "."
+        out.append((s.rendered.content, answer, s.ids))
+    return out
+
+
+def check_data(path: pathlib.Path, tokenizer, prompt_ids: list[int], seq_len: int, index: int = 0,
+               counted_from: int | None = None) -> None:
+    """Example `index` as `glm-jax finetune` reads it: the evaluation's prompt ids, then counted
+    answer tokens only (from `counted_from`: a RULER prompt ends inside the answer's turn)."""
     from glm_jax.train.data import IGNORE, read_examples
 
-    ex = read_examples(path, tokenizer, seq_len=seq_len)[0]
-    n = len(first_prompt_ids)
-    if list(ex.input_ids[:n]) != first_prompt_ids or (ex.labels[:n] != IGNORE).any() or (ex.labels[n:] == IGNORE).any():
+    ex = read_examples(path, tokenizer, seq_len=seq_len)[index]
+    n = len(prompt_ids) if counted_from is None else counted_from
+    if list(ex.input_ids[:len(prompt_ids)]) != prompt_ids or (ex.labels[:n] != IGNORE).any() or \
+            (ex.labels[n:] == IGNORE).any():
         raise AssertionError("finetune's reading of the data does not count exactly the answer")
 
 
@@ -251,12 +274,19 @@ def parse_args(argv):
                    help="linear warmup steps before the cosine decay (default 5%% of --steps)")
     p.add_argument("--layers", type=int, default=None, help=f"model layers (default {FULL['layers']})")
     p.add_argument("--hidden", type=int, default=None,
-                   help=f"hidden size, a multiple of 8 (default {FULL['hidden']}; 4 query heads, 2 KV heads)")
+                   help=f"hidden size, a multiple of 8 (default {FULL['hidden']}; 4 query heads, 4 KV heads)")
     p.add_argument("--eval-cases", type=int, default=None,
                    help=f"held-out cases answered after training (default {FULL['eval_cases']})")
     p.add_argument("--init", type=pathlib.Path, default=None,
                    help="start from this model folder (an earlier run's --out) instead of a random model; "
                         "--layers/--hidden are then its own")
+    p.add_argument("--ruler-share", type=float, default=None,
+                   help="the share of training examples drawn from RULER's eight needle tasks as `glm-jax ruler` "
+                        f"builds them (seed {RULER_SEED} + --seed; the answer prefix, then the values; default 0)")
+    p.add_argument("--ruler-min-len", type=int, default=None,
+                   help=f"shortest RULER example in tokens (default {FULL['ruler_min_len']})")
+    p.add_argument("--ruler-max-len", type=int, default=None,
+                   help=f"longest RULER example in tokens (default {FULL['ruler_max_len']})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial weights, the data, its order and the held-out cases (default 0)")
     p.add_argument("--print-every", type=int, default=None, help="print the loss every N steps (default steps/30)")
@@ -290,6 +320,11 @@ def check_args(args) -> None:
                          f"got {args.min_len}")
     if args.max_len < args.min_len:
         raise ValueError(f"--max-len {args.max_len} is below --min-len {args.min_len}")
+    if not 0 <= args.ruler_share < 1:
+        raise ValueError(f"--ruler-share must be in [0, 1), got {args.ruler_share:g}")
+    if args.ruler_share and not 200 <= args.ruler_min_len <= args.ruler_max_len <= args.seq_len - 48:
+        raise ValueError(f"RULER lengths {args.ruler_min_len}..{args.ruler_max_len} must lie in 200..--seq-len - 48 "
+                         f"= {args.seq_len - 48} (the templates; the values after the prefix)")
     if args.seq_len < args.max_len + 16:
         raise ValueError(f"--seq-len {args.seq_len} must be at least --max-len + 16 = {args.max_len + 16} "
                          "(the prompt and its answer)")
@@ -330,7 +365,9 @@ def main(argv=None) -> int:
     held_out = draw_needles(np.random.default_rng([args.seed, 2]), args.eval_cases, N.CITIES, args.min_len,
                             args.max_len, used)
     train_cities = N.CITIES[:len(N.CITIES) - HELD_OUT_CITIES]
-    train = draw_needles(rng, args.train_examples, train_cities, args.min_len, args.max_len, used)
+    n_ruler = round(args.ruler_share * args.train_examples)
+    train = draw_needles(rng, args.train_examples - n_ruler, train_cities, args.min_len, args.max_len, used)
+    ruler = ruler_examples(tokenizer, n_ruler, args.ruler_min_len, args.ruler_max_len, args.seed)
 
     if args.out.exists():
         shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
@@ -347,7 +384,8 @@ def main(argv=None) -> int:
                         f"{config.head_dim}", "vocab": config.vocab_size, "rope_theta": config.rope_theta,
                         "dtype": "float32", "parameters": config.num_params},
               "task": {"needle": N.NEEDLE, "question": N.QUESTION, "instruction": INSTRUCTION,
-                       "haystack": N.FILLER_NAME, "train_cities": len(train_cities), "eval_cities": len(N.CITIES)},
+                       "haystack": N.FILLER_NAME, "train_cities": len(train_cities), "eval_cities": len(N.CITIES),
+                       "ruler_tasks": list(RULER_TASKS) if n_ruler else []},
               "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
               "xla_flags": os.environ.get("XLA_FLAGS", "")}
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
@@ -358,14 +396,16 @@ def main(argv=None) -> int:
             init = tmp / "init"
             make_model(init, config, args.seed)
         data = tmp / "train.jsonl"
-        lengths = write_data(data, tokenizer, haystack, train)
+        lengths = write_data(data, tokenizer, haystack, train, ruler)
         check_data(data, tokenizer, build(tokenizer, haystack, *train[0])[0].ids, args.seq_len)
+        if ruler:
+            check_data(data, tokenizer, ruler[0][2], args.seq_len, len(train), len(N.prompt_ids(tokenizer, ruler[0][0])))
         answer_tokens = len(tokenizer.encode("\n" + train[0][0].answer)) + 1
-        result["data"] = {"examples": len(train), "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
+        result["data"] = {"examples": len(lengths), "ruler_examples": n_ruler, "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
                           "prompt_tokens_mean": float(np.mean(lengths)), "seconds": time.perf_counter() - t0}
         epochs = args.steps * args.batch_size * args.seq_len / (sum(lengths) + len(lengths) * answer_tokens)
         print(f"bench_finetune: {config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size:,} "
-              f"({config.num_params / 1e6:.1f}M parameters); {len(train)} examples of {min(lengths)}-{max(lengths)} "
+              f"({config.num_params / 1e6:.1f}M parameters); {len(lengths)} examples ({n_ruler} RULER) of {min(lengths)}-{max(lengths)} "
               f"tokens (mean {np.mean(lengths):.0f}); {args.steps} steps x {args.batch_size} packed rows of "
               f"{args.seq_len} tokens (~{epochs:.2f} epochs), AdamW lr {args.lr:g}", flush=True)
 

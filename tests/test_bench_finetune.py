@@ -79,6 +79,8 @@ def test_quick_run_writes_model_and_summary(tmp_path, capsys):
     (["--max-len", "1024", "--seq-len", "1024"], "--seq-len 1024 must be at least --max-len + 16"),
     (["--warmup-steps", "5000"], "--warmup-steps must be in"),
     (["--eval-cases", "0"], "--eval-cases must be at least 1"),
+    (["--ruler-share", "1"], "--ruler-share must be in [0, 1)"),
+    (["--ruler-share", "0.5", "--ruler-max-len", "500"], "RULER lengths 224..500 must lie in 200..--seq-len - 48"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert bench.main([*argv, "--out", str(tmp_path / "out"), "--results", str(tmp_path / "r.json")]) == 2
@@ -94,3 +96,31 @@ def test_non_empty_out_is_refused(tmp_path, capsys):
     assert "--force replaces it" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
+
+
+def test_ruler_examples_are_the_evaluations_prompts_with_other_seeds(tmp_path):
+    """--ruler-share's examples: `glm-jax ruler`'s own prompts (seed RULER_SEED, never its default 0),
+    every needle task in turn, within the lengths; finetune counts exactly the answer after them."""
+    from glm_jax.evals import needle as N
+    from glm_jax.evals.ruler import Inputs, make_sample
+    from glm_jax.evals.ruler.niah import NOISE, essay_words
+    from glm_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(ROOT / "tests" / "data" / "tokenizer.model")
+    examples = bench.ruler_examples(tok, 16, 224, 384, seed=0)
+    inputs = Inputs(essay_words(NOISE))
+    for i, (content, answer, ids) in enumerate(examples):
+        task = bench.RULER_TASKS[i % len(bench.RULER_TASKS)]
+        assert 200 < len(ids) <= 384
+        evaluated = make_sample(tok, task, len(ids), i, inputs, seed=0, max_new_tokens=0)
+        assert evaluated.ids != ids                                          # held out: another seed
+        numbers = [a for a in answer.replace(",", " ").rstrip(".").split() if a[0].isdigit() or "-" in a]
+        assert numbers and all(n in content for n in numbers)               # every value is in the prompt
+        assert answer.startswith("The special magic ")
+    data = tmp_path / "train.jsonl"
+    lengths = bench.write_data(data, tok, None, [], examples)
+    assert lengths == [len(ids) for _, _, ids in examples]
+    for i, (content, _, ids) in enumerate(examples):
+        bench.check_data(data, tok, ids, 512, i, len(N.prompt_ids(tok, content)))
+    with pytest.raises(AssertionError):     # a prompt that is not the one trained on
+        bench.check_data(data, tok, examples[1][2], 512, 0, len(N.prompt_ids(tok, examples[0][0])))
