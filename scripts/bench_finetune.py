@@ -152,8 +152,9 @@ RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
                "niah_multikey_3", "niah_multivalue", "niah_multiquery")
 
 
-def ruler_examples(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[tuple[str, str, list[int]]]:
-    """n (user turn, assistant turn, the prompt `glm-jax ruler` gives) of RULER's needle tasks in turn
+def ruler_examples(tokenizer, n: int, lo: int, hi: int, seed: int,
+                   tasks=RULER_TASKS) -> list[tuple[str, str, list[int]]]:
+    """n (user turn, assistant turn, the prompt `glm-jax ruler` gives) of RULER's needle `tasks` in turn
     (the essay ones on the noise lines, as `glm-jax ruler` without --haystack), of lo..hi tokens: the
     assistant turn is the task's answer prefix, then the values."""
     import numpy as np
@@ -163,7 +164,7 @@ def ruler_examples(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[tuple
 
     inputs, rng, out = Inputs(essay_words(NOISE)), np.random.default_rng([seed, 3]), []
     for i in range(n):
-        s = make_sample(tokenizer, RULER_TASKS[i % len(RULER_TASKS)], int(rng.integers(lo, hi + 1)), i, inputs,
+        s = make_sample(tokenizer, tasks[i % len(tasks)], int(rng.integers(lo, hi + 1)), i, inputs,
                         RULER_SEED + seed, 0)
         answer = s.rendered.prefix.lstrip(" ") + " " + ", ".join(s.rendered.answers) + "."
         out.append((s.rendered.content, answer, s.ids))
@@ -191,15 +192,10 @@ class LossPrinter(threading.Thread):
     def __init__(self, path: pathlib.Path, every: int, total: int):
         super().__init__(daemon=True)
         self.path, self.every, self.total = path, every, total
-        self.stop = threading.Event()
-        self.seen = 0
-        self.began = time.perf_counter()
+        self.stop, self.seen, self.began = threading.Event(), 0, time.perf_counter()
 
     def poll(self) -> None:
-        if not self.path.is_file():
-            return
-        lines = self.path.read_text().splitlines()
-        for line in lines[self.seen:]:
+        for line in (self.path.read_text().splitlines() if self.path.is_file() else [])[self.seen:]:
             try:
                 row = json.loads(line)
             except ValueError:       # a line being written
@@ -283,6 +279,8 @@ def parse_args(argv):
     p.add_argument("--ruler-share", type=float, default=None,
                    help="the share of training examples drawn from RULER's eight needle tasks as `glm-jax ruler` "
                         f"builds them (seed {RULER_SEED} + --seed; the answer prefix, then the values; default 0)")
+    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS),
+                   help="the RULER tasks trained on, in turn (default all eight needle tasks)")
     p.add_argument("--ruler-min-len", type=int, default=None,
                    help=f"shortest RULER example in tokens (default {FULL['ruler_min_len']})")
     p.add_argument("--ruler-max-len", type=int, default=None,
@@ -320,6 +318,8 @@ def check_args(args) -> None:
                          f"got {args.min_len}")
     if args.max_len < args.min_len:
         raise ValueError(f"--max-len {args.max_len} is below --min-len {args.min_len}")
+    if set(args.ruler_tasks.split(",")) - set(RULER_TASKS):
+        raise ValueError(f"--ruler-tasks must be of {', '.join(RULER_TASKS)}, got {args.ruler_tasks}")
     if not 0 <= args.ruler_share < 1:
         raise ValueError(f"--ruler-share must be in [0, 1), got {args.ruler_share:g}")
     if args.ruler_share and not 200 <= args.ruler_min_len <= args.ruler_max_len <= args.seq_len - 48:
@@ -367,16 +367,15 @@ def main(argv=None) -> int:
     train_cities = N.CITIES[:len(N.CITIES) - HELD_OUT_CITIES]
     n_ruler = round(args.ruler_share * args.train_examples)
     train = draw_needles(rng, args.train_examples - n_ruler, train_cities, args.min_len, args.max_len, used)
-    ruler = ruler_examples(tokenizer, n_ruler, args.ruler_min_len, args.ruler_max_len, args.seed)
+    ruler = ruler_examples(tokenizer, n_ruler, args.ruler_min_len, args.ruler_max_len, args.seed,
+                           args.ruler_tasks.split(","))
 
     if args.out.exists():
         shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
-    if args.init:
-        import glm_jax
+    from glm_jax.config import GLMConfig
 
-        config = glm_jax.GLMConfig.load(args.init / "config.json")
-    else:
-        config = model_config(args.layers, args.hidden, max_seq_len=max(4096, args.seq_len))
+    config = GLMConfig.load(args.init / "config.json") if args.init else \
+        model_config(args.layers, args.hidden, max_seq_len=max(4096, args.seq_len))
     result = {"command": " ".join(["python scripts/bench_finetune.py", *argv]),
               "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
               "model": {"layers": config.num_layers, "hidden": config.hidden_size,
@@ -385,7 +384,7 @@ def main(argv=None) -> int:
                         "dtype": "float32", "parameters": config.num_params},
               "task": {"needle": N.NEEDLE, "question": N.QUESTION, "instruction": INSTRUCTION,
                        "haystack": N.FILLER_NAME, "train_cities": len(train_cities), "eval_cities": len(N.CITIES),
-                       "ruler_tasks": list(RULER_TASKS) if n_ruler else []},
+                       "ruler_tasks": args.ruler_tasks.split(",") if n_ruler else []},
               "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
               "xla_flags": os.environ.get("XLA_FLAGS", "")}
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
@@ -435,9 +434,7 @@ def main(argv=None) -> int:
     result["eval"] = {"cases": len(rows), "accuracy": accuracy(rows), "correct": sum(r["correct"] for r in rows),
                       "accuracy_unseen_cities": accuracy(unseen), "unseen_city_cases": len(unseen),
                       "seconds": eval_seconds, "rows": rows}
-    result["seconds"] = time.perf_counter() - began
-    result["out"] = str(args.out)
-    result["plot"] = summary.get("plot")
+    result.update(seconds=time.perf_counter() - began, out=str(args.out), plot=summary.get("plot"))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -80,6 +80,7 @@ def test_quick_run_writes_model_and_summary(tmp_path, capsys):
     (["--warmup-steps", "5000"], "--warmup-steps must be in"),
     (["--eval-cases", "0"], "--eval-cases must be at least 1"),
     (["--ruler-share", "1"], "--ruler-share must be in [0, 1)"),
+    (["--ruler-tasks", "niah_single_1,vt"], "--ruler-tasks must be of niah_single_1"),
     (["--ruler-share", "0.5", "--ruler-max-len", "500"], "RULER lengths 224..500 must lie in 200..--seq-len - 48"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
