@@ -276,11 +276,10 @@ def parse_args(argv):
     p.add_argument("--init", type=pathlib.Path, default=None,
                    help="start from this model folder (an earlier run's --out) instead of a random model; "
                         "--layers/--hidden are then its own")
-    p.add_argument("--ruler-share", type=float, default=None,
-                   help="the share of training examples drawn from RULER's eight needle tasks as `glm-jax ruler` "
-                        f"builds them (seed {RULER_SEED} + --seed; the answer prefix, then the values; default 0)")
-    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS),
-                   help="the RULER tasks trained on, in turn (default all eight needle tasks)")
+    p.add_argument("--ruler-share", type=float, default=None, help="the share of training examples that are "
+                   f"`glm-jax ruler`'s prompts of --ruler-tasks (seed {RULER_SEED} + --seed), answered (default 0)")
+    p.add_argument("--ruler-tasks", default=",".join(RULER_TASKS), help="RULER tasks trained on, in turn (default "
+                   "all eight needle tasks)")
     p.add_argument("--ruler-min-len", type=int, default=None,
                    help=f"shortest RULER example in tokens (default {FULL['ruler_min_len']})")
     p.add_argument("--ruler-max-len", type=int, default=None,
@@ -367,8 +366,12 @@ def main(argv=None) -> int:
     train_cities = N.CITIES[:len(N.CITIES) - HELD_OUT_CITIES]
     n_ruler = round(args.ruler_share * args.train_examples)
     train = draw_needles(rng, args.train_examples - n_ruler, train_cities, args.min_len, args.max_len, used)
-    ruler = ruler_examples(tokenizer, n_ruler, args.ruler_min_len, args.ruler_max_len, args.seed,
-                           args.ruler_tasks.split(","))
+    try:
+        ruler = ruler_examples(tokenizer, n_ruler, args.ruler_min_len, args.ruler_max_len, args.seed,
+                               args.ruler_tasks.split(","))
+    except ValueError as e:     # a RULER length too short for a task's template
+        print(f"bench_finetune: error: {e}", file=sys.stderr)
+        return 2
 
     if args.out.exists():
         shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()

@@ -125,3 +125,17 @@ def test_ruler_examples_are_the_evaluations_prompts_with_other_seeds(tmp_path):
         bench.check_data(data, tok, ids, 512, i, len(N.prompt_ids(tok, content)))
     with pytest.raises(AssertionError):     # a prompt that is not the one trained on
         bench.check_data(data, tok, examples[1][2], 512, 0, len(N.prompt_ids(tok, examples[0][0])))
+
+
+def test_a_ruler_length_a_template_does_not_fit_is_one_line(tmp_path, capsys, monkeypatch):
+    def too_short(*args, **kwargs):
+        raise ValueError("niah_multiquery at length 200: the template, question and answer prefix alone take 210 tokens")
+
+    monkeypatch.setattr(bench, "ruler_examples", too_short)
+    argv = ["--quick", "--seq-len", "512", "--ruler-share", "0.5", "--out", str(tmp_path / "out"),
+            "--results", str(tmp_path / "r.json")]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "bench_finetune: error: niah_multiquery at length 200: the template, question and answer prefix " \
+                  "alone take 210 tokens\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.json").exists()
